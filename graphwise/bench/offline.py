@@ -1,0 +1,227 @@
+"""`graphwise bench offline`: in-process generation throughput through `graphwise.LLM`.
+
+The fixed workload: 256 sequences, input and output lengths uniform in 100-1024 (inclusive),
+random token ids from the tokenizer's vocabulary (special tokens excluded), seed 0, `ignore_eos`,
+temperature 0. `--num-prompts`, `--input-len-range` and `--output-len-range` shrink it. One short
+warm-up generation (not timed) goes first, so lazy compilation does not land in the timing.
+
+    graphwise bench offline --preset qwen2.5-7b --load-format dummy --output offline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from graphwise.bench.datasets import allowed_token_ids, random_token_workload
+from graphwise.config import EngineConfig, add_engine_args, engine_config_from_args
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NUM_PROMPTS = 256
+DEFAULT_LEN_RANGE = (100, 1024)
+WARMUP_TOKENS = 4
+
+
+def parse_len_range(text: str) -> tuple[int, int]:
+    """'LOW-HIGH', 'LOW,HIGH' or 'N' (inclusive) -> (low, high)."""
+    parts = text.replace(",", "-").split("-")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not 1 <= values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH with 1 <= LOW <= HIGH, got {text!r}")
+    return values[0], values[1]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    w = parser.add_argument_group("workload")
+    w.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS)
+    w.add_argument(
+        "--input-len-range",
+        type=parse_len_range,
+        default=DEFAULT_LEN_RANGE,
+        metavar="LOW-HIGH",
+        help="prompt lengths, uniform and inclusive (default 100-1024)",
+    )
+    w.add_argument(
+        "--output-len-range",
+        type=parse_len_range,
+        default=DEFAULT_LEN_RANGE,
+        metavar="LOW-HIGH",
+        help="output lengths, uniform and inclusive (default 100-1024)",
+    )
+    w.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one short untimed generation first (default: on)",
+    )
+    w.add_argument("--output", default=None, metavar="FILE", help="write the result JSON here")
+    w.add_argument("--disable-tqdm", action="store_true")
+
+
+def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
+    """The options that differ from EngineConfig's defaults, as `LLM(**kwargs)` takes them."""
+    defaults = EngineConfig()
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(EngineConfig)
+        if f.name != "extra" and getattr(config, f.name) != getattr(defaults, f.name)
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(device, versions) of this process."""
+    import torch
+
+    versions = {
+        "graphwise": _version("graphwise"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": _version("transformers"),
+        "triton": _version("triton"),
+    }
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        device = {
+            "type": "cuda",
+            "name": props.name,
+            "count": torch.cuda.device_count(),
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "driver": _driver_version(),
+        }
+    else:
+        device = {
+            "type": "cpu",
+            "name": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        }
+    return device, versions
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def format_result(result: dict[str, Any]) -> str:
+    device = result["device"]
+    lines = [
+        " Offline Throughput ".center(50, "="),
+        f"{'Model:':<32}{result['model']}",
+        f"{'Device:':<32}{device.get('name')} ({device.get('type')})",
+        f"{'Requests:':<32}{result['num_requests']}",
+        f"{'Input / output tokens:':<32}{result['total_input_tokens']} / "
+        f"{result['total_output_tokens']}",
+        f"{'Elapsed (s):':<32}{result['elapsed_time']:.2f}",
+        f"{'Requests/s:':<32}{result['requests_per_second']:.2f}",
+        f"{'Output tokens/s:':<32}{result['output_tokens_per_second']:.1f}",
+        f"{'Total tokens/s:':<32}{result['tokens_per_second']:.1f}",
+        f"{'Versions:':<32}"
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v is not None),
+        "=" * 50,
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be positive, got {args.num_prompts}")
+    config = engine_config_from_args(args)
+    kwargs = engine_kwargs(config)
+    from graphwise import LLM, SamplingParams
+
+    logger.info("building LLM(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
+    llm = LLM(**kwargs)
+    vocab = allowed_token_ids(llm.get_tokenizer())
+    workload = random_token_workload(
+        vocab, args.num_prompts, args.input_len_range, args.output_len_range, seed=config.seed
+    )
+    prompts = [{"prompt_token_ids": ids} for ids, _ in workload]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
+
+    if args.warmup:
+        llm.generate(
+            prompts[:1],
+            SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS, ignore_eos=True),
+            use_tqdm=False,
+        )
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
+    elapsed = time.perf_counter() - start
+
+    total_input = sum(len(o.prompt_token_ids) for o in outputs)
+    total_output = sum(len(o.outputs[0].token_ids) for o in outputs)
+    expected_output = sum(n for _, n in workload)
+    if len(outputs) != len(workload) or total_output != expected_output:
+        logger.warning(
+            "got %d outputs with %d tokens; expected %d with %d tokens",
+            len(outputs),
+            total_output,
+            len(workload),
+            expected_output,
+        )
+    device, versions = environment()
+    result = {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "model": config.preset or config.model or "default",
+        "engine_args": kwargs,
+        "num_prompts": args.num_prompts,
+        "input_len_range": list(args.input_len_range),
+        "output_len_range": list(args.output_len_range),
+        "seed": config.seed,
+        "num_requests": len(outputs),
+        "total_input_tokens": total_input,
+        "total_output_tokens": total_output,
+        "expected_output_tokens": expected_output,
+        "total_num_tokens": total_input + total_output,
+        "elapsed_time": elapsed,
+        "requests_per_second": len(outputs) / elapsed,
+        "output_tokens_per_second": total_output / elapsed,
+        "tokens_per_second": (total_input + total_output) / elapsed,
+        "device": device,
+        "versions": versions,
+        "command": " ".join(sys.argv),
+    }
+    print(format_result(result))
+    if args.output:
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"saved {path}")
+    return 0

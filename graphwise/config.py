@@ -1,0 +1,137 @@
+"""EngineConfig: every engine option in one place, with vLLM's names where vLLM has one."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CudaGraphMode = Literal["auto", "on", "off"]
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF dir, .gguf file, or None for the embedded default
+    preset: str | None = None  # a shipped config (e.g. "qwen2.5-7b"); implies dummy weights
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    load_format: str = "auto"  # "auto" | "dummy"
+    num_layers: int | None = None  # cut a large model to fit one GPU (performance work)
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int | None = None  # bytes for the KV pool; overrides the utilization rule
+    num_gpu_blocks_override: int | None = None
+    cuda_graph: CudaGraphMode = "auto"
+    enforce_eager: bool = False
+    cuda_graph_max_bs: int | None = None  # largest captured batch; default max_num_seqs
+    cuda_graph_min_speedup: float = 1.05
+    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str, allow_none: bool = True) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in (
+            "max_num_seqs",
+            "block_size",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "data_parallel_size",
+        ):
+            positive(name, allow_none=False)
+        for name in (
+            "max_model_len",
+            "max_num_batched_tokens",
+            "num_layers",
+            "num_gpu_blocks_override",
+            "cuda_graph_max_bs",
+        ):
+            positive(name)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive bytes, got {self.kv_cache_memory}")
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graph must be 'auto', 'on' or 'off', got {self.cuda_graph!r}")
+        if self.load_format not in ("auto", "dummy", "safetensors", "gguf"):
+            raise ValueError(
+                f"load_format must be 'auto', 'dummy', 'safetensors' or 'gguf', got {self.load_format!r}"
+            )
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}"
+            )
+        if self.cuda_graph_min_speedup <= 0:
+            raise ValueError("cuda_graph_min_speedup must be positive")
+
+    @property
+    def use_cuda_graph(self) -> CudaGraphMode:
+        """The graph mode after `enforce_eager` (vLLM's flag wins over cuda_graph)."""
+        return "off" if self.enforce_eager else self.cuda_graph
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """CLI flags for EngineConfig, spelled as vLLM spells them."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF model dir or .gguf file (default: embedded)")
+    g.add_argument("--preset", default=None, help="shipped model config, dummy weights")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--load-format", default="auto")
+    g.add_argument("--num-layers", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--kv-cache-memory", type=int, default=None)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto")
+    g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=None)
+    g.add_argument("--cuda-graph-min-speedup", type=float, default=1.05)
+    g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
+    g.add_argument("--data-parallel-size", "--dp", type=int, default=1)
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - {"extra"}
+    kwargs = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    kwargs.update(overrides)
+    return EngineConfig(**kwargs)

@@ -1,0 +1,139 @@
+"""BlockManager: hands out paged-KV blocks, reference-counts them and caches full prompt blocks.
+
+A full block is identified by the hash of its tokens chained with the hash of the block before
+it, so two sequences with the same prefix map to the same blocks. A block whose reference count
+drops to zero keeps its contents and its hash in an LRU "free" list: it is reused by a later
+sequence with the same prefix, or recycled (and forgotten) when a fresh block is needed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from graphwise.engine.sequence import Sequence
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.hashes: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        # Blocks with no reference, least recently freed first; dict order is the LRU order.
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.prefix_hits = 0
+        self.prefix_queries = 0
+
+    # ---- accounting -------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache -----------------------------------------------------------------
+    def _compute_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
+        bs = self.block_size
+        while len(seq.block_hashes) < num_full_blocks:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if i else None
+            seq.block_hashes.append(block_hash(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks already holding this sequence's leading tokens (at least one token is left
+        to compute, since sampling needs the last position's logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        self._compute_hashes(seq, max_blocks)
+        hits: list[int] = []
+        for h in seq.block_hashes[:max_blocks]:
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queries += max_blocks
+        self.prefix_hits += len(hits)
+        return hits
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that the last step filled (their KV is now written)."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        self._compute_hashes(seq, num_full)
+        for i in range(num_full):
+            block = seq.block_table[i]
+            if self.hashes[block] is not None:
+                continue
+            h = seq.block_hashes[i]
+            if h in self.hash_to_block:  # same content computed twice: keep the first copy
+                continue
+            self.hashes[block] = h
+            self.hash_to_block[h] = block
+
+    # ---- allocation -------------------------------------------------------------------
+    def can_admit(self, seq: Sequence, cached: list[int], num_tokens: int) -> bool:
+        reused_free = sum(1 for b in cached if self.ref_counts[b] == 0)
+        fresh = self.blocks_needed(num_tokens) - len(cached)
+        return fresh + reused_free <= len(self.free)
+
+    def admit(self, seq: Sequence, cached: list[int]) -> None:
+        """Give a waiting sequence its cached prefix blocks (before allocate_slots)."""
+        assert not seq.block_table, "sequence already holds blocks"
+        for b in cached:
+            if self.ref_counts[b] == 0:
+                del self.free[b]
+            self.ref_counts[b] += 1
+        seq.block_table = list(cached)
+        seq.num_computed_tokens = len(cached) * self.block_size
+
+    def allocate_slots(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow the block table to hold `num_tokens` tokens; False if the pool is too small."""
+        need = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > len(self.free):
+            return False
+        for _ in range(need):
+            block, _ = self.free.popitem(last=False)
+            old = self.hashes[block]
+            if old is not None:  # recycled: its cached contents are about to be overwritten
+                if self.hash_to_block.get(old) == block:
+                    del self.hash_to_block[old]
+                self.hashes[block] = None
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        """Drop a sequence's blocks; cached ones stay findable until recycled."""
+        # Free the tail first so that, under LRU, a prefix outlives its own continuation.
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+            if self.ref_counts[block] == 0:
+                if self.hashes[block] is None:
+                    # Uncached blocks are recycled first: put them at the LRU front.
+                    self.free[block] = None
+                    self.free.move_to_end(block, last=False)
+                else:
+                    self.free[block] = None
+        seq.block_table = []

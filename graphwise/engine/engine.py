@@ -1,0 +1,304 @@
+"""LLMEngine: requests in, one scheduling + model step at a time, outputs out.
+
+Used directly by the offline API (`LLM`) and, behind a thread, by the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+import torch
+
+from graphwise.config import EngineConfig
+from graphwise.engine.block_manager import BlockManager
+from graphwise.engine.detokenizer import detokenize_incrementally
+from graphwise.engine.scheduler import Scheduler
+from graphwise.engine.sequence import Sequence, SequenceStatus
+from graphwise.models.loader import build_model, load_tokenizer, resolve_source
+from graphwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from graphwise.runner.memory import plan_kv_blocks
+from graphwise.runner.model_runner import ModelRunner
+from graphwise.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a valid torch device") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, config_dtype: torch.dtype | None) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32  # CPU: exact and fast enough; also what the HF oracle runs
+    if config_dtype in (torch.float16, torch.bfloat16):
+        return config_dtype
+    return torch.bfloat16
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        source = resolve_source(config)
+        self.model_name = source.name
+        from graphwise.models.model_config import ModelConfig
+
+        declared = ModelConfig.from_dict(source.config)
+        self.dtype = resolve_dtype(config.dtype, self.device, declared.torch_dtype)
+        if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
+            raise ValueError(
+                "tensor/pipeline parallelism is not available in this build "
+                f"(tensor_parallel_size={config.tensor_parallel_size}, "
+                f"pipeline_parallel_size={config.pipeline_parallel_size})"
+            )
+        self.tokenizer = load_tokenizer(source, config)
+        model, self.model_config = build_model(source, config, self.device, self.dtype)
+        mc = self.model_config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) exceeds the model's "
+                f"max_position_embeddings ({mc.max_position_embeddings})"
+            )
+        self.eos_token_ids = self._eos_ids(source)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(
+            2048, config.max_num_seqs
+        )
+        if not config.enable_chunked_prefill:
+            self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
+
+        self.runner = ModelRunner(config, model, mc, self.device, self.dtype)
+        self.memory_plan = plan_kv_blocks(self, self.runner)
+        num_blocks = self.memory_plan.num_blocks
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than "
+                f"max_model_len ({self.max_model_len}): raise gpu_memory_utilization / "
+                "kv_cache_memory or lower max_model_len"
+            )
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            self.max_num_batched_tokens,
+            config.enable_chunked_prefill,
+        )
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self._setup_cuda_graphs()
+
+    def _setup_cuda_graphs(self) -> None:
+        mode = self.config.use_cuda_graph
+        if self.device.type != "cuda":
+            if mode == "on":
+                raise ValueError("cuda_graph='on' needs a CUDA device; use 'off' or 'auto'")
+            if mode == "auto":
+                logger.info("cuda_graph=auto: no CUDA device, decode runs eagerly")
+            return
+        if mode == "off":
+            logger.info("CUDA graphs off (enforce_eager or cuda_graph='off')")
+            return
+        from graphwise.runner.cuda_graph import CudaGraphRunner
+
+        runner = CudaGraphRunner(self.runner, self.config, self.max_model_len)
+        runner.capture_all()
+        self.runner.graph_runner = runner
+
+    def _eos_ids(self, source: Any) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        if source.kind == "hf":
+            import json
+
+            gen = source.path / "generation_config.json"
+            if gen.is_file():
+                eos = json.loads(gen.read_text()).get("eos_token_id")
+                if eos is not None:
+                    ids.update([eos] if isinstance(eos, int) else eos)
+        return frozenset(ids)
+
+    # ---- requests ---------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"model {self.model_name!r} has no tokenizer (dummy weights): "
+                "pass prompt_token_ids instead of text"
+            )
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+    def add_request(
+        self,
+        prompt: str | None,
+        sampling_params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+    ) -> Sequence:
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams")
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            prompt_token_ids = self.tokenize(prompt)
+        self.validate_prompt(prompt_token_ids)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt, prompt_token_ids, params, self.eos_token_ids)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        if not isinstance(ids, list) or not ids:
+            raise ValueError("prompt_token_ids must be a non-empty list of token ids")
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(
+                    f"prompt_token_ids contains {t!r}, not a token id in [0, {vocab})"
+                )
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens, too long for max_model_len={self.max_model_len} "
+                "(it must leave room for at least one generated token)"
+            )
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.abort(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("scheduler cannot admit any waiting request (KV pool too small)")
+            return []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.stats["prompt_tokens"] += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+        tokens = self.runner.execute(batch)
+        self.stats["steps"] += 1
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+        outputs = []
+        sampled = [s for s in batch.seqs if s.num_computed_tokens == s.num_tokens]
+        now = time.monotonic()
+        for seq, token in zip(sampled, tokens, strict=True):
+            seq.append_token(token)
+            self.stats["generation_tokens"] += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            delta_text = self._process_token(seq, token)
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+                self.requests.pop(seq.request_id, None)
+            outputs.append(self._make_output(seq, delta_text, [token]))
+        return outputs
+
+    def _process_token(self, seq: Sequence, token: int) -> str:
+        """Detokenize, then apply stop conditions. Returns the text to stream for this step."""
+        p = seq.sampling_params
+        before = len(seq.output_text)
+        detokenize_incrementally(self.tokenizer, seq, p.skip_special_tokens)
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token in (p.stop_token_ids or ()):
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif not p.ignore_eos and token in seq.eos_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", None
+            elif p.stop_strings:
+                self._check_stop_strings(seq, before)
+        if seq.finish_reason is None and (
+            (p.max_tokens is not None and n_out >= p.max_tokens)
+            or seq.num_tokens >= self.max_model_len
+        ):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            seq.status = SequenceStatus.FINISHED
+        # Hold back text that could still turn out to start a stop string.
+        hold = 0 if seq.is_finished else max((len(s) for s in p.stop_strings), default=1) - 1
+        visible = max(seq.reported_text_len, len(seq.output_text) - hold)
+        delta = seq.output_text[seq.reported_text_len : visible]
+        seq.reported_text_len = visible
+        return delta
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, before: int) -> None:
+        text = seq.output_text
+        for stop in seq.sampling_params.stop_strings:
+            idx = text.find(stop, max(0, before - len(stop) + 1))
+            if idx != -1:
+                seq.output_text = text[:idx]
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                return
+
+    def _make_output(self, seq: Sequence, delta_text: str, delta_ids: list[int]) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=seq.output_text if seq.is_finished else seq.output_text[: seq.reported_text_len],
+            token_ids=seq.output_token_ids,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[completion],
+            finished=seq.is_finished,
+            num_cached_tokens=seq.num_cached_tokens,
+            metrics=RequestMetrics(
+                arrival_time=seq.arrival_time,
+                first_scheduled_time=seq.first_scheduled_time,
+                first_token_time=seq.first_token_time,
+                finished_time=seq.finished_time,
+            ),
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+        )
+
+    # ---- introspection ----------------------------------------------------------------
+    def kv_usage(self) -> float:
+        return self.block_manager.usage
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

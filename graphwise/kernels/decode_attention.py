@@ -1,0 +1,302 @@
+"""Paged decode attention (one query token per sequence), split-K "flash-decoding" style.
+
+Stage 1 (``_decode_split_kernel``): grid ``(B, Hkv, num_splits)``. Each program takes one
+sequence, one KV head and one contiguous range of that sequence's context, and computes
+attention for all query heads of the GQA group at once (the group is the M dimension of the
+``tl.dot``), so each K/V tile is read from HBM once per group. The range of a split is derived
+on the device from ``seq_lens``, so short sequences simply leave their trailing splits empty.
+It writes a normalised partial output and its log2-sum-exp per (seq, q head, split).
+
+Stage 2 (``_decode_reduce_kernel``): grid ``(B, Hq)``, combines the splits with their
+log-sum-exp weights. With a single split stage 1 writes the final output directly.
+
+The grid depends only on ``B``, ``Hkv`` and the split count, which the wrapper picks from
+shapes (``max_blocks``), never from tensor values: the launch is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2 (exp2 is one instruction)
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_bt,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,  # query heads per KV head
+    BLOCK_H: tl.constexpr,  # GROUP padded to >= 16 (tl.dot's minimum M)
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,  # tokens per KV-cache block
+    BLOCK_N: tl.constexpr,  # context tokens per inner-loop tile
+    NUM_SPLITS: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,  # single split: write the final output, skip the reduce
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Split the context evenly, in whole tiles so no tile straddles two splits.
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq * stride_bt
+    kv_base = kv_head * stride_cache_head
+
+    # Every tile in [start, end) holds at least one valid token, so m_i is finite after the
+    # first iteration and exp2(m_i - m_new) never sees (-inf) - (-inf).
+    for tile_start in range(start, end, BLOCK_N):
+        offs_n = tile_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        # Gather: token n lives in block block_tables[seq, n // PAGE_SIZE] at n % PAGE_SIZE.
+        block_ids = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        tok = block_ids * stride_cache_block + (offs_n % PAGE_SIZE) * stride_cache_tok + kv_base
+        k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Empty split or padding lane (seq_len 0): l_i == 0, acc == 0 -> output 0, lse -inf.
+    has_tokens = l_i > 0.0
+    o = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
+    if DIRECT_OUT:
+        dst = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
+    else:
+        lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
+        dst = part_out_ptr + seq * stride_pb + heads[:, None] * stride_ph + split * stride_ps
+        tl.store(dst + offs_d[None, :], o, mask=h_mask[:, None])
+        tl.store(part_lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < NUM_SPLITS
+    lse = tl.load(
+        part_lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf")
+    )
+    m = tl.max(lse, 0)
+    # All splits empty (padding lane): use 0 as the pivot so the weights are exp2(-inf) = 0.
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    used = s_mask & (lse > float("-inf"))
+    part = tl.load(
+        part_out_ptr
+        + seq * stride_pb
+        + head * stride_ph
+        + offs_s[:, None] * stride_ps
+        + offs_d[None, :],
+        mask=used[:, None],
+        other=0.0,
+    )
+    den = tl.sum(w, 0)
+    o = tl.sum(part, 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 132  # interpreter / CPU: pretend to be an H100 so the heuristic stays meaningful
+
+
+def choose_num_splits(
+    batch: int,
+    num_kv_heads: int,
+    max_context: int,
+    num_sms: int = 132,
+    waves: int = 2,
+    min_tokens_per_split: int = 256,
+    max_splits: int = 32,
+) -> int:
+    """Split count from shapes only (CUDA-graph safe): enough programs for ``waves`` programs
+    per SM, but no split shorter than ``min_tokens_per_split`` of the *maximum* context, and a
+    power of two so few kernel variants get compiled. Short sequences leave splits empty."""
+    programs = max(1, batch * num_kv_heads)
+    by_occupancy = triton.cdiv(waves * num_sms, programs)
+    by_length = triton.cdiv(max(1, max_context), min_tokens_per_split)
+    splits = max(1, min(by_occupancy, by_length, max_splits))
+    return 1 << (splits.bit_length() - 1)  # round down to a power of two
+
+
+def alloc_decode_workspace(
+    batch: int, num_q_heads: int, head_dim: int, num_splits: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for the split partials: ``(part_out [B, Hq, S, D], part_lse [B, Hq, S])`` fp32.
+
+    Allocate once for the largest batch and pass it to every call (also inside CUDA graphs);
+    a larger buffer than needed is fine (the kernel uses its strides)."""
+    part_out = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=device)
+    part_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
+    return part_out, part_lse
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of ``q [B, Hq, D]`` over each sequence's paged KV; returns ``[B, Hq, D]``.
+
+    ``block_tables`` int32 ``[B, max_blocks]``, ``seq_lens`` int32 ``[B]`` (0 = padding lane:
+    output zeros). ``num_splits`` None picks it from ``B``, ``Hkv`` and ``max_blocks`` (see
+    ``choose_num_splits``); pass ``workspace`` from ``alloc_decode_workspace`` to avoid the
+    per-call allocation of the split partials.
+    """
+    b, hq, d = q.shape
+    num_blocks, page_size, hkv, d_cache = k_cache.shape
+    assert d == d_cache and d & (d - 1) == 0 and d >= 16, f"head_dim must be a power of 2, got {d}"
+    assert hq % hkv == 0, f"num_q_heads {hq} is not a multiple of num_kv_heads {hkv}"
+    assert v_cache.shape == k_cache.shape and k_cache.stride() == v_cache.stride()
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1, "head_dim axis must be contiguous"
+    assert block_tables.shape[0] == b and seq_lens.shape[0] == b
+    assert q.dtype == k_cache.dtype, f"q {q.dtype} and KV cache {k_cache.dtype} differ"
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert out.shape == q.shape and out.stride(2) == 1
+    if b == 0:
+        return out
+    if num_splits is None:
+        max_context = block_tables.shape[1] * page_size
+        num_splits = choose_num_splits(b, hkv, max_context, _device_sms(q.device))
+    direct = num_splits == 1
+    if direct:
+        part_out, part_lse = out, seq_lens  # unused placeholders (any pointer will do)
+        p_strides, l_strides = (0, 0, 0), (0, 0)
+    else:
+        if workspace is None:
+            workspace = alloc_decode_workspace(b, hq, d, num_splits, q.device)
+        part_out, part_lse = workspace
+        assert part_out.shape[0] >= b and part_out.shape[1] == hq and part_out.shape[3] == d
+        assert part_out.shape[2] >= num_splits and part_out.stride(3) == 1
+        assert part_lse.shape[0] >= b and part_lse.shape[2] >= num_splits
+        assert part_lse.stride(2) == 1
+        p_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2))
+        l_strides = (part_lse.stride(0), part_lse.stride(1))
+
+    _decode_split_kernel[(b, hkv, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        *p_strides,
+        *l_strides,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d,
+        PAGE_SIZE=page_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        DIRECT_OUT=direct,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if not direct:
+        _decode_reduce_kernel[(b, hq)](
+            part_out,
+            part_lse,
+            out,
+            *p_strides,
+            *l_strides,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=d,
+            NUM_SPLITS=num_splits,
+            SPLITS_P2=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out

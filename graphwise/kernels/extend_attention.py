@@ -1,0 +1,206 @@
+"""Packed variable-length causal prefill/extend attention over the paged KV cache.
+
+Grid ``(cdiv(max_q_len, BLOCK_M), B, Hq)``: each program owns ``BLOCK_M`` new query tokens of
+one sequence and one query head, and streams that sequence's keys (cached prefix and the new
+tokens alike, all read from the paged cache) in ``BLOCK_N`` tiles with an online softmax.
+Programs whose tile lies past their sequence's ``q_len`` exit at once, so ``max_q_len`` only
+needs to be an upper bound. Keys that every row of the tile may see run without the causal
+mask; only the tiles around the diagonal pay for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tiles(
+    acc,
+    l_i,
+    m_i,
+    q,
+    q_pos,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,
+    kv_base,
+    key_start,
+    key_end,
+    qk_scale,
+    stride_cache_block,
+    stride_cache_tok,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax accumulation over keys ``[key_start, key_end)`` (base-2 exponent).
+
+    Without ``CAUSAL_MASK`` the caller guarantees whole tiles that every row may see."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for tile_start in range(key_start, key_end, BLOCK_N):
+        offs_n = tile_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < key_end
+        block_ids = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        tok = block_ids * stride_cache_block + (offs_n % PAGE_SIZE) * stride_cache_tok + kv_base
+        k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if CAUSAL_MASK:
+            visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+        # Every row sees key 0 in the first tile processed, so m_new is finite from then on.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    cu_seqlens_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    m_block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < q_len
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    )
+    q_pos = prefix + offs_m  # absolute position of each query row
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq * stride_bt
+    kv_base = (head // GROUP) * stride_cache_head
+
+    # Keys at positions <= the tile's first query position are visible to every row: those
+    # whole tiles skip the causal mask. The rest, up to the last row's position, are masked.
+    first_pos = prefix + m_block * BLOCK_M
+    unmasked_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    key_end = tl.minimum(prefix + (m_block + 1) * BLOCK_M, seq_len)
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_base,
+        0, unmasked_end, qk_scale, stride_cache_block, stride_cache_tok,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_base,
+        unmasked_end, key_end, qk_scale, stride_cache_block, stride_cache_tok,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION,
+    )  # fmt: skip
+
+    o = acc / l_i[:, None]
+    dst = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    max_q_len: int | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Causal attention of packed new tokens ``q [T, Hq, D]`` over their sequences' paged KV.
+
+    ``cu_seqlens_q`` int32 ``[B+1]``, ``seq_lens`` int32 ``[B]`` (context incl. new tokens; the
+    new tokens' KV is already in the cache), ``block_tables`` int32 ``[B, max_blocks]``.
+    ``max_q_len`` is an upper bound on any sequence's new-token count; None uses ``T`` (always
+    safe; excess programs exit immediately). Returns ``[T, Hq, D]`` in q's dtype.
+    """
+    t, hq, d = q.shape
+    num_blocks, page_size, hkv, d_cache = k_cache.shape
+    assert d == d_cache and d & (d - 1) == 0 and d >= 16, f"head_dim must be a power of 2, got {d}"
+    assert hq % hkv == 0, f"num_q_heads {hq} is not a multiple of num_kv_heads {hkv}"
+    assert v_cache.shape == k_cache.shape and k_cache.stride() == v_cache.stride()
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1, "head_dim axis must be contiguous"
+    assert q.dtype == k_cache.dtype, f"q {q.dtype} and KV cache {k_cache.dtype} differ"
+    b = seq_lens.shape[0]
+    assert cu_seqlens_q.shape[0] == b + 1 and block_tables.shape[0] == b
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert out.shape == q.shape and out.stride(2) == 1
+    if t == 0 or b == 0:
+        return out
+    if max_q_len is None:
+        max_q_len = t
+    grid = (triton.cdiv(max_q_len, block_m), b, hq)
+    _extend_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        cu_seqlens_q,
+        seq_lens,
+        block_tables,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        GROUP=hq // hkv,
+        HEAD_DIM=d,
+        PAGE_SIZE=page_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,79 @@
+"""Mixture-of-experts MLP (Qwen2-MoE layout): top-k routed experts plus a gated shared expert.
+
+Expert weights are stored stacked — gate/up as [E, 2I, H] and down as [E, H, I] — so a fused
+grouped-GEMM kernel can take them as they are. The PyTorch path here loops over the experts that
+received tokens, in the same order and arithmetic as HF transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphwise.layers import ops
+from graphwise.layers.linear import Linear
+
+
+class SparseMoE(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        norm_topk_prob: bool,
+        shared_intermediate_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.intermediate_size = intermediate_size
+        self.gate = Linear(hidden_size, num_experts)
+        self.w_gate_up = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False
+        )
+        self.w_down = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False
+        )
+        self.shared_expert: nn.Module | None = None
+        self.shared_expert_gate: Linear | None = None
+        if shared_intermediate_size:
+            from graphwise.models.llama import MLP
+
+            self.shared_expert = MLP(hidden_size, shared_intermediate_size)
+            self.shared_expert_gate = Linear(hidden_size, 1)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] in x's dtype, expert ids [T, k])."""
+        router_logits = self.gate(x)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def experts_forward(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        # [E, k, T]: which (token, slot) pairs each expert serves.
+        mask = F.one_hot(experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            slot, token = torch.where(mask[e])
+            if token.numel() == 0:
+                continue
+            h = ops.silu_and_mul(F.linear(x[token], self.w_gate_up[e]))
+            h = F.linear(h, self.w_down[e]) * weights[token, slot, None]
+            out.index_add_(0, token, h.to(x.dtype))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(x)
+        out = self.experts_forward(x, weights, experts)
+        if self.shared_expert is not None:
+            assert self.shared_expert_gate is not None
+            shared = self.shared_expert(x)
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out

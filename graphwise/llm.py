@@ -1,0 +1,152 @@
+"""The offline API, in vLLM's shape: LLM(...).generate(prompts, sampling_params)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm import tqdm
+
+from graphwise.config import EngineConfig
+from graphwise.engine.engine import LLMEngine
+from graphwise.outputs import RequestOutput
+from graphwise.sampling_params import SamplingParams
+
+Prompt = str | dict[str, Any]
+Message = dict[str, str]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        **engine_options: Any,
+    ) -> None:
+        config = EngineConfig.from_kwargs(
+            model=model,
+            dtype=dtype,
+            device=device,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            seed=seed,
+            **engine_options,
+        )
+        self.llm_engine = LLMEngine(config)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm.llm_engine = LLMEngine(config)
+        return llm
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(
+                    f"got {len(params)} sampling_params for {len(prompts)} prompts"
+                )
+        engine = self.llm_engine
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                text, token_ids = _parse_prompt(prompt)
+                ids.append(engine.add_request(text, p, prompt_token_ids=token_ids).request_id)
+        except BaseException:
+            for rid in ids:  # nothing half-submitted stays queued
+                engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        wanted = set(ids)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            while len(done) < len(ids):
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in wanted - set(done):
+                engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[rid] for rid in ids]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        if messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        else:
+            conversations = list(messages)  # type: ignore[arg-type]
+        prompts = [
+            {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt)}
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)  # type: ignore[arg-type]
+
+    def apply_chat_template(
+        self, conversation: list[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
+        return apply_chat_template(self.get_tokenizer(), conversation, add_generation_prompt)
+
+
+def apply_chat_template(
+    tokenizer: Any, conversation: list[Message], add_generation_prompt: bool = True
+) -> list[int]:
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the model has no chat template; use generate() with a plain prompt")
+    if not isinstance(conversation, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in conversation
+    ):
+        raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
+    ids = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=True
+    )
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _parse_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, list):
+                raise ValueError("prompt_token_ids must be a list of ints")
+            return prompt.get("prompt"), list(ids)
+        if "prompt" in prompt:
+            return str(prompt["prompt"]), None
+    raise ValueError(
+        f"a prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
+    )

@@ -1,0 +1,200 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style) and Qwen2 (QKV bias).
+
+Forward works on a flat batch: all sequences' new tokens concatenated ([T] ids, [T] positions),
+with the per-sequence structure carried by the attention metadata in the ForwardContext.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from graphwise.layers.activation import SiluAndMul
+from graphwise.layers.attention import Attention, ForwardContext
+from graphwise.layers.linear import Linear, PackedLinear
+from graphwise.layers.norm import RMSNorm
+from graphwise.layers.rotary import RotaryEmbedding
+from graphwise.models.model_config import ModelConfig
+
+# HF checkpoint name -> (our packed module, shard)
+PACKED_SHARDS = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = PackedLinear(
+            cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=cfg.attention_bias
+        )
+        o_bias = cfg.attention_bias and cfg.architecture.startswith(("Llama", "Mistral"))
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=o_bias)
+        self.rotary = RotaryEmbedding(
+            self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim)
+        self.sizes = (q_size, kv_size, kv_size)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split(self.sizes, dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, ctx)
+        return self.o_proj(out.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = PackedLinear(
+            hidden_size, {"gate": intermediate_size, "up": intermediate_size}
+        )
+        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(cfg, layer_idx)
+        self.mlp = self.make_mlp(cfg, layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def make_mlp(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        return MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add is fused into the next norm: each layer returns (delta, residual).
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, ctx)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    layer_cls: type[DecoderLayer] = DecoderLayer
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            [self.layer_cls(cfg, i) for i in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, ctx)
+        if residual is None:
+            return self.norm(x)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    model_cls: type[LlamaModel] = LlamaModel
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = self.model_cls(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # ---- weights ----------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (HF names) into the packed parameters; returns the names of
+        parameters that were loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            loaded.update(self.map_weight(name, tensor, params))
+        return loaded
+
+    def map_weight(
+        self, name: str, tensor: torch.Tensor, params: dict[str, nn.Parameter]
+    ) -> list[str]:
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in PACKED_SHARDS:
+            module_name, shard = PACKED_SHARDS[parts[-2]]
+            packed_name = ".".join(parts[:-2] + [module_name])
+            module = self.get_submodule(packed_name)
+            assert isinstance(module, PackedLinear)
+            module.load_shard(shard, tensor, is_bias=parts[-1] == "bias")
+            return [f"{packed_name}.{parts[-1]}:{shard}"]
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+        param = params[name]
+        if param.shape != tensor.shape:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(param.shape)}"
+            )
+        param.data.copy_(tensor)
+        return [name]
+
+    def expected_weights(self) -> set[str]:
+        """Names load_weights must report for a complete checkpoint."""
+        names: set[str] = set()
+        for pname, _ in self.named_parameters():
+            module_name, _, leaf = pname.rpartition(".")
+            module = self.get_submodule(module_name)
+            if isinstance(module, PackedLinear):
+                names.update(f"{pname}:{s}" for s in module.shard_offsets)
+            else:
+                names.add(pname)
+        if self.config.tie_word_embeddings:
+            names.discard("lm_head.weight")
+        return names
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5: the Llama layout with biases on q, k and v."""

@@ -1,0 +1,165 @@
+"""Find, build and fill a model: HF safetensors dirs, GGUF files, presets with dummy weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from graphwise.config import EngineConfig
+from graphwise.models.default import DEFAULT_MODEL_NAME, default_model_path
+from graphwise.models.gguf_loader import gguf_config, gguf_weights
+from graphwise.models.model_config import ModelConfig
+from graphwise.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "hf" | "gguf" | "preset"
+    path: Path | None
+    name: str  # what /v1/models reports
+    config: dict[str, Any]
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def resolve_source(cfg: EngineConfig) -> ModelSource:
+    if cfg.preset is not None:
+        path = PRESET_DIR / f"{cfg.preset}.json"
+        if not path.is_file():
+            raise ValueError(f"preset {cfg.preset!r} is unknown; presets: {', '.join(list_presets())}")
+        return ModelSource("preset", None, cfg.preset, json.loads(path.read_text()))
+    if cfg.model is None:
+        path = default_model_path()
+        return ModelSource("gguf", path, DEFAULT_MODEL_NAME, gguf_config(path))
+    path = Path(cfg.model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model path {cfg.model!r} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {cfg.model!r} is not a .gguf file")
+        return ModelSource("gguf", path, path.stem, gguf_config(path))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"model directory {cfg.model!r} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
+    return ModelSource("hf", path, path.name, config)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model directory {path} has no *.safetensors files")
+    return files
+
+
+def _safetensors_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in tqdm(files, desc="Loading safetensors shards", unit="file", leave=False):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _dummy_init(model: nn.Module, seed: int) -> None:
+    """Random weights of the right shape (vLLM's load_format="dummy"): small values, unit norms."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            p.data.fill_(1.0)
+        else:
+            # Drawn on the CPU in chunks then copied: same values on any device.
+            flat = p.data.view(-1)
+            step = 1 << 24
+            for i in range(0, flat.numel(), step):
+                n = min(step, flat.numel() - i)
+                chunk = torch.empty(n).uniform_(-0.02, 0.02, generator=gen)
+                flat[i : i + n].copy_(chunk)
+
+
+def build_model(
+    source: ModelSource, cfg: EngineConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, ModelConfig]:
+    config_dict = dict(source.config)
+    if cfg.num_layers is not None:
+        config_dict["num_hidden_layers"] = cfg.num_layers
+    model_config = ModelConfig.from_dict(config_dict)
+    cls = resolve_model_class(model_config.architecture)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(model_config)  # type: ignore[call-arg]
+    finally:
+        torch.set_default_dtype(old_dtype)
+    model.eval()
+
+    start = time.perf_counter()
+    load_format = cfg.load_format
+    if source.kind == "preset" and load_format not in ("auto", "dummy"):
+        raise ValueError(f"preset {source.name!r} has no weights: use load_format='dummy'")
+    if source.kind == "preset" or load_format == "dummy":
+        _dummy_init(model, cfg.seed)
+    else:
+        assert source.path is not None
+        if source.kind == "gguf":
+            weights = gguf_weights(source.path, config_dict)
+        else:
+            weights = _safetensors_weights(_safetensors_files(source.path))
+        loaded = model.load_weights(  # type: ignore[operator]
+            w for w in tqdm(weights, desc=f"Loading {source.name}", unit="tensor")
+        )
+        missing = model.expected_weights() - loaded  # type: ignore[operator]
+        if missing:
+            raise ValueError(
+                f"checkpoint {source.path} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[:3]}"
+            )
+    logger.info(
+        "Loaded %s (%s, %d layers, %.1fM params) as %s on %s in %.1f s",
+        source.name,
+        model_config.architecture,
+        model_config.num_hidden_layers,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        str(dtype).removeprefix("torch."),
+        device,
+        time.perf_counter() - start,
+    )
+    return model, model_config
+
+
+def load_tokenizer(source: ModelSource, cfg: EngineConfig) -> Any | None:
+    """The HF tokenizer (with its chat template), from local files only; None for presets."""
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer is not None:
+        path = Path(cfg.tokenizer)
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if source.kind == "preset":
+        return None
+    assert source.path is not None
+    if source.kind == "gguf":
+        return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)

@@ -1,0 +1,208 @@
+"""ModelRunner: turns a scheduled batch into tensors, runs the model (eagerly or by replaying a
+captured CUDA graph) and samples the next tokens."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graphwise.config import EngineConfig
+from graphwise.engine.scheduler import ScheduledBatch
+from graphwise.engine.sequence import Sequence
+from graphwise.layers import ops
+from graphwise.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
+from graphwise.layers.attention.torch_backend import TorchAttentionBackend
+from graphwise.layers.sampler import SamplingTensors, sample
+from graphwise.models.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] rows of the hidden states that are sampled
+    sample_seqs: list[Sequence]
+
+
+def select_attention_backend(
+    cfg: EngineConfig, device: torch.device, scratch_slot: int
+) -> AttentionBackend:
+    name = cfg.attention_backend
+    if name == "auto":
+        from graphwise.kernels import triton_available
+
+        name = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError("attention_backend='triton' needs a CUDA device")
+        from graphwise.layers.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(scratch_slot)
+    return TorchAttentionBackend(scratch_slot)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: nn.Module,
+        model_config: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.model_config = model_config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+        self.backend: AttentionBackend = TorchAttentionBackend(scratch_slot=0)
+        self.graph_runner = None  # set by enable_cuda_graphs
+        self.default_generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.steps_graph = 0
+        self.steps_eager = 0
+        self._pin = device.type == "cuda"
+
+    # ---- KV cache ---------------------------------------------------------------------
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One (k, v) pair per layer, plus one scratch block that padding lanes write into."""
+        mc = self.model_config
+        shape = (num_blocks + 1, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(mc.num_hidden_layers)
+        ]
+        self.num_blocks = num_blocks
+        self.backend = select_attention_backend(
+            self.config, self.device, scratch_slot=num_blocks * self.block_size
+        )
+        ops.enable_triton(self.backend.name == "triton")
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.1f MiB), attention backend: %s",
+            num_blocks,
+            self.block_size,
+            2 * sum(k.numel() * k.element_size() for k, _ in self.kv_caches) / 2**20,
+            self.backend.name,
+        )
+
+    # ---- inputs -----------------------------------------------------------------------
+    def _to_device(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        if self._pin:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_lens: list[int] = []
+        seq_lens: list[int] = []
+        cu = [0]
+        logits_indices: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            c = seq.num_computed_tokens
+            ids.extend(seq.token_ids[c : c + n])
+            positions.extend(range(c, c + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(c, c + n))
+            q_lens.append(n)
+            seq_lens.append(c + n)
+            cu.append(cu[-1] + n)
+            if c + n == seq.num_tokens:  # all known tokens computed: sample the next one
+                logits_indices.append(len(ids) - 1)
+                sample_seqs.append(seq)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables: list[int] = []
+        for seq in batch.seqs:
+            tables.extend(seq.block_table)
+            tables.extend([0] * (width - len(seq.block_table)))
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots, torch.int64),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            block_tables=self._to_device(tables, torch.int32).view(len(batch.seqs), width),
+            cu_seqlens_q=self._to_device(cu, torch.int32),
+            is_decode=all(n == 1 for n in q_lens),
+            max_q_len=max(q_lens),
+            max_seq_len=max(seq_lens),
+            q_lens_cpu=q_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        return StepInputs(
+            input_ids=self._to_device(ids, torch.int64),
+            positions=self._to_device(positions, torch.int64),
+            meta=meta,
+            logits_indices=self._to_device(logits_indices, torch.int64),
+            sample_seqs=sample_seqs,
+        )
+
+    def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        vocab = self.model_config.vocab_size
+        temps, top_ks, top_ps, gens = [], [], [], []
+        for seq in seqs:
+            p = seq.sampling_params
+            temps.append(float(p.temperature))
+            top_ks.append(vocab if p.top_k < 0 else min(p.top_k, vocab))
+            top_ps.append(float(p.top_p))
+            if p.seed is not None and p.temperature > 0 and seq.generator is None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(p.seed)
+            gens.append(seq.generator)
+        return SamplingTensors(
+            temperature=self._to_device(temps, torch.float32),
+            top_k=self._to_device(top_ks, torch.int64),
+            top_p=self._to_device(top_ps, torch.float32),
+            all_greedy=all(t == 0 for t in temps),
+            any_top_k_top_p=any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps),
+            generators=gens,
+        )
+
+    # ---- execution --------------------------------------------------------------------
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Hidden states [T, H] for the step's tokens."""
+        if self.graph_runner is not None and self.graph_runner.can_replay(inputs):
+            self.steps_graph += 1
+            return self.graph_runner.replay(inputs)
+        self.steps_eager += 1
+        ctx = ForwardContext(inputs.meta, self.backend, self.kv_caches)
+        return self.model(inputs.input_ids, inputs.positions, ctx)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[int]:
+        """Run one step; returns the sampled token of each sequence that samples, in order."""
+        inputs = self.prepare(batch)
+        hidden = self.forward(inputs)
+        if not inputs.sample_seqs:
+            return []
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
+        self._mask_min_tokens(logits, inputs.sample_seqs)
+        tokens = sample(logits, self.sampling_tensors(inputs.sample_seqs), self.default_generator)
+        return tokens.tolist()  # the step's one host sync
+
+    def _mask_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for row, seq in enumerate(seqs):
+            p = seq.sampling_params
+            if seq.num_output_tokens < p.min_tokens:
+                banned = set(p.stop_token_ids or []) | set(seq.eos_token_ids)
+                if banned:
+                    logits[row, sorted(banned)] = float("-inf")
+
+    @torch.inference_mode()
+    def prompt_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits at every new position of a batch (tests compare them with HF)."""
+        inputs = self.prepare(batch)
+        ctx = ForwardContext(inputs.meta, self.backend, self.kv_caches)
+        hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+        return self.model.compute_logits(hidden)  # type: ignore[operator]

@@ -1,0 +1,72 @@
+"""SamplingParams: how one request is decoded (vLLM's names and defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    # Normalised forms, filled by __post_init__.
+    stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        if isinstance(self.stop, str):
+            self.stop_strings = [self.stop] if self.stop else []
+        else:
+            self.stop_strings = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    def _validate(self) -> None:
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            return float(value)
+
+        def integer(name: str) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            return value
+
+        if number("temperature") < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        top_p = number("top_p")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        top_k = integer("top_k")
+        if top_k == 0 or top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if self.max_tokens is not None and integer("max_tokens") < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if integer("min_tokens") < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
+        if self.seed is not None:
+            integer("seed")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if isinstance(self.stop, (list, tuple)) and not all(isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a string or a list of strings")
+        if self.stop_token_ids is not None:
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+                raise ValueError("stop_token_ids must be a list of integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
