@@ -61,9 +61,7 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise ValueError(
-                    f"got {len(params)} sampling_params for {len(prompts)} prompts"
-                )
+                raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         engine = self.llm_engine
         ids: list[str] = []
         try:

@@ -99,7 +99,9 @@ class LLMEngine:
                 "kv_cache_memory or lower max_model_len"
             )
         self.runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -180,9 +182,7 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(
-                    f"prompt_token_ids contains {t!r}, not a token id in [0, {vocab})"
-                )
+                raise ValueError(f"prompt_token_ids contains {t!r}, not a token id in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt is {len(ids)} tokens, too long for max_model_len={self.max_model_len} "
@@ -210,7 +210,9 @@ class LLMEngine:
             return []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.stats["prompt_tokens"] += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+                self.stats["prompt_tokens"] += min(
+                    n, seq.num_prompt_tokens - seq.num_computed_tokens
+                )
         tokens = self.runner.execute(batch)
         self.stats["steps"] += 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):

@@ -103,4 +103,4 @@ def gguf_weights(path: Path, config: dict[str, Any]) -> Iterator[tuple[str, torc
             w = _unpermute(w, config["num_attention_heads"])
         elif permute and kind == "attn_k":
             w = _unpermute(w, config["num_key_value_heads"])
-        yield name, torch.from_numpy(np.ascontiguousarray(w))
+        yield name, torch.from_numpy(np.array(w, copy=True))

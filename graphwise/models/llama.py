@@ -47,7 +47,9 @@ class SelfAttention(nn.Module):
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim)
         self.sizes = (q_size, kv_size, kv_size)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split(self.sizes, dim=-1)
@@ -108,9 +110,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(
-            [self.layer_cls(cfg, i) for i in range(cfg.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([self.layer_cls(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(

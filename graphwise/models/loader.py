@@ -22,6 +22,7 @@ from graphwise.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).parent / "presets"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -40,7 +41,9 @@ def resolve_source(cfg: EngineConfig) -> ModelSource:
     if cfg.preset is not None:
         path = PRESET_DIR / f"{cfg.preset}.json"
         if not path.is_file():
-            raise ValueError(f"preset {cfg.preset!r} is unknown; presets: {', '.join(list_presets())}")
+            raise ValueError(
+                f"preset {cfg.preset!r} is unknown; presets: {', '.join(list_presets())}"
+            )
         return ModelSource("preset", None, cfg.preset, json.loads(path.read_text()))
     if cfg.model is None:
         path = default_model_path()
@@ -59,6 +62,8 @@ def resolve_source(cfg: EngineConfig) -> ModelSource:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
+    archs = config.get("architectures") or [None]
+    resolve_model_class(str(archs[0]))  # unknown architecture: fail before anything else
     return ModelSource("hf", path, path.name, config)
 
 
@@ -162,4 +167,7 @@ def load_tokenizer(source: ModelSource, cfg: EngineConfig) -> Any | None:
     assert source.path is not None
     if source.kind == "gguf":
         return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    if not any((source.path / f).is_file() for f in _TOKENIZER_FILES):
+        logger.warning("%s has no tokenizer files: only prompt_token_ids are accepted", source.path)
+        return None
     return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)

@@ -67,5 +67,7 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
             if isinstance(module, SparseMoE):
                 names -= {f"{mod_name}.w_gate_up", f"{mod_name}.w_down"}
                 for e in range(module.num_experts):
-                    names |= {f"{mod_name}.experts.{e}.{k}" for k in ("gate_proj", "up_proj", "down_proj")}
+                    names |= {
+                        f"{mod_name}.experts.{e}.{k}" for k in ("gate_proj", "up_proj", "down_proj")
+                    }
         return names

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from graphwise.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-CPU_DEFAULT_KV_BYTES = 1 << 30
+CPU_DEFAULT_KV_BYTES = 512 << 20
 GRAPH_RESERVE_BYTES = 256 << 20  # held back for CUDA graphs until they are measured
 
 
@@ -65,8 +65,12 @@ def plan_kv_blocks(engine: LLMEngine, runner: ModelRunner) -> MemoryPlan:
     elif cfg.kv_cache_memory is not None:
         plan.num_blocks = cfg.kv_cache_memory // block_bytes
     elif engine.device.type != "cuda":
-        want = cfg.max_num_seqs * engine.max_model_len * mc.kv_bytes_per_token(engine.dtype)
-        plan.num_blocks = min(want, CPU_DEFAULT_KV_BYTES) // block_bytes
+        # CPU: enough for every sequence at full length, capped, but never below one full-length
+        # sequence (plus a block of slack).
+        per_token = mc.kv_bytes_per_token(engine.dtype)
+        want = cfg.max_num_seqs * engine.max_model_len * per_token
+        floor = (engine.max_model_len + cfg.block_size) * per_token
+        plan.num_blocks = max(min(want, CPU_DEFAULT_KV_BYTES), floor) // block_bytes
     else:
         free, total = torch.cuda.mem_get_info(engine.device)
         plan.total_bytes = total
@@ -76,7 +80,9 @@ def plan_kv_blocks(engine: LLMEngine, runner: ModelRunner) -> MemoryPlan:
         used = total - free  # weights + CUDA context + anything else on the card
         graphs = 0 if cfg.use_cuda_graph == "off" else GRAPH_RESERVE_BYTES
         plan.graph_reserve_bytes = graphs
-        budget = int(total * cfg.gpu_memory_utilization) - used - plan.activation_peak_bytes - graphs
+        budget = (
+            int(total * cfg.gpu_memory_utilization) - used - plan.activation_peak_bytes - graphs
+        )
         plan.num_blocks = max(0, budget // block_bytes)
     plan.kv_bytes = plan.num_blocks * block_bytes
     logger.info(

@@ -44,7 +44,9 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
-            return decode_attention_torch(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+            return decode_attention_torch(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale
+            )
         return extend_attention_torch(q, k_cache, v_cache, meta, scale)
 
 

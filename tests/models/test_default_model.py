@@ -1,0 +1,57 @@
+"""The embedded default (SmolLM2-135M-Instruct GGUF) against HF transformers on the same file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphwise import SamplingParams
+from graphwise.models.default import default_model_path
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def hf_default():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    return tok, model
+
+
+def test_default_answers_paris(default_llm):
+    out = default_llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    text = out[0].outputs[0].text
+    assert "Paris" in text
+    assert out[0].outputs[0].finish_reason == "stop"
+
+
+def test_default_greedy_tokens_equal_hf(default_llm, hf_default):
+    tok, model = hf_default
+    prompts = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+    ]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    for prompt in prompts:
+        ids = default_llm.apply_chat_template([{"role": "user", "content": prompt}])
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+        expected = ref[0, len(ids) :].tolist()
+        got = default_llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+        assert got.outputs[0].token_ids == expected
+        assert got.outputs[0].text == tok.decode(expected, skip_special_tokens=True)
+
+
+def test_batched_generation_matches_one_by_one(default_llm):
+    prompts = ["The sun is", "Once upon a time", "Python is a programming language that"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    batched = default_llm.generate(prompts, params, use_tqdm=False)
+    single = [default_llm.generate(p, params, use_tqdm=False)[0] for p in prompts]
+    assert [o.outputs[0].token_ids for o in batched] == [o.outputs[0].token_ids for o in single]
+    assert [o.prompt for o in batched] == prompts
