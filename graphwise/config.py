@@ -33,6 +33,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_max_bs: int | None = None  # largest captured batch; default max_num_seqs
     cuda_graph_min_speedup: float = 1.05
+    cuda_graph_max_context: int | None = None  # longer contexts decode eagerly
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -64,6 +65,7 @@ class EngineConfig:
             "num_layers",
             "num_gpu_blocks_override",
             "cuda_graph_max_bs",
+            "cuda_graph_max_context",
         ):
             positive(name)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -126,6 +128,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true")
     g.add_argument("--cuda-graph-max-bs", type=int, default=None)
     g.add_argument("--cuda-graph-min-speedup", type=float, default=1.05)
+    g.add_argument("--cuda-graph-max-context", type=int, default=None)
     g.add_argument("--attention-backend", default="auto")
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)

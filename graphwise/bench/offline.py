@@ -98,7 +98,7 @@ def environment() -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
 
     versions = {
-        "graphwise": _version("graphwise"),
+        "graphwise": _version("graphwise") or _graphwise_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -119,11 +119,39 @@ def environment() -> tuple[dict[str, Any], dict[str, Any]]:
     else:
         device = {
             "type": "cpu",
-            "name": platform.processor() or platform.machine(),
+            "name": _cpu_name(),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
         }
     return device, versions
+
+
+def _graphwise_version() -> str | None:
+    import graphwise
+
+    return getattr(graphwise, "__version__", None)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _model_name(config: EngineConfig) -> str:
+    if config.preset:
+        return config.preset
+    if config.model:
+        return config.model
+    try:
+        from graphwise.models.default import DEFAULT_MODEL_NAME
+    except ImportError:
+        return "default"
+    return f"{DEFAULT_MODEL_NAME} (embedded)"
 
 
 def _driver_version() -> str | None:
@@ -199,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     device, versions = environment()
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "model": config.preset or config.model or "default",
+        "model": _model_name(config),
         "engine_args": kwargs,
         "num_prompts": args.num_prompts,
         "input_len_range": list(args.input_len_range),

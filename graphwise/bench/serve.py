@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -51,14 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="/v1/completions",
         help="/v1/completions (default) or /v1/chat/completions",
     )
-    parser.add_argument("--model", default=None, help="model name to send (default: ask /v1/models)")
+    parser.add_argument(
+        "--model", default=None, help="model name to send (default: ask /v1/models)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY") or os.environ.get("GRAPHWISE_API_KEY"),
+        help="sent as 'Authorization: Bearer KEY' (default $OPENAI_API_KEY or $GRAPHWISE_API_KEY)",
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,
         help="HF tokenizer dir or .gguf file (default: the served model's, if local)",
     )
     g = parser.add_argument_group("dataset")
-    g.add_argument("--dataset", "--dataset-name", choices=["sharegpt", "random"], default="sharegpt")
+    g.add_argument(
+        "--dataset", "--dataset-name", choices=["sharegpt", "random"], default="sharegpt"
+    )
     g.add_argument("--dataset-path", default=None, help="ShareGPT JSON (default: the package's)")
     g.add_argument("--num-prompts", type=int, default=1000)
     g.add_argument("--sharegpt-output-len", type=int, default=None, help="fix every output length")
@@ -72,7 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=0)
     t = parser.add_argument_group("traffic")
-    t.add_argument("--request-rate", type=float, default=math.inf, help="requests/s; inf = all at once")
+    t.add_argument(
+        "--request-rate", type=float, default=math.inf, help="requests/s; inf = all at once"
+    )
     t.add_argument(
         "--burstiness",
         type=float,
@@ -227,11 +239,19 @@ def _trust_env(base_url: str) -> bool:
     return not (host == "localhost" or host == "::1" or host.startswith("127."))
 
 
-def served_models(base_url: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def served_models(
+    base_url: str, timeout: float = 10.0, api_key: str | None = None
+) -> list[dict[str, Any]]:
     """The entries of the server's `GET /v1/models`."""
     url = base_url.rstrip("/") + "/v1/models"
     try:
-        response = httpx.get(url, timeout=timeout, trust_env=_trust_env(base_url))
+        response = httpx.get(
+            url, timeout=timeout, headers=_headers(api_key), trust_env=_trust_env(base_url)
+        )
         response.raise_for_status()
         data = response.json().get("data") or []
     except (httpx.HTTPError, ValueError, AttributeError) as exc:
@@ -253,6 +273,7 @@ async def run_requests(
     request_timeout: float = 600.0,
     disable_tqdm: bool = False,
     warmup: bool = True,
+    api_key: str | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Warm up, then send `requests` on their arrival schedule; returns results and duration."""
     if not requests:
@@ -266,6 +287,7 @@ async def run_requests(
         timeout=httpx.Timeout(request_timeout, pool=None),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         trust_env=_trust_env(base_url),
+        headers=_headers(api_key),
     )
 
     def payload(req: SampleRequest, max_tokens: int) -> dict[str, Any]:
@@ -318,20 +340,30 @@ def _rate_value(rate: float) -> float | str:
     return "inf" if math.isinf(rate) else rate
 
 
+def quiet_http_logs() -> None:
+    """httpx logs every request at INFO: thousands of lines in a benchmark."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+
+
 def execute(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by parsed arguments; returns the result dictionary."""
+    quiet_http_logs()
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be positive, got {args.num_prompts}")
     if args.model is None or args.tokenizer is None:
         try:
-            models = served_models(args.base_url)
+            models = served_models(args.base_url, api_key=args.api_key)
         except ValueError:
             if args.model is None:
                 raise
             models = []
     else:
         models = []
-    entry = next((m for m in models if m["id"] == args.model), models[0] if models else None)
+    if args.model is None:
+        entry = models[0] if models else None
+    else:  # the named model's entry, if the server lists it
+        entry = next((m for m in models if m["id"] == args.model), None)
     model = args.model or (entry["id"] if entry else None)
     if not model:
         raise ValueError(f"{args.base_url}/v1/models lists no model; pass --model NAME")
@@ -361,6 +393,7 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
             ignore_eos=args.ignore_eos,
             request_timeout=args.request_timeout,
             disable_tqdm=args.disable_tqdm,
+            api_key=args.api_key,
         )
     )
     for r in results:

@@ -231,7 +231,9 @@ def bench_argv_from_mapping(bench: dict[str, Any], where: str) -> list[str]:
     try:
         bench_serve.parse_args(argv)
     except SystemExit:
-        raise ValueError(f"{where}: invalid bench settings {argv} (see the message above)") from None
+        raise ValueError(
+            f"{where}: invalid bench settings {argv} (see the message above)"
+        ) from None
     return argv
 
 
@@ -309,9 +311,7 @@ def parse_config(data: Any, default_name: str = "sweep") -> SweepConfig:
         if not rates_raw:
             raise ValueError(f"{where}: request_rates is empty")
         rates = [_rate(r, where) for r in rates_raw]
-        overrides = _check_keys(
-            f"{where}: bench", s.get("bench"), set(bench) | _bench_keys()
-        )
+        overrides = _check_keys(f"{where}: bench", s.get("bench"), set(bench) | _bench_keys())
         merged_bench = bench | dict(overrides)
         merged_bench.pop("request_rates", None)
         mode = "off" if s.get("enforce_eager") else (s["cuda_graph"] or "auto")
@@ -329,9 +329,7 @@ def parse_config(data: Any, default_name: str = "sweep") -> SweepConfig:
                     sizes["pipeline_parallel_size"],
                     sizes["data_parallel_size"],
                 ),
-                startup_timeout_s=float(
-                    server.get("startup_timeout_s", DEFAULT_STARTUP_TIMEOUT_S)
-                ),
+                startup_timeout_s=float(server.get("startup_timeout_s", DEFAULT_STARTUP_TIMEOUT_S)),
                 shutdown_grace_s=float(server.get("shutdown_grace_s", DEFAULT_SHUTDOWN_GRACE_S)),
             )
         )
@@ -383,8 +381,8 @@ def _package_root() -> str:
     return str(Path(locations[0]).resolve().parent) if locations else os.getcwd()
 
 
-def server_command(server_args: Sequence[str], host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "graphwise.cli", "serve", *server_args]  + [
+def server_command(server_args: Sequence[str], host: str, port: int | str) -> list[str]:
+    return [sys.executable, "-m", "graphwise.cli", "serve", *server_args] + [
         "--host",
         host,
         "--port",
@@ -407,10 +405,16 @@ class ServerProcess:
         host: str = "127.0.0.1",
         port: int | None = None,
         shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self.command = server_command(server_args, host, self.port)
+        # `command` replaces `python -m graphwise.cli serve` (tests); {host}/{port} are filled in.
+        self.command = (
+            [c.format(host=host, port=self.port) for c in command]
+            if command
+            else server_command(server_args, host, self.port)
+        )
         self.log_path = Path(log_path)
         self.env = env or {}
         self.shutdown_grace_s = shutdown_grace_s
@@ -457,8 +461,8 @@ class ServerProcess:
                 code = self.proc.poll()
                 if code is not None:
                     raise ServerError(
-                        f"the server exited with code {code} before it was ready; "
-                        f"last lines of {self.log_path}:\n{self.log_tail()}"
+                        f"the server exited with code {code} before it was ready "
+                        f"(log: {self.log_path}); its last lines:\n{self.log_tail()}"
                     )
                 try:
                     if client.get(url).status_code == 200:
@@ -467,8 +471,8 @@ class ServerProcess:
                     pass
                 if time.monotonic() > deadline:
                     raise ServerError(
-                        f"the server was not ready within {timeout_s:.0f} s ({url}); last lines "
-                        f"of {self.log_path}:\n{self.log_tail()}"
+                        f"the server was not ready within {timeout_s:g} s at {url} "
+                        f"(log: {self.log_path}); its last lines:\n{self.log_tail()}"
                     )
                 time.sleep(0.5)
 
@@ -487,7 +491,9 @@ class ServerProcess:
         try:
             proc.wait(timeout=self.shutdown_grace_s)
         except subprocess.TimeoutExpired:
-            logger.warning("server pid %d ignored SIGTERM for %.0f s; killing", pgid, self.shutdown_grace_s)
+            logger.warning(
+                "server pid %d ignored SIGTERM for %.0f s; killing", pgid, self.shutdown_grace_s
+            )
         # Leftover workers of the group get the rest of the grace period, then SIGKILL.
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -560,16 +566,29 @@ def _row(setup: Setup, rate: float, result: dict[str, Any] | None, error: str = 
         "error": error,
     }
     if result is not None:
-        for key in ("output_throughput", "mean_ttft_ms", "median_tpot_ms", "p99_ttft_ms", "p99_itl_ms"):
+        for key in (
+            "output_throughput",
+            "mean_ttft_ms",
+            "median_tpot_ms",
+            "p99_ttft_ms",
+            "p99_itl_ms",
+        ):
             row[key] = result.get(key)
         row["completed"] = result.get("completed", 0)
         row["num_prompts"] = result.get("num_prompts")
     return row
 
 
-def run_setup(setup: Setup, output_dir: Path, disable_tqdm: bool = False) -> list[dict[str, Any]]:
-    """Start the setup's server, run every rate, stop it; one table row per rate."""
-    rows: list[dict[str, Any]] = []
+def run_setup(
+    setup: Setup,
+    output_dir: Path,
+    disable_tqdm: bool = False,
+    rows: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Start the setup's server, run every rate, stop it; appends one table row per rate to
+    `rows` as each run ends (so an interrupted sweep keeps what it finished) and returns them."""
+    rows = [] if rows is None else rows
+    first = len(rows)
     server = ServerProcess(
         setup.server_args,
         output_dir / f"{setup.name}-server.log",
@@ -582,7 +601,10 @@ def run_setup(setup: Setup, output_dir: Path, disable_tqdm: bool = False) -> lis
         logger.info("%s: ready at %s", setup.name, server.base_url)
         for rate in setup.request_rates:
             if not server.alive():
-                raise ServerError(f"the server died; last lines of its log:\n{server.log_tail()}")
+                raise ServerError(
+                    f"the server died (log: {server.log_path}); its last lines:\n"
+                    f"{server.log_tail()}"
+                )
             path = output_dir / f"{setup.name}-qps{rate_label(rate)}.json"
             argv = setup.bench_argv + ["--base-url", server.base_url, "--request-rate", str(rate)]
             if disable_tqdm:
@@ -595,14 +617,19 @@ def run_setup(setup: Setup, output_dir: Path, disable_tqdm: bool = False) -> lis
                 logger.debug("traceback", exc_info=True)
                 rows.append(_row(setup, rate, None, f"{type(exc).__name__}: {exc}"))
                 continue
-            result["setup"] = setup.name
-            result["server_command"] = server.command
+            result["setup"] = {
+                "name": setup.name,
+                "model": setup.label,
+                "parallel": setup.parallel,
+                "cuda_graph": setup.cuda_graph,
+                "server_command": server.command,
+            }
             bench_serve.save_result(result, path)
             print(bench_serve.format_result(result), flush=True)
             rows.append(_row(setup, rate, result))
     except ServerError as exc:
         logger.error("%s: %s", setup.name, exc)
-        done = {r["qps"] for r in rows}
+        done = {r["qps"] for r in rows[first:]}
         rows += [
             _row(setup, rate, None, str(exc).splitlines()[0])
             for rate in setup.request_rates
@@ -610,7 +637,7 @@ def run_setup(setup: Setup, output_dir: Path, disable_tqdm: bool = False) -> lis
         ]
     finally:
         server.stop()
-    return rows
+    return rows[first:]
 
 
 def _cell(value: Any, digits: int = 2) -> str:
@@ -702,18 +729,28 @@ def write_outputs(config: SweepConfig, rows: list[dict[str, Any]], output_dir: P
 def run_sweep(
     config: SweepConfig, output_dir: Path, fail_fast: bool = False, disable_tqdm: bool = False
 ) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Run every setup; on Ctrl-C or SIGTERM the servers are stopped, the finished runs are
+    still written, and KeyboardInterrupt is raised again."""
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    interrupted = False
     with _terminate_as_interrupt():
         try:
             for setup in config.setups:
-                setup_rows = run_setup(setup, output_dir, disable_tqdm=disable_tqdm)
-                rows += setup_rows
+                setup_rows = run_setup(setup, output_dir, disable_tqdm, rows)
                 if fail_fast and any(r["error"] for r in setup_rows):
                     break
+        except KeyboardInterrupt:
+            interrupted = True
+            logger.warning(
+                "interrupted: servers stopped; writing the %d finished run(s)", len(rows)
+            )
         finally:
             _kill_live_servers()
-    return rows, write_outputs(config, rows, output_dir)
+    paths = write_outputs(config, rows, output_dir)
+    if interrupted:
+        raise KeyboardInterrupt
+    return rows, paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -725,18 +762,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    bench_serve.quiet_http_logs()
     config = load_config(args.config)
     output_dir = Path(
         args.output_dir or config.output_dir or Path("benchmarks/results") / Path(args.config).stem
     )
     if args.dry_run:
         for setup in config.setups:
-            print(f"[{setup.name}] {' '.join(server_command(setup.server_args, '127.0.0.1', 0))}")
+            print(
+                f"[{setup.name}] {' '.join(server_command(setup.server_args, '127.0.0.1', 'PORT'))}"
+            )
             rates = ", ".join(rate_label(r) for r in setup.request_rates)
             print(f"    bench serve {' '.join(setup.bench_argv)} at {rates} req/s")
         print(f"output: {output_dir}")
         return 0
-    rows, paths = run_sweep(config, output_dir, args.fail_fast, args.disable_tqdm)
+    try:
+        rows, paths = run_sweep(config, output_dir, args.fail_fast, args.disable_tqdm)
+    except KeyboardInterrupt:
+        print(f"interrupted; partial results in {output_dir}", file=sys.stderr)
+        return 130
     print(Path(paths[0]).read_text())
     for path in paths:
         print(f"wrote {path}")

@@ -89,7 +89,8 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
+    # Launch the heaviest (last, most keys) query tiles first to shorten the causal tail.
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
 

@@ -48,3 +48,41 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return triton_silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def rope_qkv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate q and k of a packed [T, (Hq + 2 Hkv) * D] projection; returns q, k, v as
+    [T, heads, D] (views into qkv on the Triton path, which rotates in place)."""
+    T = qkv.shape[0]
+    sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+    if _use_triton and qkv.is_cuda:
+        from graphwise.kernels.rope import rope_qkv_
+
+        rope_qkv_(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim)
+        q, k, v = qkv.split(sizes, dim=-1)
+        return (
+            q.view(T, num_heads, head_dim),
+            k.view(T, num_kv_heads, head_dim),
+            v.view(T, num_kv_heads, head_dim),
+        )
+    q, k, v = qkv.split(sizes, dim=-1)
+    q = q.view(T, num_heads, head_dim)
+    k = k.view(T, num_kv_heads, head_dim)
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+    cos = torch.cat([cos, cos], dim=-1).unsqueeze(1).to(qkv.dtype)
+    sin = torch.cat([sin, sin], dim=-1).unsqueeze(1).to(qkv.dtype)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v.view(T, num_kv_heads, head_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate_half arithmetic: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

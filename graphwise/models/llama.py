@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from graphwise.layers import ops
 from graphwise.layers.activation import SiluAndMul
 from graphwise.layers.attention import Attention, ForwardContext
 from graphwise.layers.linear import Linear, PackedLinear
@@ -26,6 +27,7 @@ PACKED_SHARDS = {
     "gate_proj": ("gate_up_proj", "gate"),
     "up_proj": ("gate_up_proj", "up"),
 }
+SHARD_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj"}
 
 
 class SelfAttention(nn.Module):
@@ -45,18 +47,19 @@ class SelfAttention(nn.Module):
             self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim)
-        self.sizes = (q_size, kv_size, kv_size)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         T = x.shape[0]
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split(self.sizes, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k, v = ops.rope_qkv(
+            self.qkv_proj(x),
+            positions,
+            self.rotary.cos_sin_cache,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         out = self.attn(q, k, v, ctx)
         return self.o_proj(out.reshape(T, -1))
 
@@ -180,6 +183,23 @@ class LlamaForCausalLM(nn.Module):
             )
         param.data.copy_(tensor)
         return [name]
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our weights under HF checkpoint names, packed tensors split back (views, no copies):
+        lets HF transformers run on exactly the weights we run, e.g. dummy ones."""
+        out: dict[str, torch.Tensor] = {}
+        for pname, param in self.named_parameters():
+            module_name, _, leaf = pname.rpartition(".")
+            module = self.get_submodule(module_name)
+            if isinstance(module, PackedLinear):
+                prefix = module_name.rsplit(".", 1)[0]
+                for shard, (offset, size) in module.shard_offsets.items():
+                    out[f"{prefix}.{SHARD_NAMES[shard]}.{leaf}"] = param.data[offset : offset + size]
+            else:
+                out[pname] = param.data
+        if self.config.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        return out
 
     def expected_weights(self) -> set[str]:
         """Names load_weights must report for a complete checkpoint."""

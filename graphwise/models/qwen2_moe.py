@@ -71,3 +71,17 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
                         f"{mod_name}.experts.{e}.{k}" for k in ("gate_proj", "up_proj", "down_proj")
                     }
         return names
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().hf_state_dict()
+        for mod_name, module in self.named_modules():
+            if isinstance(module, SparseMoE):
+                out.pop(f"{mod_name}.w_gate_up")
+                out.pop(f"{mod_name}.w_down")
+                size = module.intermediate_size
+                for e in range(module.num_experts):
+                    base = f"{mod_name}.experts.{e}"
+                    out[f"{base}.gate_proj.weight"] = module.w_gate_up.data[e, :size]
+                    out[f"{base}.up_proj.weight"] = module.w_gate_up.data[e, size:]
+                    out[f"{base}.down_proj.weight"] = module.w_down.data[e]
+        return out

@@ -340,17 +340,17 @@ def test_decode_attention_interp(
 
 EXTEND_INTERP_CASES = [
     # hq, hkv, d, q_lens, lens, page, block_m, block_n, strided_q
-    pytest.param(4, 4, 64, [5, 1, 19, 0], [5, 20, 40, 7], 16, 16, 16, False, id="mha-mixed"),
+    pytest.param(
+        4, 4, 64, [5, 1, 19, 0, 20], [5, 20, 40, 7, 34], 16, 16, 16, False, id="mha-mixed"
+    ),
     pytest.param(6, 2, 128, [33, 1, 17], [33, 1, 50], 8, 16, 16, True, id="gqa3-d128"),
-    pytest.param(8, 2, 64, [40, 3], [70, 3], 16, 64, 64, False, id="gqa4-block64"),
+    pytest.param(8, 2, 64, [40, 3], [102, 3], 16, 64, 64, False, id="gqa4-block64"),
     pytest.param(8, 2, 128, [1, 1, 20], [1, 9, 37], 12, 16, 32, False, id="gqa4-d128-page12"),
 ]
 
 
 @interp
-@pytest.mark.parametrize(
-    "hq,hkv,d,q_lens,lens,page,block_m,block_n,strided_q", EXTEND_INTERP_CASES
-)
+@pytest.mark.parametrize("hq,hkv,d,q_lens,lens,page,block_m,block_n,strided_q", EXTEND_INTERP_CASES)
 def test_extend_attention_interp(
     kern, hq, hkv, d, q_lens, lens, page, block_m, block_n, strided_q
 ) -> None:
@@ -404,7 +404,8 @@ def test_choose_num_splits(kern) -> None:
             assert 1 <= s <= 32 and s & (s - 1) == 0
     assert kern.choose_num_splits(1, 8, 32768) > 1  # batch 1, long context: split
     assert kern.choose_num_splits(256, 8, 32768) == 1  # plenty of programs already
-    assert kern.choose_num_splits(1, 8, 64) == 1  # too short to be worth a split
+    assert kern.choose_num_splits(1, 8, 32) == 1  # too short to be worth a split
+    assert kern.choose_num_splits(8, 8, 4096) == 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,274 @@
+"""`graphwise bench latency`: per-iteration decode time, graphwise eager vs graph vs HF transformers.
+
+The seed's experiment: fixed batch, short prompt, long output, every decode step timed. Each
+figure is also shown as a multiple of the step's floor: the bytes a decode step must read
+(weights plus the KV cache so far) over the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphwise.config import add_engine_args, engine_config_from_args
+
+logger = logging.getLogger(__name__)
+MODES = ("eager", "graph", "hf", "hf-static")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--warmup-steps", type=int, default=5, help="decode steps not timed")
+    parser.add_argument("--compare", default="eager,graph,hf", help=f"any of {','.join(MODES)}")
+    parser.add_argument("--output", default=None, help="write the JSON result here")
+    add_engine_args(parser)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def _summary(step_s: list[float], prefill_s: float, warmup: int) -> dict[str, Any]:
+    timed = step_s[warmup:] or step_s
+    return {
+        "prefill_ms": prefill_s * 1e3,
+        "decode_median_ms": statistics.median(timed) * 1e3,
+        "decode_p90_ms": _percentile(timed, 0.9) * 1e3,
+        "decode_mean_ms": statistics.fmean(timed) * 1e3,
+        "decode_steps_timed": len(timed),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_graphwise(
+    engine: Any, batch: int, input_len: int, output_len: int, use_graph: bool, seed: int
+) -> dict[str, Any]:
+    from graphwise.sampling_params import SamplingParams
+
+    runner = engine.runner
+    saved = runner.graph_runner
+    if not use_graph:
+        runner.graph_runner = None
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    seqs = [
+        engine.add_request(None, params, [rng.randrange(vocab) for _ in range(input_len)])
+        for _ in range(batch)
+    ]
+    graph_steps = runner.steps_graph
+    prefill_s, steps = 0.0, []
+    try:
+        _sync(engine.device)
+        while engine.has_unfinished_requests():
+            prefilling = any(s.num_output_tokens == 0 for s in seqs)
+            t = time.perf_counter()
+            engine.step()  # ends in the step's one host sync (sampled tokens to the host)
+            dt = time.perf_counter() - t
+            if prefilling:
+                prefill_s += dt
+            else:
+                steps.append(dt)
+    finally:
+        runner.graph_runner = saved
+    out = _summary(steps, prefill_s, 0)
+    out["graph_replays"] = runner.steps_graph - graph_steps
+    out["_steps"] = steps
+    return out
+
+
+def build_hf_model(engine: Any) -> Any:
+    """HF transformers' model on exactly the weights graphwise runs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = dict(engine.model_config.raw)
+    raw["num_hidden_layers"] = engine.model_config.num_hidden_layers
+    model_type = (
+        raw.pop("model_type", None)
+        or {
+            "LlamaForCausalLM": "llama",
+            "Qwen2ForCausalLM": "qwen2",
+            "Qwen2MoeForCausalLM": "qwen2_moe",
+        }[engine.model_config.architecture]
+    )
+    raw = {k: v for k, v in raw.items() if k not in ("architectures", "gguf_architecture")}
+    hf_config = AutoConfig.for_model(model_type, **raw)
+    with torch.device(engine.device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=engine.dtype)
+    missing, unexpected = model.load_state_dict(engine.runner.model.hf_state_dict(), strict=False)
+    missing = [m for m in missing if "rotary" not in m and not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"HF weight mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.eval()
+
+
+def measure_hf(
+    model: Any, batch: int, input_len: int, output_len: int, static: bool, seed: int
+) -> dict[str, Any]:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    device = next(model.parameters()).device
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):  # called once per generated token: marks step boundaries
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            _sync(device)
+            stamps.append(time.perf_counter())
+            return scores
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, input_len), generator=gen).to(device)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=output_len,
+        min_new_tokens=output_len,
+        do_sample=False,
+        attention_mask=torch.ones_like(ids),
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([Stamp()]),
+    )
+    if static:
+        kwargs["cache_implementation"] = "static"
+    with torch.inference_mode():
+        if static:  # its compilation happens on the first calls: keep it out of the numbers
+            t = time.perf_counter()
+            model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})
+            warm = time.perf_counter() - t
+            stamps.clear()
+        _sync(device)
+        start = time.perf_counter()
+        model.generate(ids, **kwargs)
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    out = _summary(steps, stamps[0] - start, 0)
+    if static:
+        out["warmup_s"] = warm
+    out["_steps"] = steps
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from graphwise.engine.engine import LLMEngine
+    from graphwise.insight.system import copy_bandwidth, environment
+
+    batch_sizes = sorted({int(b) for b in str(args.batch_sizes).split(",") if b})
+    modes = [m.strip() for m in str(args.compare).split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"--compare: unknown mode {m!r} (choose from {', '.join(MODES)})")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError("--batch-sizes must list positive integers")
+    if args.input_len < 1 or args.output_len < 2:
+        raise ValueError("--input-len must be >= 1 and --output-len >= 2")
+    want_graph = "graph" in modes
+    overrides: dict[str, Any] = dict(
+        max_num_seqs=max(batch_sizes),
+        max_model_len=args.max_model_len or args.input_len + args.output_len + args.block_size,
+        max_num_batched_tokens=max(
+            args.max_num_batched_tokens or 0, max(batch_sizes) * args.input_len, 2048
+        ),
+        enable_prefix_caching=False,  # every run pays its own prefill
+    )
+    if args.cuda_graph == "auto":
+        overrides["cuda_graph"] = "on" if want_graph and torch.cuda.is_available() else "off"
+    if any(m.startswith("hf") for m in modes) and args.gpu_memory_utilization == 0.9:
+        overrides["gpu_memory_utilization"] = 0.5  # leave room for HF's copy of the weights
+    engine = LLMEngine(engine_config_from_args(args, **overrides))
+    device = engine.device
+    has_graphs = engine.runner.graph_runner is not None
+    if want_graph and not has_graphs:
+        logger.warning("graph mode skipped: CUDA graphs are not available on %s", device)
+        modes = [m for m in modes if m != "graph"]
+
+    bandwidth = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 27))
+    weights_bytes = engine.memory_plan.weights_bytes
+    kv_per_token = engine.model_config.kv_bytes_per_token(engine.dtype)
+    hf_model = build_hf_model(engine) if any(m.startswith("hf") for m in modes) else None
+
+    rows: list[dict[str, Any]] = []
+    for b in batch_sizes:
+        # Mean bytes per decode step: all weights, plus every sequence's KV so far.
+        mean_context = args.input_len + args.output_len / 2
+        floor_bytes = weights_bytes + b * mean_context * kv_per_token
+        floor_ms = floor_bytes / bandwidth * 1e3
+        for mode in modes:
+            logger.info("batch %d: %s", b, mode)
+            if mode in ("eager", "graph"):
+                r = measure_graphwise(
+                    engine, b, args.input_len, args.output_len, mode == "graph", seed=b
+                )
+            else:
+                r = measure_hf(hf_model, b, args.input_len, args.output_len, mode == "hf-static", b)
+            r["decode_median_ms"] = _recompute(r, args.warmup_steps)
+            row = {"batch_size": b, "mode": mode, "floor_ms": floor_ms, **r}
+            row["x_floor"] = row["decode_median_ms"] / floor_ms
+            row.pop("_steps")
+            rows.append(row)
+
+    result = {
+        "benchmark": "latency",
+        "model": engine.model_name,
+        "num_layers": engine.model_config.num_hidden_layers,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "settings": {
+            "batch_sizes": batch_sizes,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "warmup_steps": args.warmup_steps,
+            "compare": modes,
+        },
+        "environment": environment(device),
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "weights_bytes": weights_bytes,
+        "kv_bytes_per_token": kv_per_token,
+        "cuda_graph_capture": (vars(engine.runner.graph_runner.stats) if has_graphs else None),
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    print(format_table(result))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _recompute(r: dict[str, Any], warmup: int) -> float:
+    steps = r["_steps"]
+    timed = steps[warmup:] or steps
+    r["decode_p90_ms"] = _percentile(timed, 0.9) * 1e3
+    r["decode_mean_ms"] = statistics.fmean(timed) * 1e3
+    r["decode_steps_timed"] = len(timed)
+    return statistics.median(timed) * 1e3
+
+
+def format_table(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [
+        f"{result['model']} ({result['num_layers']} layers, {result['dtype']}) on "
+        f"{env['device_name']}; copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s",
+        f"{'batch':>5} {'mode':>9} {'prefill ms':>10} {'median ms':>10} {'p90 ms':>8} "
+        f"{'floor ms':>9} {'x floor':>8}",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['batch_size']:>5} {r['mode']:>9} {r['prefill_ms']:>10.2f} "
+            f"{r['decode_median_ms']:>10.3f} {r['decode_p90_ms']:>8.3f} {r['floor_ms']:>9.3f} "
+            f"{r['x_floor']:>8.2f}"
+        )
+    return "\n".join(lines)

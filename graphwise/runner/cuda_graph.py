@@ -1,0 +1,167 @@
+"""CUDA-graph capture and replay of the decode step.
+
+One graph per batch-size bucket, all sharing one memory pool and captured largest first (the
+smaller graphs then fit inside the pool the largest one reserved). A step of n sequences replays
+the smallest bucket >= n; the extra lanes are padding: token 0 at position 0, KV slot -1 (written
+nowhere) and context length 0 (read nothing). Inputs are copied into static buffers, so the
+replay path allocates nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from graphwise.config import EngineConfig
+from graphwise.layers.attention import ForwardContext
+
+if TYPE_CHECKING:
+    from graphwise.runner.model_runner import ModelRunner, StepInputs
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 256 and every 16 beyond, always ending at max_bs."""
+    sizes = [s for s in (1, 2, 4) if s < max_bs]
+    s = 8
+    while s < max_bs:
+        sizes.append(s)
+        s += 8 if s < 256 else 16
+    sizes.append(max_bs)
+    return sizes
+
+
+@dataclass
+class CaptureStats:
+    buckets: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    pool_bytes: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+class CudaGraphRunner:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        config: EngineConfig,
+        max_model_len: int,
+        buckets: list[int] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.max_bs = min(config.cuda_graph_max_bs or config.max_num_seqs, config.max_num_seqs)
+        self.buckets = sorted(buckets) if buckets else capture_sizes(self.max_bs)
+        self.max_bs = self.buckets[-1]
+        # Contexts longer than this replay eagerly (the block table width is baked into the graph).
+        max_context = config.cuda_graph_max_context or max_model_len
+        bs = runner.block_size
+        self.max_blocks = -(-min(max_context, max_model_len) // bs)
+        device = runner.device
+        hidden = runner.model_config.hidden_size
+        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
+        backend = runner.backend
+        backend.init_graph_buffers(self.max_bs, self.max_blocks, device)
+        if hasattr(backend, "init_workspace"):
+            mc = runner.model_config
+            backend.init_workspace(
+                self.buckets,
+                mc.num_attention_heads,
+                mc.num_key_value_heads,
+                mc.head_dim,
+                runner.block_size,
+                device,
+            )
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool: object | None = None
+        self.stats = CaptureStats()
+        self._hidden = hidden
+
+    # ---- capture ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self, bs: int) -> None:
+        runner = self.runner
+        meta = runner.backend.capture_metadata(bs)
+        ctx = ForwardContext(meta, runner.backend, runner.kv_caches)
+        ids, pos = self.input_ids[:bs], self.positions[:bs]
+        stream = torch.cuda.Stream(runner.device)
+        stream.wait_stream(torch.cuda.current_stream(runner.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: autotuning and lazy init happen outside the graph
+                runner.model(ids, pos, ctx)
+        torch.cuda.current_stream(runner.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = runner.model(ids, pos, ctx)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[bs] = graph
+        self.outputs[bs] = out
+
+    def capture_all(self) -> CaptureStats:
+        device = self.runner.device
+        torch.cuda.synchronize(device)
+        free_before, _ = torch.cuda.mem_get_info(device)
+        start = time.perf_counter()
+        for bs in reversed(self.buckets):
+            try:
+                self.capture(bs)
+            except torch.OutOfMemoryError as exc:  # this bucket runs eagerly instead
+                self.stats.failed[bs] = str(exc).splitlines()[0]
+                logger.warning("CUDA graph capture for batch %d failed (%s): eager", bs, exc)
+                torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+        free_after, _ = torch.cuda.mem_get_info(device)
+        self.buckets = sorted(self.graphs)
+        self.stats.buckets = list(self.buckets)
+        self.stats.seconds = time.perf_counter() - start
+        self.stats.pool_bytes = max(0, free_before - free_after)
+        logger.info(
+            "Captured %d CUDA graphs (batch %s..%s, context <= %d tokens) in %.2f s using %.1f MiB",
+            len(self.buckets),
+            self.buckets[0] if self.buckets else "-",
+            self.buckets[-1] if self.buckets else "-",
+            self.max_blocks * self.runner.block_size,
+            self.stats.seconds,
+            self.stats.pool_bytes / 2**20,
+        )
+        return self.stats
+
+    def release(self, keep: set[int]) -> None:
+        """Drop the graphs of buckets not in `keep` (their pool memory returns to the cache)."""
+        for bs in list(self.graphs):
+            if bs not in keep:
+                del self.graphs[bs], self.outputs[bs]
+        self.buckets = sorted(self.graphs)
+
+    # ---- replay -----------------------------------------------------------------------
+    def bucket_for(self, n: int) -> int | None:
+        i = bisect.bisect_left(self.buckets, n)
+        return self.buckets[i] if i < len(self.buckets) else None
+
+    def can_replay(self, inputs: StepInputs) -> bool:
+        meta = inputs.meta
+        return (
+            meta.is_decode
+            and self.bucket_for(meta.batch_size) is not None
+            and meta.block_tables.shape[1] <= self.max_blocks
+        )
+
+    def replay(self, inputs: StepInputs) -> torch.Tensor:
+        n = inputs.meta.batch_size
+        bs = self.bucket_for(n)
+        assert bs is not None
+        self.input_ids[:n].copy_(inputs.input_ids, non_blocking=True)
+        self.positions[:n].copy_(inputs.positions, non_blocking=True)
+        if bs > n:
+            self.input_ids[n:bs].zero_()
+            self.positions[n:bs].zero_()
+        self.runner.backend.fill_replay_metadata(bs, inputs.meta)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]

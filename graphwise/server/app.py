@@ -1,0 +1,448 @@
+"""The FastAPI application: OpenAI's completion, chat and model routes, health and metrics.
+
+Bodies are parsed by hand (not as FastAPI body parameters) so that every kind of bad input,
+from invalid UTF-8 to a wrong type, is answered with OpenAI's error JSON and a 400 naming the
+field. Tokenization and chat templates run on one worker thread with a private copy of the
+tokenizer: off the event loop (a huge prompt must not stall every stream) and never sharing
+the engine thread's tokenizer (HF fast tokenizers are not safe to share across threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from graphwise.outputs import RequestOutput
+from graphwise.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineStepError,
+    QueueFullError,
+    RequestStream,
+    ShutdownError,
+)
+from graphwise.server.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    new_id,
+    validation_error,
+)
+
+logger = logging.getLogger(__name__)
+Req = TypeVar("Req", bound=BaseModel)
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]
+    model_root: str | None = None  # path of the weights, reported as /v1/models' `root`
+    api_key: str | None = None
+    engine_stop_timeout_s: float = 30.0
+    retry_after_s: int = 1
+
+
+class ServerState:
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.draining = False  # set on SIGTERM: new requests get 503 while old ones finish
+        tokenizer = engine.engine.tokenizer
+        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="graphwise-tokenize")
+        self.max_model_len = engine.engine.max_model_len
+        self.vocab_size = engine.engine.model_config.vocab_size
+
+    def check_open(self, request: Request) -> None:
+        """Shutting down? Authorized? Checked before the body is read."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+        key = self.settings.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), key.encode()
+        ):
+            raise APIError(
+                401,
+                "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def resolve_model(self, name: str | None) -> str:
+        names = self.settings.served_model_names
+        if name is None:
+            return names[0]
+        if name not in names:
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves {names[0]!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+    async def run_tokenizer(self, fn: Callable[[Any], list[int]], param: str) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(
+                400,
+                "this model has no tokenizer: send the prompt as a list of token ids",
+                param=param,
+            )
+        tokenizer = self.tokenizer
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.tokenize_pool, lambda: list(fn(tokenizer))
+            )
+        except Exception as exc:  # template errors, odd text: the client's input, not our bug
+            raise APIError(400, f"could not tokenize {param}: {exc}", param=param) from exc
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise APIError(400, f"{param} is empty", param=param)
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(
+                400, f"{param} holds {bad}, not a token id in [0, {self.vocab_size})", param=param
+            )
+
+    def submit(self, request_id: str, ids: list[int], params: Any) -> RequestStream:
+        try:
+            return self.engine.submit(request_id, ids, params)
+        except QueueFullError as exc:
+            raise APIError(
+                503,
+                str(exc),
+                "server_error",
+                code="queue_full",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from exc
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), "server_error", code="engine_dead") from exc
+
+
+async def parse_body(request: Request, model: type[Req]) -> Req:
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(
+            400, f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding"
+        ) from exc
+    if not text.strip():
+        raise APIError(400, "request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def stream_error(exc: BaseException) -> APIError:
+    """The API error for an exception raised while a request was in the engine."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    if isinstance(exc, (EngineDeadError, ShutdownError)):
+        return APIError(503, str(exc), "server_error", code="unavailable")
+    if isinstance(exc, EngineStepError):
+        return APIError(500, str(exc), "server_error", code="engine_error")
+    return APIError(500, f"{type(exc).__name__}: {exc}", "server_error", code="internal_error")
+
+
+_ENGINE_ERRORS = (ValueError, EngineDeadError, EngineStepError, ShutdownError)
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect (if it ever comes).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(request: Request, stream: RequestStream) -> RequestOutput:
+    """The final output of a non-streamed request; aborts it if the client goes away."""
+
+    async def last() -> RequestOutput:
+        final = None
+        async for out in stream.outputs():
+            final = out
+        assert final is not None
+        return final
+
+    work = asyncio.ensure_future(last())
+    gone = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            try:
+                return work.result()
+            except _ENGINE_ERRORS as exc:
+                raise stream_error(exc) from exc
+        raise ClientGone
+    finally:
+        work.cancel()
+        gone.cancel()
+        stream.close()  # no-op when it finished; otherwise frees its KV blocks now
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that abort their request however the response ends."""
+
+    def __init__(self, body: AsyncIterator[str], stream: RequestStream) -> None:
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._stream = stream
+        self._body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # A disconnect cancels the body mid-iteration (or before it ever started, when a
+            # generator's own `finally` would not run): abort here, where it always runs.
+            self._stream.close()
+            aclose = getattr(self._body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def events(
+    stream: RequestStream,
+    first: BaseModel | None,
+    chunk: Callable[[RequestOutput], BaseModel | None],
+    usage_chunk: Callable[[UsageInfo], BaseModel] | None,
+) -> AsyncIterator[str]:
+    """One request's SSE: an optional opening chunk, one per output, usage, then [DONE]."""
+    if first is not None:
+        yield sse(first)
+    try:
+        async for out in stream.outputs():
+            piece = chunk(out)
+            if piece is not None:
+                yield sse(piece)
+            if out.finished and usage_chunk is not None:
+                yield sse(usage_chunk(usage_of(out)))
+    except _ENGINE_ERRORS as exc:
+        yield sse(stream_error(exc).body())
+    yield "data: [DONE]\n\n"
+
+
+def usage_of(out: RequestOutput) -> UsageInfo:
+    return UsageInfo.of(len(out.prompt_token_ids), len(out.outputs[0].token_ids))
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    state = ServerState(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start(asyncio.get_running_loop())
+        yield
+        # uvicorn has drained the connections by now; what is left is failed by the thread.
+        if not await asyncio.to_thread(engine.stop, settings.engine_stop_timeout_s):
+            logger.warning(
+                "engine thread did not stop within %.0f s", settings.engine_stop_timeout_s
+            )
+        state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="graphwise", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.graphwise = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error(list(exc.errors()), skip=1)  # loc starts with "body"/"query"
+        return JSONResponse(err.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail), code=str(exc.status_code))
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        err = APIError(500, f"internal error: {type(exc).__name__}", "server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine.alive:
+            body = {"status": "error", "error": engine.error or "engine not running"}
+            return JSONResponse(body, status_code=503)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = engine.metrics.render()
+        return Response(body, media_type=content_type)
+
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=settings.model_root, max_model_len=state.max_model_len)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        state.check_open(request)
+        body = ModelList(data=[card(n) for n in settings.served_model_names])
+        return JSONResponse(body.model_dump())
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(request: Request, model: str) -> JSONResponse:
+        state.check_open(request)
+        return JSONResponse(card(state.resolve_model(model)).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        state.check_open(request)
+        req = await parse_body(request, CompletionRequest)
+        model = state.resolve_model(req.model)
+        req.check_supported()
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
+            ids = await state.run_tokenizer(
+                lambda tok: tok.encode(prompt, add_special_tokens=True), "prompt"
+            )
+        else:
+            ids = list(prompt)
+        state.check_ids(ids, "prompt")
+        params = req.to_sampling_params(len(ids), state.max_model_len)
+        rid, created = new_id("cmpl"), int(time.time())
+        stream = state.submit(rid, ids, params)
+
+        def choice(out: RequestOutput, text: str) -> CompletionChoice:
+            o = out.outputs[0]
+            done = out.finished
+            return CompletionChoice(
+                text=text,
+                finish_reason=o.finish_reason if done else None,
+                stop_reason=o.stop_reason if done else None,
+            )
+
+        if req.stream:
+
+            def chunk(out: RequestOutput) -> BaseModel | None:
+                if not out.delta_text and not out.finished:
+                    return None  # held back (a partial UTF-8 char, a possible stop string)
+                c = choice(out, out.delta_text)
+                return CompletionResponse(id=rid, created=created, model=model, choices=[c])
+
+            def usage_chunk(usage: UsageInfo) -> BaseModel:
+                return CompletionResponse(
+                    id=rid, created=created, model=model, choices=[], usage=usage
+                )
+
+            body = events(stream, None, chunk, usage_chunk if req.include_usage else None)
+            return EventStream(body, stream)
+        out = await collect(request, stream)
+        resp = CompletionResponse(
+            id=rid,
+            created=created,
+            model=model,
+            choices=[choice(out, out.outputs[0].text)],
+            usage=usage_of(out),
+        )
+        return JSONResponse(resp.model_dump())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        state.check_open(request)
+        req = await parse_body(request, ChatCompletionRequest)
+        model = state.resolve_model(req.model)
+        req.check_supported()
+        from graphwise.llm import apply_chat_template
+
+        conversation = [m.template_dict() for m in req.messages]
+        ids = await state.run_tokenizer(
+            lambda tok: apply_chat_template(tok, conversation, req.add_generation_prompt),
+            "messages",
+        )
+        state.check_ids(ids, "messages")
+        params = req.to_sampling_params(len(ids), state.max_model_len)
+        rid, created = new_id("chatcmpl"), int(time.time())
+        stream = state.submit(rid, ids, params)
+
+        if req.stream:
+
+            def make(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> BaseModel:
+                return ChatCompletionChunk(
+                    id=rid, created=created, model=model, choices=choices, usage=usage
+                )
+
+            def chunk(out: RequestOutput) -> BaseModel | None:
+                if not out.delta_text and not out.finished:
+                    return None
+                delta = DeltaMessage(content=out.delta_text or None)
+                reason = out.outputs[0].finish_reason if out.finished else None
+                return make([ChatStreamChoice(delta=delta, finish_reason=reason)])
+
+            first = make([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+            usage_chunk = (lambda u: make([], u)) if req.include_usage else None
+            return EventStream(events(stream, first, chunk, usage_chunk), stream)
+        out = await collect(request, stream)
+        o = out.outputs[0]
+        resp = ChatCompletionResponse(
+            id=rid,
+            created=created,
+            model=model,
+            choices=[
+                ChatChoice(
+                    message=AssistantMessage(content=o.text),
+                    finish_reason=o.finish_reason,
+                    stop_reason=o.stop_reason,
+                )
+            ],
+            usage=usage_of(out),
+        )
+        return JSONResponse(resp.model_dump())
+
+    return app

@@ -1,0 +1,284 @@
+"""The engine thread and its asyncio bridge.
+
+`LLMEngine` is not thread-safe, so one thread owns it. That thread runs a loop: drain the inbox
+(new requests, aborts, stop), run one `step()` while there is work, and block on the inbox when
+there is none (no busy spinning). Each step's outputs go back to the event loop in one
+`call_soon_threadsafe` call, which puts them on the per-request asyncio queues; one hand-off per
+step rather than per request keeps cross-thread wake-ups down when many requests decode together.
+
+The asyncio side only ever talks to the thread through the inbox, and reads what the thread
+publishes (an immutable `EngineSnapshot`) for metrics and admission control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from graphwise.engine.engine import LLMEngine
+from graphwise.outputs import RequestOutput
+from graphwise.sampling_params import SamplingParams
+from graphwise.server.metrics import EngineSnapshot, ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is gone; nothing more can be served."""
+
+
+class EngineStepError(RuntimeError):
+    """A model step failed; the requests it held were aborted."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting already."""
+
+
+class ShutdownError(RuntimeError):
+    """The server stopped before the request finished."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sink: asyncio.Queue[Any]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+class RequestStream:
+    """One request's outputs, in order. Iterate `outputs()`, then always call `close()`."""
+
+    def __init__(self, owner: AsyncEngine, request_id: str) -> None:
+        self.owner = owner
+        self.request_id = request_id
+        self.arrival = time.monotonic()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.done = False  # the engine holds nothing more for it (finished or failed)
+        self._closed = False
+        self._last_token_time: float | None = None
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        while not self.done:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                self.done = True  # the engine thread already dropped it
+                raise item
+            out, when = item
+            self._observe(out, when)
+            if out.finished:
+                self.done = True
+            yield out
+
+    def _observe(self, out: RequestOutput, when: float) -> None:
+        m = self.owner.metrics
+        if out.delta_token_ids:
+            if self._last_token_time is None:
+                m.ttft.observe(when - self.arrival)
+            else:
+                m.itl.observe(when - self._last_token_time)
+            self._last_token_time = when
+        if out.finished:
+            m.e2e.observe(when - self.arrival)
+            reason = out.outputs[0].finish_reason or "abort"
+            m.request_success.labels(finished_reason=reason).inc()
+
+    def close(self) -> None:
+        """Idempotent. A request still in the engine (client gone, error) is aborted at once."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.done:
+            self.done = True
+            self.owner.abort(self.request_id)
+            self.owner.metrics.request_success.labels(finished_reason="abort").inc()
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 4096) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.error: str | None = None  # why the engine thread died, if it did
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="graphwise-engine", daemon=True)
+        # Owned by the engine thread only.
+        self._sinks: dict[str, asyncio.Queue[Any]] = {}
+        self._adds_drained = 0
+        # Owned by the event loop only: adds put in the inbox (the thread counts those it took).
+        self._adds_sent = 0
+        # (engine numbers, adds drained), replaced whole so that readers see one consistent pair.
+        self._published = (self._take_snapshot(), 0)  # safe: the thread has not started
+        self.metrics = ServerMetrics(self.snapshot)
+
+    # ---- asyncio side -----------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the thread to finish (failing whatever it still holds); True once it exited."""
+        if self._thread.is_alive():
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    def snapshot(self) -> EngineSnapshot:
+        s, drained = self._published
+        in_inbox = max(0, self._adds_sent - drained)  # sent but not yet taken by the thread
+        return dataclasses.replace(s, waiting=s.waiting + in_inbox, alive=self.alive)
+
+    def num_waiting(self) -> int:
+        return self.snapshot().waiting
+
+    def submit(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> RequestStream:
+        if not self.alive:
+            raise EngineDeadError(self.error or "the engine is not running")
+        if self.num_waiting() >= self.max_waiting_requests:
+            raise QueueFullError(
+                f"{self.max_waiting_requests} requests are already waiting; retry later"
+            )
+        stream = RequestStream(self, request_id)
+        self._adds_sent += 1
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, stream.queue))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    # ---- engine thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - whatever it was, say so and fail requests
+            logger.exception("engine thread died")
+            self.error = f"engine thread died: {type(exc).__name__}: {exc}"
+            self._fail_all(EngineDeadError(self.error))
+        finally:
+            self._publish()
+
+    def _serve(self) -> None:
+        engine = self.engine
+        while True:
+            commands = []
+            if not engine.has_unfinished_requests():
+                commands.append(self._inbox.get())  # idle: sleep until something arrives
+            while True:
+                try:
+                    commands.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for cmd in commands:
+                if cmd is _STOP:
+                    self._fail_all(ShutdownError("the server is shutting down"))
+                    return
+                self._handle(cmd)
+            if engine.has_unfinished_requests():
+                self._step()
+            self._publish()
+
+    def _handle(self, cmd: _Add | _Abort) -> None:
+        if isinstance(cmd, _Abort):
+            if self._sinks.pop(cmd.request_id, None) is not None:
+                self.engine.abort_request(cmd.request_id)
+            return
+        self._adds_drained += 1
+        try:
+            self.engine.add_request(
+                None, cmd.params, prompt_token_ids=cmd.prompt_token_ids, request_id=cmd.request_id
+            )
+        except ValueError as exc:  # the frontend validated; still, answer rather than crash
+            self._deliver([(cmd.sink, exc)])
+            return
+        except Exception as exc:
+            logger.exception("add_request failed for %s", cmd.request_id)
+            self._deliver([(cmd.sink, EngineStepError(f"{type(exc).__name__}: {exc}"))])
+            return
+        self._sinks[cmd.request_id] = cmd.sink
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # The batch's state is unknown now: fail every request the engine holds, so that
+            # the engine starts clean, and keep serving new ones.
+            logger.exception("engine step failed; aborting %d request(s)", len(self._sinks))
+            self._fail_all(EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}"))
+            return
+        now = time.monotonic()
+        items: list[tuple[asyncio.Queue[Any], Any]] = []
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue
+            if out.finished:
+                del self._sinks[out.request_id]
+            items.append((sink, (out, now)))
+        self._deliver(items)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        items = []
+        for request_id, sink in list(self._sinks.items()):
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # a broken engine must not stop the others from being told
+                logger.exception("abort of %s failed", request_id)
+            items.append((sink, exc))
+        self._sinks.clear()
+        self._deliver(items)
+
+    def _deliver(self, items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+        if not items or self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _take_snapshot(self) -> EngineSnapshot:
+        e = self.engine
+        runner = getattr(e, "runner", None)
+        return EngineSnapshot(
+            running=e.num_running(),
+            waiting=e.num_waiting(),
+            kv_usage=float(e.kv_usage()),
+            kv_blocks_used=e.block_manager.num_used_blocks,
+            kv_blocks_total=e.block_manager.num_blocks,
+            prompt_tokens=int(e.stats.get("prompt_tokens", 0)),
+            generation_tokens=int(e.stats.get("generation_tokens", 0)),
+            steps_graph=int(getattr(runner, "steps_graph", 0)),
+            steps_eager=int(getattr(runner, "steps_eager", 0)),
+        )
+
+    def _publish(self) -> None:
+        try:
+            self._published = (self._take_snapshot(), self._adds_drained)
+        except Exception:  # metrics must never take the engine thread down
+            logger.exception("could not read engine statistics")
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for sink, item in items:
+        sink.put_nowait(item)

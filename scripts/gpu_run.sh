@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything graphwise does on a GPU machine, in one call: set-up, GPU tests, latency benchmark.
+# Used with the device tool (PYTHONPATH=. is the whole installation; missing pure-Python wheels
+# travel in .whl/). Logs and JSON go to $OUT (default ./out).
+#   scripts/gpu_run.sh [tests] [latency] [explain] [kernels]      (default: tests latency)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests latency)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+status=0
+for step in "${steps[@]}"; do
+  case "$step" in
+    tests)
+      timeout 300 python3 -m pytest tests/kernels tests/gpu -m gpu -q -p no:cacheprovider \
+        2>&1 | tee "$OUT/gpu-tests.log" | tail -15 || status=1 ;;
+    latency)
+      timeout 420 python3 -m graphwise.cli bench latency --preset qwen2.5-7b \
+        --batch-sizes "${LAT_BATCH:-1,8,32,64}" --input-len 32 --output-len "${LAT_OUT:-512}" \
+        --compare "${LAT_COMPARE:-eager,graph,hf}" --output "$OUT/latency-h100.json" \
+        2>&1 | tee "$OUT/latency.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
+    explain)
+      timeout 300 python3 -m graphwise.cli explain --preset qwen2.5-7b \
+        --batch-sizes "${EXPLAIN_BATCH:-1,8,32,128}" --output-dir "$OUT" \
+        2>&1 | tee "$OUT/explain.log" | tail -25 || status=1 ;;
+    kernels)
+      timeout 200 python3 benchmarks/kernels_bench.py 2>&1 | tee "$OUT/kernels.log" | tail -20 || status=1 ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,158 @@
+"""End to end against the real `graphwise serve` (embedded default model, CPU) and the offline
+API. Slow: each starts the model. The server runs on a free 127.0.0.1 port and is always
+stopped (SIGTERM, then SIGKILL) by `ServerProcess`, whatever the test does."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from graphwise import cli
+from graphwise.bench import serve, sweep
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 300
+
+
+def _need_server() -> None:
+    if importlib.util.find_spec("graphwise.server.cli") is None:
+        pytest.skip("graphwise.server.cli (graphwise serve) is not there yet")
+
+
+@pytest.fixture(scope="module")
+def graphwise_server(tmp_path_factory):
+    _need_server()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    server = sweep.ServerProcess(["--max-num-seqs", "16"], log, shutdown_grace_s=15)
+    try:
+        server.start()
+        server.wait_ready(STARTUP_TIMEOUT_S)
+        yield server
+    finally:
+        server.stop()
+    assert not server.alive()
+
+
+def test_bench_serve_against_graphwise_serve(graphwise_server, tmp_path):
+    out = tmp_path / "serve.json"
+    rc = cli.main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            graphwise_server.base_url,
+            "--dataset",
+            "sharegpt",
+            "--num-prompts",
+            "24",
+            "--sharegpt-output-len",
+            "16",
+            "--request-rate",
+            "8",
+            "--max-concurrency",
+            "8",
+            "--request-timeout",
+            "300",
+            "--save-result",
+            str(out),
+            "--disable-tqdm",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["errors"] == [] and result["failed"] == 0
+    assert result["completed"] == 24
+    assert result["total_output_tokens"] == 24 * 16  # ignore_eos: every request runs to max_tokens
+    assert result["total_input_tokens"] > 24 * 4
+    assert result["tokenizer"].endswith(".gguf")  # the embedded default's tokenizer
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "std", "p99"):
+            value = result[f"{stat}_{metric}_ms"]
+            assert isinstance(value, float) and value >= 0, f"{stat}_{metric}_ms"
+    assert result["mean_ttft_ms"] <= result["mean_e2el_ms"]
+    for key in ("duration", "request_throughput", "output_throughput", "total_token_throughput"):
+        assert result[key] > 0
+    for key in ("date", "base_url", "model", "dataset", "num_prompts", "request_rate", "seed"):
+        assert key in result
+
+
+def test_bench_serve_chat_endpoint(graphwise_server):
+    args = serve.parse_args(
+        [
+            "--base-url",
+            graphwise_server.base_url,
+            "--endpoint",
+            "/v1/chat/completions",
+            "--dataset",
+            "random",
+            "--random-input-len",
+            "32",
+            "--random-output-len",
+            "8",
+            "--num-prompts",
+            "4",
+            "--disable-tqdm",
+        ]
+    )
+    result = serve.execute(args)
+    assert result["failed"] == 0, result["errors"]
+    assert result["total_output_tokens"] == 4 * 8
+
+
+def test_tiny_sweep(tmp_path):
+    _need_server()
+    out = tmp_path / "sweep"
+    rc = cli.main(
+        [
+            "bench",
+            "sweep",
+            str(REPO / "benchmarks" / "sweep-cpu-tiny.yaml"),
+            "--output-dir",
+            str(out),
+            "--disable-tqdm",
+        ]
+    )
+    assert rc == 0, (out / "sweep.md").read_text() if (out / "sweep.md").exists() else rc
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert len(rows) == 2 and {r["cuda_graph"] for r in rows} == {"auto", "off"}
+    assert all(r["completed"] == r["num_prompts"] == "8" and not r["error"] for r in rows)
+    md = (out / "sweep.md").read_text()
+    assert "| Model | Parallel Config | cuda graph | qps |" in md
+    for name in ("throughput_vs_qps.png", "ttft_vs_qps.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert len(list(out.glob("*-qps1.json"))) == 2
+    assert not sweep._LIVE
+
+
+def test_bench_offline(tmp_path):
+    out = tmp_path / "offline.json"
+    rc = cli.main(
+        [
+            "bench",
+            "offline",
+            "--num-prompts",
+            "4",
+            "--input-len-range",
+            "16-32",
+            "--output-len-range",
+            "4-8",
+            "--max-num-seqs",
+            "4",
+            "--output",
+            str(out),
+            "--disable-tqdm",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["num_requests"] == 4
+    assert result["total_output_tokens"] == result["expected_output_tokens"]
+    assert 4 * 16 <= result["total_input_tokens"] <= 4 * 32
+    assert result["output_tokens_per_second"] > 0 and result["elapsed_time"] > 0
+    assert result["device"]["type"] in ("cpu", "cuda") and result["versions"]["torch"]
