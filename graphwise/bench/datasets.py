@@ -5,7 +5,8 @@ without importing it. The first human turn of a conversation is the prompt and t
 follows it sets the output length; the filters are vLLM's (prompt and output at least 4 tokens,
 prompt at most 1024, prompt + output at most 2048). Selection is seeded: the conversations are
 shuffled with the seed and the first `num_prompts` that pass the filters are taken; only those
-candidates are tokenized, in batches.
+candidates are tokenized, in batches. The packaged file (125 MB) ends mid-entry after 17,671
+conversations; the loader keeps every complete entry and logs a warning.
 
 Tokenizers are never fetched from a hub: a local HF directory, a `.gguf` file (its embedded
 tokenizer), or a name already in the local HF cache.

@@ -9,6 +9,7 @@ finite rate and labelled "inf".
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], output_dir: Path, title: str) -> 
     paths = []
     for key, ylabel, filename in FIGURES:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        top = 0.0
         for name, setup_rows in setups.items():
             first = setup_rows[0]
             points = sorted(
@@ -62,6 +64,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], output_dir: Path, title: str) -> 
             )
             if not points:
                 continue
+            top = max(top, max(p[1] for p in points))
             style = GRAPH_STYLE.get(first["cuda_graph"], GRAPH_STYLE["auto"])
             colour = colours(groups.index((first["model"], first["parallel"])) % 10)
             ax.plot(
@@ -78,11 +81,11 @@ def plot_sweep(rows: Sequence[dict[str, Any]], output_dir: Path, title: str) -> 
         ax.minorticks_off()
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{title}: {ylabel} vs request rate")
+        ax.set_title(textwrap.fill(f"{title}: {ylabel} vs request rate", 70), fontsize="medium")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)  # headroom for the top markers
         fig.tight_layout()
         path = output_dir / filename
         fig.savefig(path)

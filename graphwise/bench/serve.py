@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse `bench serve` flags without the top-level CLI (used by `bench sweep`)."""
-    parser = argparse.ArgumentParser(prog="graphwise bench serve")
+    parser = argparse.ArgumentParser(prog="graphwise bench serve", allow_abbrev=False)
     add_arguments(parser)
     return parser.parse_args(list(argv))
 

@@ -26,8 +26,8 @@ YAML schema (unknown keys are errors; only `setups` is required):
       num_prompts: 200
       seed: 0
       # also: sharegpt_output_len, random_input_len, random_output_len, random_range_ratio,
-      # burstiness, max_concurrency, endpoint, tokenizer, dataset_path, temperature,
-      # ignore_eos, request_timeout, save_detailed
+      # burstiness, max_concurrency, endpoint, model, tokenizer, dataset_path, temperature,
+      # ignore_eos, request_timeout, api_key, save_detailed
     setups:
       - name: qwen7b-graph-on    # required, unique: file names and plot legend
         label: Qwen2.5-7B        # the Model column (default: preset, model file name, or
@@ -247,13 +247,34 @@ def _label(setup: dict[str, Any]) -> str:
     return "SmolLM2-135M (embedded)"
 
 
-def _parallel(tp: int, pp: int, dp: int) -> str:
+def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
+    """The value of the last `--flag V` / `--flag=V` among `names` in a server command line."""
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name in names:
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
+def parallel_of(server_args: Sequence[str]) -> str:
+    """'TP=2' or 'TP=2, PP=2, DP=2' (PP and DP shown only when not 1), read from the flags."""
+    tp = _flag_value(server_args, ("--tensor-parallel-size", "--tp")) or "1"
+    pp = _flag_value(server_args, ("--pipeline-parallel-size", "--pp")) or "1"
+    dp = _flag_value(server_args, ("--data-parallel-size", "--dp")) or "1"
     parts = [f"TP={tp}"]
-    if pp != 1:
+    if pp != "1":
         parts.append(f"PP={pp}")
-    if dp != 1:
+    if dp != "1":
         parts.append(f"DP={dp}")
     return ", ".join(parts)
+
+
+def graph_mode_of(server_args: Sequence[str]) -> str:
+    """on | off | auto as the server will run it (--enforce-eager wins, as in EngineConfig)."""
+    if "--enforce-eager" in server_args:
+        return "off"
+    return _flag_value(server_args, ("--cuda-graph",)) or "auto"
 
 
 def parse_config(data: Any, default_name: str = "sweep") -> SweepConfig:
@@ -263,6 +284,8 @@ def parse_config(data: Any, default_name: str = "sweep") -> SweepConfig:
     bench = dict(top.get("bench") or {})
     if not isinstance(top.get("bench") or {}, dict):
         raise ValueError("bench must be a mapping")
+    bench_keys = _bench_keys()
+    _check_keys("bench", bench, bench_keys)
     default_rates = bench.pop("request_rates", None)
     raw_setups = top.get("setups")
     if not isinstance(raw_setups, list) or not raw_setups:
@@ -288,12 +311,10 @@ def parse_config(data: Any, default_name: str = "sweep") -> SweepConfig:
         s["cuda_graph"] = _graph_mode(s.get("cuda_graph"), where)
         if s.get("preset") and not s.get("load_format"):
             s["load_format"] = "dummy"
-        sizes = {}
         for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             value = s.get(key, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{where}: {key} must be a positive integer")
-            sizes[key] = value
         server_args: list[str] = []
         for key in SERVER_VALUE_FLAGS:
             if s.get(key) is not None:
@@ -311,10 +332,9 @@ def parse_config(data: Any, default_name: str = "sweep") -> SweepConfig:
         if not rates_raw:
             raise ValueError(f"{where}: request_rates is empty")
         rates = [_rate(r, where) for r in rates_raw]
-        overrides = _check_keys(f"{where}: bench", s.get("bench"), set(bench) | _bench_keys())
+        overrides = _check_keys(f"{where}: bench", s.get("bench"), bench_keys)
         merged_bench = bench | dict(overrides)
         merged_bench.pop("request_rates", None)
-        mode = "off" if s.get("enforce_eager") else (s["cuda_graph"] or "auto")
         config.setups.append(
             Setup(
                 name=name,
@@ -323,12 +343,8 @@ def parse_config(data: Any, default_name: str = "sweep") -> SweepConfig:
                 env=env,
                 request_rates=rates,
                 bench_argv=bench_argv_from_mapping(merged_bench, where),
-                cuda_graph=mode,
-                parallel=_parallel(
-                    sizes["tensor_parallel_size"],
-                    sizes["pipeline_parallel_size"],
-                    sizes["data_parallel_size"],
-                ),
+                cuda_graph=graph_mode_of(server_args),
+                parallel=parallel_of(server_args),
                 startup_timeout_s=float(server.get("startup_timeout_s", DEFAULT_STARTUP_TIMEOUT_S)),
                 shutdown_grace_s=float(server.get("shutdown_grace_s", DEFAULT_SHUTDOWN_GRACE_S)),
             )

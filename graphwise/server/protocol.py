@@ -49,17 +49,22 @@ _UNION_TAGS = {"str", "int", "float", "bool", "none"}
 
 
 def validation_error(exc: ValidationError | list[dict[str, Any]], skip: int = 0) -> APIError:
-    """The first pydantic error as a 400 naming the offending field (`messages.0.role`)."""
+    """A pydantic error as a 400 naming the offending field (`messages.0.role`)."""
     errors = exc.errors() if isinstance(exc, ValidationError) else exc
     if not errors:
         return APIError(400, "invalid request")
-    err = errors[0]
-    parts = [
-        str(p)
-        for p in list(err.get("loc", ()))[skip:]
-        if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))
-    ]
-    param = ".".join(parts) or None
+
+    def path(err: Any) -> list[str]:
+        return [
+            str(p)
+            for p in list(err.get("loc", ()))[skip:]
+            if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))
+        ]
+
+    # A union reports one error per member; the deepest is the most specific (a list of
+    # content parts whose `type` is wrong beats "content should be a string").
+    err = max(errors, key=lambda e: len(path(e)))
+    param = ".".join(path(err)) or None
     msg = str(err.get("msg", "invalid value"))
     if err.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {msg}", code="invalid_json")

@@ -30,6 +30,7 @@ class FakeServerConfig:
     fail_every: int = 0  # every k-th POST (1-based; the warm-up is the first) fails
     fail_mode: str = "http500"  # http500 | stream_error | no_done | drop
     role_chunk: bool = True  # chat: an initial role-only chunk
+    api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1 routes
     received: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -93,7 +94,7 @@ class FakeOpenAIServer:
                     for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
                 }
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                if not await self._respond(method, path, body, writer):
+                if not await self._respond(method, path, body, writer, headers):
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -109,8 +110,12 @@ class FakeOpenAIServer:
         )
         await writer.drain()
 
-    async def _respond(self, method: str, path: str, body: bytes, writer) -> bool:
+    async def _respond(self, method: str, path: str, body: bytes, writer, headers) -> bool:
         cfg = self.config
+        if cfg.api_key and path.startswith("/v1/"):
+            if headers.get("authorization") != f"Bearer {cfg.api_key}":
+                await self._send(writer, "401 Unauthorized", b'{"error": "invalid api key"}')
+                return True
         if method == "GET" and path == "/health":
             await self._send(writer, "200 OK", b"")
             return True

@@ -239,3 +239,15 @@ def test_bench_serve_unreachable_server_is_a_clear_error():
     args = serve.parse_args(["--base-url", "http://127.0.0.1:9", "--num-prompts", "1"])
     with pytest.raises(ValueError, match="could not list models"):
         serve.execute(args)
+
+
+@pytest.mark.parametrize("fake_server", [dict(api_key="sk-test")], indirect=True)
+def test_api_key(fake_server, tokenizer, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("GRAPHWISE_API_KEY", raising=False)
+    argv = ["--base-url", fake_server.base_url, "--dataset", "random", "--random-input-len", "8"]
+    argv += ["--random-output-len", "2", "--num-prompts", "2", "--disable-tqdm"]
+    with pytest.raises(ValueError, match="401"):
+        serve.execute(serve.parse_args(argv))
+    result = serve.execute(serve.parse_args(argv + ["--api-key", "sk-test"]))
+    assert result["completed"] == 2

@@ -92,11 +92,33 @@ def test_config_expansion():
         ({"bench": {"dataset": "random"}}, "no request_rates"),
         ({"setups": [{"name": "a", "model": "m", "preset": "p"}]}, "not both"),
         ({"typo": 1}, "unknown key"),
+        ({"bench": {"request_rates": [1], "num_prompt": 3}}, "unknown key"),
+        ({"setups": [{"name": "a", "bench": {"seeed": 1}}]}, "unknown key"),
     ],
 )
 def test_config_errors(change, message):
     with pytest.raises(ValueError, match=message):
         sweep.parse_config(_config(**change))
+
+
+def test_columns_follow_the_server_flags():
+    cfg = sweep.parse_config(
+        {
+            "bench": {"request_rates": [1]},
+            "setups": [
+                {"name": "a", "args": ["--tp", "4", "--cuda-graph=off"]},
+                {
+                    "name": "b",
+                    "cuda_graph": "on",
+                    "enforce_eager": True,
+                    "pipeline_parallel_size": 2,
+                },
+            ],
+        }
+    )
+    a, b = cfg.setups
+    assert (a.parallel, a.cuda_graph) == ("TP=4", "off")
+    assert (b.parallel, b.cuda_graph) == ("TP=1, PP=2", "off")
 
 
 def test_preset_defaults_to_dummy_weights():
