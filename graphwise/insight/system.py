@@ -11,6 +11,12 @@ import torch
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout (with -dirty for uncommitted changes); on machines that get the tree
+    without .git (the GPU runner) the caller passes it in GRAPHWISE_COMMIT."""
+    import os
+
+    if os.environ.get("GRAPHWISE_COMMIT"):
+        return os.environ["GRAPHWISE_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

@@ -67,6 +67,7 @@ class ServerSettings:
     api_key: str | None = None
     engine_stop_timeout_s: float = 30.0
     retry_after_s: int = 1
+    max_body_bytes: int = 32 * 1024 * 1024  # far above any prompt that fits a context window
 
 
 class ServerState:
@@ -74,8 +75,7 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.draining = False  # set on SIGTERM: new requests get 503 while old ones finish
-        tokenizer = engine.engine.tokenizer
-        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self.tokenizer = _private_copy(engine.engine.tokenizer)
         self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="graphwise-tokenize")
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.model_config.vocab_size
@@ -150,8 +150,32 @@ class ServerState:
             raise APIError(503, str(exc), "server_error", code="engine_dead") from exc
 
 
-async def parse_body(request: Request, model: type[Req]) -> Req:
-    raw = await request.body()
+def _private_copy(tokenizer: Any) -> Any:
+    if tokenizer is None:
+        return None
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # only the tokenize thread and the engine thread would share it
+        logger.warning("could not copy the tokenizer; the HTTP side shares the engine's")
+        return tokenizer
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) before reading it all when it is larger than `limit`."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is over {limit} bytes", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is over {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_body(request: Request, model: type[Req], limit: int) -> Req:
+    raw = await read_body(request, limit)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -344,7 +368,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         state.check_open(request)
-        req = await parse_body(request, CompletionRequest)
+        req = await parse_body(request, CompletionRequest, settings.max_body_bytes)
         model = state.resolve_model(req.model)
         req.check_supported()
         prompt = req.single_prompt()
@@ -396,7 +420,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         state.check_open(request)
-        req = await parse_body(request, ChatCompletionRequest)
+        req = await parse_body(request, ChatCompletionRequest, settings.max_body_bytes)
         model = state.resolve_model(req.model)
         req.check_supported()
         from graphwise.llm import apply_chat_template

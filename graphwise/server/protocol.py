@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
@@ -61,9 +61,10 @@ def validation_error(exc: ValidationError | list[dict[str, Any]], skip: int = 0)
             if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))
         ]
 
-    # A union reports one error per member; the deepest is the most specific (a list of
-    # content parts whose `type` is wrong beats "content should be a string").
-    err = max(errors, key=lambda e: len(path(e)))
+    # A union reports one error per member. The deepest is the most specific (a content part
+    # whose `type` is wrong beats "content should be a string"), and a broken constraint says
+    # more than a type mismatch (65 stop strings: "at most 64 items", not "not a string").
+    err = max(errors, key=lambda e: (len(path(e)), not str(e.get("type", "")).endswith("_type")))
     param = ".".join(path(err)) or None
     msg = str(err.get("msg", "invalid value"))
     if err.get("type") == "json_invalid":
@@ -117,8 +118,9 @@ class _SamplingRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = None
     min_tokens: int = Field(0, ge=0)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    # Bounded: the engine checks every stop after every token, for the whole batch's sake.
+    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=1024)] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     ignore_eos: bool = False
     skip_special_tokens: bool = True

@@ -57,6 +57,16 @@ class Server:
         return self.proc.returncode
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if pytest dies without tearing down (no orphans)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -87,6 +97,8 @@ def start_server(tmp_dir: Path, *extra: str) -> Server:
         "64",
         "--max-model-len",
         "1024",
+        "--kv-cache-memory",
+        str(256 * 1024 * 1024),  # ~360 blocks: enough for the load test, half the default
         "--api-key",
         API_KEY,
         "--disable-access-log",
@@ -94,7 +106,9 @@ def start_server(tmp_dir: Path, *extra: str) -> Server:
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        )
     server = Server(proc, port, log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:

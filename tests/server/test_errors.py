@@ -48,6 +48,7 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("min over max", COMPL, {"prompt": "hi", "min_tokens": 9, "max_tokens": 3}, 400, "min_tokens"),
     ("seed too big", COMPL, {"prompt": "hi", "seed": 2**80}, 400, "seed"),
     ("stop wrong type", COMPL, {"prompt": "hi", "stop": [1, 2]}, 400, "stop.0"),
+    ("too many stops", COMPL, {"prompt": "hi", "stop": ["x"] * 65}, 400, "stop"),
     ("stream wrong type", COMPL, {"prompt": "hi", "stream": "yes"}, 400, "stream"),
     ("n=2", COMPL, {"prompt": "hi", "n": 2}, 400, "n"),
     ("logprobs", COMPL, {"prompt": "hi", "logprobs": 3}, 400, "logprobs"),

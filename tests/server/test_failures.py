@@ -80,9 +80,9 @@ class FakeEngine:
 BODY = {"prompt": [1, 2, 3], "max_tokens": 3}
 
 
-def run_app(fake: FakeEngine, test: Any, max_waiting: int = 16) -> None:
+def run_app(fake: FakeEngine, test: Any, max_waiting: int = 16, **settings: Any) -> None:
     engine = AsyncEngine(fake, max_waiting)  # type: ignore[arg-type]
-    app = build_app(engine, ServerSettings(served_model_names=["fake"]))
+    app = build_app(engine, ServerSettings(served_model_names=["fake"], **settings))
 
     async def main() -> None:
         async with app.router.lifespan_context(app):
@@ -183,3 +183,22 @@ def test_text_prompt_without_tokenizer_is_a_400() -> None:
         assert err["param"] == "messages"
 
     run_app(FakeEngine(), test)
+
+
+def test_oversized_body_is_a_413() -> None:
+    async def test(client: httpx.AsyncClient, app: Any, engine: AsyncEngine) -> None:
+        big = {"prompt": [1] * 200, "max_tokens": 3}
+        err = _error(await client.post("/v1/completions", json=big), 413)
+        assert err["code"] == "body_too_large"
+
+        async def chunked():  # no Content-Length: the limit applies while reading
+            yield b'{"prompt": ['
+            for _ in range(100):
+                yield b"1, "
+            yield b"1]}"
+
+        resp = await client.post("/v1/completions", content=chunked())
+        _error(resp, 413)
+        assert (await client.post("/v1/completions", json=BODY)).status_code == 200
+
+    run_app(FakeEngine(), test, max_body_bytes=200)

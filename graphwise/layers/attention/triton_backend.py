@@ -41,6 +41,8 @@ class TritonAttentionBackend(AttentionBackend):
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
             splits = self._splits(q, k_cache, meta.block_tables)
+            if self.workspace is None:
+                self._eager_workspace(q, k_cache)
             ws = self.workspace
             fits = (
                 ws is not None
@@ -68,6 +70,13 @@ class TritonAttentionBackend(AttentionBackend):
             scale,
             max_q_len=meta.max_q_len,
         )
+
+    def _eager_workspace(self, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+        """Split-K only happens while batch x KV heads is below the SM count, so one buffer of
+        that many rows and the maximum split count serves every eager decode step."""
+        sms = self._num_sms or torch.cuda.get_device_properties(q.device).multi_processor_count
+        rows = -(-sms // k_cache.shape[2])
+        self.workspace = alloc_decode_workspace(rows, q.shape[1], q.shape[2], 32, q.device)
 
     def init_graph_buffers(self, max_bs: int, max_blocks: int, device: torch.device) -> None:
         super().init_graph_buffers(max_bs, max_blocks, device)
