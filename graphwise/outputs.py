@@ -24,6 +24,9 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
+    """One request's output. While it runs, `outputs[0]` holds what the latest step added (also
+    in `delta_text` / `delta_token_ids`); once `finished`, it holds the whole completion."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

@@ -271,10 +271,14 @@ class LLMEngine:
                 return
 
     def _make_output(self, seq: Sequence, delta_text: str, delta_ids: list[int]) -> RequestOutput:
+        # Like vLLM's DELTA output kind: a running request's output carries only what this step
+        # added (copying the whole text and token list every step would cost O(length^2) per
+        # request); the final output carries everything.
+        done = seq.is_finished
         completion = CompletionOutput(
             index=0,
-            text=seq.output_text if seq.is_finished else seq.output_text[: seq.reported_text_len],
-            token_ids=seq.output_token_ids,
+            text=seq.output_text if done else delta_text,
+            token_ids=seq.output_token_ids if done else delta_ids,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
@@ -283,7 +287,7 @@ class LLMEngine:
             prompt=seq.prompt,
             prompt_token_ids=seq.prompt_token_ids,
             outputs=[completion],
-            finished=seq.is_finished,
+            finished=done,
             num_cached_tokens=seq.num_cached_tokens,
             metrics=RequestMetrics(
                 arrival_time=seq.arrival_time,

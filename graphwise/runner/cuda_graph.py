@@ -80,6 +80,7 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool: object | None = None
+        self._stream: torch.cuda.Stream | None = None
         self.stats = CaptureStats()
         self._hidden = hidden
 
@@ -90,7 +91,9 @@ class CudaGraphRunner:
         meta = runner.backend.capture_metadata(bs)
         ctx = ForwardContext(meta, runner.backend, runner.kv_caches)
         ids, pos = self.input_ids[:bs], self.positions[:bs]
-        stream = torch.cuda.Stream(runner.device)
+        if self._stream is None:  # one side stream for every capture (one cuBLAS workspace)
+            self._stream = torch.cuda.Stream(runner.device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(runner.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: autotuning and lazy init happen outside the graph
@@ -117,6 +120,7 @@ class CudaGraphRunner:
                 logger.warning("CUDA graph capture for batch %d failed (%s): eager", bs, exc)
                 torch.cuda.empty_cache()
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # warm-up leftovers are not graph memory
         free_after, _ = torch.cuda.mem_get_info(device)
         self.buckets = sorted(self.graphs)
         self.stats.buckets = list(self.buckets)

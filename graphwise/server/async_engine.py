@@ -172,7 +172,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self._serve()
-        except BaseException as exc:  # noqa: BLE001 - whatever it was, say so and fail requests
+        except BaseException as exc:  # whatever it was: say so, fail the requests, stay honest
             logger.exception("engine thread died")
             self.error = f"engine thread died: {type(exc).__name__}: {exc}"
             self._fail_all(EngineDeadError(self.error))
