@@ -31,9 +31,21 @@ for step in "${steps[@]}"; do
       timeout 300 python3 -m graphwise.cli explain --preset qwen2.5-7b \
         --batch-sizes "${EXPLAIN_BATCH:-1,8,32,128}" --output-dir "$OUT" \
         2>&1 | tee "$OUT/explain.log" | tail -25 || status=1 ;;
+    sweep)
+      timeout 560 python3 -m graphwise.cli bench sweep benchmarks/sweep-h100-device.yaml \
+        --output-dir "$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
+    offline)
+      timeout 300 python3 -m graphwise.cli bench offline --preset qwen2.5-7b --max-model-len 4096 \
+        --output "$OUT/offline-h100.json" 2>&1 | tee "$OUT/offline.log" | grep -v "it/s\]" | tail -15 || status=1 ;;
+    moe)
+      timeout 200 python3 benchmarks/moe_bench.py --output "$OUT/moe-h100.json" 2>&1 | tee "$OUT/moe.log" | tail -10 || status=1 ;;
     kernels)
       timeout 200 python3 benchmarks/kernels_bench.py 2>&1 | tee "$OUT/kernels.log" | tail -20 || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
+# The device tool brings back at most 8 files: pack everything into one archive.
+if [ -n "${PACK_OUT:-1}" ]; then
+  tar czf /tmp/results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/results.tgz "$OUT/"
+fi
 exit $status

@@ -19,6 +19,7 @@ from graphwise.engine.scheduler import Scheduler
 from graphwise.engine.sequence import Sequence, SequenceStatus
 from graphwise.models.loader import build_model, load_tokenizer, resolve_source
 from graphwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from graphwise.runner.graph_policy import plan_cuda_graphs
 from graphwise.runner.memory import plan_kv_blocks
 from graphwise.runner.model_runner import ModelRunner
 from graphwise.sampling_params import SamplingParams
@@ -67,14 +68,22 @@ class LLMEngine:
 
         declared = ModelConfig.from_dict(source.config)
         self.dtype = resolve_dtype(config.dtype, self.device, declared.torch_dtype)
-        if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
+        if config.data_parallel_size > 1:
             raise ValueError(
-                "tensor/pipeline parallelism is not available in this build "
-                f"(tensor_parallel_size={config.tensor_parallel_size}, "
-                f"pipeline_parallel_size={config.pipeline_parallel_size})"
+                "data_parallel_size > 1 runs several engines: build it with "
+                "graphwise.distributed.dp.create_engine(config) (LLM does)"
             )
         self.tokenizer = load_tokenizer(source, config)
-        model, self.model_config = build_model(source, config, self.device, self.dtype)
+        # Tensor/pipeline parallelism: this process is rank 0 and its runner drives the others.
+        parallel = None
+        if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
+            from graphwise.distributed.launcher import launch_parallel_runner
+
+            parallel = launch_parallel_runner(config, source, self.device, self.dtype)
+            model, self.model_config = parallel.model, parallel.full_model_config
+            self.device = parallel.device
+        else:
+            model, self.model_config = build_model(source, config, self.device, self.dtype)
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
@@ -89,8 +98,19 @@ class LLMEngine:
         if not config.enable_chunked_prefill:
             self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
 
-        self.runner = ModelRunner(config, model, mc, self.device, self.dtype)
-        self.memory_plan = plan_kv_blocks(self, self.runner)
+        self.runner = parallel or ModelRunner(config, model, mc, self.device, self.dtype)
+        if self.tokenizer is not None and len(self.tokenizer) < mc.vocab_size:
+            # e.g. a preset (dummy weights) served with a small stand-in tokenizer
+            self.runner.vocab_limit = len(self.tokenizer)
+            logger.info(
+                "tokenizer has %d ids, the model %d: sampling is limited to the tokenizer's",
+                len(self.tokenizer),
+                mc.vocab_size,
+            )
+        # Graphs first: the auto policy times them and measures the kept graphs' pool, which the
+        # memory plan then holds back from the KV pool.
+        self.graph_plan = plan_cuda_graphs(self)
+        self.memory_plan = plan_kv_blocks(self, self.runner, self.graph_plan)
         num_blocks = self.memory_plan.num_blocks
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
@@ -111,7 +131,10 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-        self._setup_cuda_graphs()
+        if parallel is not None:
+            parallel.setup_cuda_graphs(self.max_model_len)  # every rank captures
+        else:
+            self._setup_cuda_graphs()
 
     def _setup_cuda_graphs(self) -> None:
         mode = self.config.use_cuda_graph
@@ -126,9 +149,24 @@ class LLMEngine:
             return
         from graphwise.runner.cuda_graph import CudaGraphRunner
 
-        runner = CudaGraphRunner(self.runner, self.config, self.max_model_len)
-        runner.capture_all()
-        self.runner.graph_runner = runner
+        plan = self.graph_plan  # None: capture every bucket (cuda_graph="on", KV size fixed)
+        if plan is not None and not plan.kept:
+            logger.info(
+                "CUDA graphs: no bucket is %.2fx faster as a graph: decode runs eagerly",
+                plan.min_speedup,
+            )
+            return
+        runner = CudaGraphRunner(
+            self.runner,
+            self.config,
+            self.max_model_len,
+            buckets=plan.kept if plan is not None else None,
+            eager_buckets=plan.eager_buckets if plan is not None else None,
+        )
+        stats = runner.capture_all()
+        if plan is not None:
+            plan.record_capture(stats)
+        self.runner.graph_runner = runner if runner.graphs else None
 
     def _eos_ids(self, source: Any) -> frozenset[int]:
         ids = set(self.model_config.eos_token_ids)
@@ -298,6 +336,12 @@ class LLMEngine:
             delta_text=delta_text,
             delta_token_ids=delta_ids,
         )
+
+    def shutdown(self) -> None:
+        """Stop the tensor/pipeline-parallel workers, if any (also done at exit)."""
+        close = getattr(self.runner, "shutdown", None)
+        if close is not None:
+            close()
 
     # ---- introspection ----------------------------------------------------------------
     def kv_usage(self) -> float:

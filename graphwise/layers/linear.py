@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphwise.distributed import parallel_state
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b). Weight layout [out_features, in_features], like nn.Linear."""
@@ -28,13 +30,30 @@ class Linear(nn.Module):
 
 class PackedLinear(Linear):
     """Several projections of the same input stored as one weight; `shard_sizes` names the
-    rows each one owns, in order (e.g. q, k, v)."""
+    rows each one owns in the checkpoint, in order (e.g. q, k, v).
 
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(shard_sizes.values()), bias)
-        self.shard_offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
+    Column parallelism: `shard_parts[name] = (index, count)` keeps only part `index` of `count`
+    equal row blocks of that projection (q split over the TP ranks; k and v split too, or
+    replicated when there are fewer KV heads than ranks). Default: all of it."""
+
+    def __init__(
+        self,
+        in_features: int,
+        shard_sizes: dict[str, int],
+        bias: bool = False,
+        shard_parts: dict[str, tuple[int, int]] | None = None,
+    ) -> None:
+        parts = {name: (shard_parts or {}).get(name, (0, 1)) for name in shard_sizes}
         for name, size in shard_sizes.items():
+            if size % parts[name][1]:
+                raise ValueError(f"shard {name!r}: {size} rows do not split into {parts[name][1]}")
+        local = {name: size // parts[name][1] for name, size in shard_sizes.items()}
+        super().__init__(in_features, sum(local.values()), bias)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        self.shard_parts = parts
+        self.shard_full_sizes = dict(shard_sizes)
+        offset = 0
+        for name, size in local.items():
             self.shard_offsets[name] = (offset, size)
             offset += size
 
@@ -42,8 +61,100 @@ class PackedLinear(Linear):
         offset, size = self.shard_offsets[shard]
         target = self.bias if is_bias else self.weight
         assert target is not None, f"{shard}: checkpoint has a bias the layer lacks"
-        if tensor.shape[0] != size:
+        full = self.shard_full_sizes[shard]
+        if tensor.shape[0] != full:
             raise ValueError(
-                f"shard {shard!r}: expected {size} rows, checkpoint has {tuple(tensor.shape)}"
+                f"shard {shard!r}: expected {full} rows, checkpoint has {tuple(tensor.shape)}"
             )
-        target.data[offset : offset + size].copy_(tensor)
+        index, _ = self.shard_parts[shard]
+        target.data[offset : offset + size].copy_(tensor[index * size : (index + 1) * size])
+
+
+# ---- tensor parallelism --------------------------------------------------------------------
+# Each layer reads its TP rank and size from parallel_state.current() when it is built. At
+# tp_size 1 each behaves exactly like the plain layer (no collective, no extra kernel).
+
+
+def _pad_rows(part: torch.Tensor, rows: int) -> torch.Tensor:
+    """`part` padded with zero rows up to `rows` (the last vocab shard may be short)."""
+    if part.shape[0] == rows:
+        return part
+    pad = part.new_zeros((rows - part.shape[0], *part.shape[1:]))
+    return torch.cat([part, pad])
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split over the TP ranks, no communication: rank r holds rows
+    [r * n, (r + 1) * n) with n = ceil(out_features / tp). Rows past out_features (padding, for a
+    vocabulary that does not divide) are zero."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        ctx = parallel_state.current()
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
+        super().__init__(in_features, -(-out_features // ctx.tp_size), bias)
+        self.full_out_features = out_features
+
+    def tp_slice(self, leaf: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor (`leaf` is "weight" or "bias")."""
+        if self.tp_size == 1:
+            return tensor
+        n = self.out_features
+        return _pad_rows(tensor[self.tp_rank * n : (self.tp_rank + 1) * n], n)
+
+
+class RowParallelLinear(Linear):
+    """Input features split over the TP ranks; the partial products are summed by an all-reduce
+    (left to the caller with reduce_output=False, when it sums several such outputs first).
+    The bias is added once, by TP rank 0, before the sum."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, reduce_output: bool = True
+    ) -> None:
+        ctx = parallel_state.current()
+        if in_features % ctx.tp_size:
+            raise ValueError(
+                f"{in_features} input features do not split over tensor_parallel_size={ctx.tp_size}"
+            )
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
+        super().__init__(in_features // ctx.tp_size, out_features, bias)
+        self.reduce_output = reduce_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        if self.reduce_output:
+            y = parallel_state.tensor_model_parallel_all_reduce(y)
+        return y
+
+    def tp_slice(self, leaf: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1 or leaf == "bias":
+            return tensor
+        n = self.in_features
+        return tensor[:, self.tp_rank * n : (self.tp_rank + 1) * n]
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over the TP ranks (padded to a multiple of tp): each rank looks up the
+    ids it holds, writes zeros for the others, and an all-reduce assembles the rows. Build it only
+    for tp_size > 1; the single-device model keeps nn.Embedding."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        ctx = parallel_state.current()
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
+        self.num_embeddings = num_embeddings
+        self.rows = -(-num_embeddings // ctx.tp_size)
+        self.vocab_start = ctx.tp_rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, embedding_dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return parallel_state.tensor_model_parallel_all_reduce(out)
+
+    def tp_slice(self, leaf: str, tensor: torch.Tensor) -> torch.Tensor:
+        n = self.rows
+        return _pad_rows(tensor[self.tp_rank * n : (self.tp_rank + 1) * n], n)

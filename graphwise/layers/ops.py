@@ -18,6 +18,10 @@ def enable_triton(flag: bool) -> None:
     _use_triton = flag
 
 
+def triton_enabled() -> bool:
+    return _use_triton
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _use_triton and x.is_cuda:
         from graphwise.kernels.rmsnorm import rmsnorm as triton_rmsnorm

@@ -6,15 +6,23 @@ with the per-sequence structure carried by the attention metadata in the Forward
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from graphwise.distributed import parallel_state
 from graphwise.layers import ops
 from graphwise.layers.activation import SiluAndMul
 from graphwise.layers.attention import Attention, ForwardContext
-from graphwise.layers.linear import Linear, PackedLinear
+from graphwise.layers.linear import (
+    ColumnParallelLinear,
+    Linear,
+    PackedLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from graphwise.layers.norm import RMSNorm
 from graphwise.layers.rotary import RotaryEmbedding
 from graphwise.models.model_config import ModelConfig
@@ -28,21 +36,35 @@ PACKED_SHARDS = {
     "up_proj": ("gate_up_proj", "up"),
 }
 SHARD_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj"}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def kv_head_part(num_kv_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """(index, count): the rank holds KV-head block `index` of `count`. With fewer KV heads than
+    ranks each head is replicated on tp / num_kv_heads consecutive ranks."""
+    if num_kv_heads >= tp_size:
+        return tp_rank, tp_size
+    return tp_rank // (tp_size // num_kv_heads), num_kv_heads
 
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        tp = parallel_state.current()
+        kv_part = kv_head_part(cfg.num_key_value_heads, tp.tp_rank, tp.tp_size)
+        self.num_heads = cfg.num_attention_heads // tp.tp_size
+        self.num_kv_heads = cfg.num_key_value_heads // kv_part[1]
         self.head_dim = cfg.head_dim
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
+        q_size = cfg.num_attention_heads * self.head_dim
+        kv_size = cfg.num_key_value_heads * self.head_dim
         self.qkv_proj = PackedLinear(
-            cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=cfg.attention_bias
+            cfg.hidden_size,
+            {"q": q_size, "k": kv_size, "v": kv_size},
+            bias=cfg.attention_bias,
+            shard_parts={"q": (tp.tp_rank, tp.tp_size), "k": kv_part, "v": kv_part},
         )
         o_bias = cfg.attention_bias and cfg.architecture.startswith(("Llama", "Mistral"))
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, bias=o_bias)
         self.rotary = RotaryEmbedding(
             self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
@@ -65,12 +87,20 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, reduce_output: bool = True
+    ) -> None:
         super().__init__()
+        tp = parallel_state.current()
+        part = (tp.tp_rank, tp.tp_size)
         self.gate_up_proj = PackedLinear(
-            hidden_size, {"gate": intermediate_size, "up": intermediate_size}
+            hidden_size,
+            {"gate": intermediate_size, "up": intermediate_size},
+            shard_parts={"gate": part, "up": part},
         )
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, reduce_output=reduce_output
+        )
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,27 +136,77 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+class PPMissingLayer(nn.Module):
+    """Stands in for a decoder layer another pipeline stage runs (keeps layer indices)."""
+
+    def forward(self, *args: object) -> None:
+        raise RuntimeError("this decoder layer runs on another pipeline stage")
+
+
 class LlamaModel(nn.Module):
+    """With pipeline parallelism a stage builds only its layers (the others are PPMissingLayer);
+    the first stage owns the embedding, the last the final norm. A stage that is not the last
+    returns (hidden, residual) for the next one, which passes them back in as `intermediate`."""
+
     layer_cls: type[DecoderLayer] = DecoderLayer
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList([self.layer_cls(cfg, i) for i in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        ctx = parallel_state.current()
+        self.start_layer, self.end_layer = parallel_state.stage_layers(
+            cfg.num_hidden_layers, ctx.pp_rank, ctx.pp_size
+        )
+        self.embed_tokens: nn.Module | None = None
+        if ctx.is_first_stage:
+            if ctx.tp_size == 1:
+                self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+                self.embed_tokens.weight.requires_grad_(False)
+            else:
+                self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            [
+                self.layer_cls(cfg, i)
+                if self.start_layer <= i < self.end_layer
+                else PPMissingLayer()
+                for i in range(cfg.num_hidden_layers)
+            ]
+        )
+        self.stage_layers = list(self.layers)[self.start_layer : self.end_layer]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if ctx.is_last_stage else None
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         residual: torch.Tensor | None = None
-        for layer in self.layers:
+        if intermediate is None:
+            assert self.embed_tokens is not None
+            x = self.embed_tokens(input_ids)
+        else:
+            x, residual = intermediate
+        for layer in self.stage_layers:
             x, residual = layer(positions, x, residual, ctx)
+        if self.norm is None:
+            assert residual is not None
+            return x, residual
         if residual is None:
             return self.norm(x)
         x, _ = self.norm(x, residual)
         return x
+
+    def owns(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs on this pipeline stage."""
+        m = _LAYER_NAME.match(name)
+        if m:
+            return self.start_layer <= int(m.group(1)) < self.end_layer
+        if name.startswith(("model.embed_tokens.", "lm_head.")):
+            return self.embed_tokens is not None  # stage 0 computes the logits too
+        if name.startswith("model.norm."):
+            return self.norm is not None
+        return True
 
 
 class LlamaForCausalLM(nn.Module):
@@ -135,18 +215,40 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        ctx = parallel_state.current()
+        self.tp_size = ctx.tp_size
+        self.pp_size = ctx.pp_size
         self.model = self.model_cls(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        # Pipeline parallelism: the last stage sends the final hidden rows back to stage 0, which
+        # holds the LM head (tied to the embedding or not) and samples.
+        self.lm_head: Linear | None = None
+        if ctx.is_first_stage:
+            self.lm_head = (
+                Linear(cfg.hidden_size, cfg.vocab_size)
+                if ctx.tp_size == 1
+                else ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size)
+            )
+            if cfg.tie_word_embeddings:
+                assert self.model.embed_tokens is not None
+                self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.model(input_ids, positions, ctx, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """[N, vocab] float32 logits. With TP every rank of stage 0 calls this; TP rank 0 gets
+        the whole vocabulary, the others None."""
+        assert self.lm_head is not None, "the logits are computed on pipeline stage 0"
+        if self.tp_size == 1:
+            return self.lm_head(hidden).float()
+        logits = parallel_state.gather_vocab_shards(self.lm_head(hidden), self.config.vocab_size)
+        return None if logits is None else logits.float()  # type: ignore[return-value]
 
     # ---- weights ----------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -159,6 +261,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            if self.pp_size > 1 and not self.model.owns(name):
+                continue  # another pipeline stage holds it
             loaded.update(self.map_weight(name, tensor, params))
         return loaded
 
@@ -176,6 +280,10 @@ class LlamaForCausalLM(nn.Module):
         if name not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
         param = params[name]
+        module_name, _, leaf = name.rpartition(".")
+        tp_slice = getattr(self.get_submodule(module_name), "tp_slice", None)
+        if tp_slice is not None:  # tensor parallelism: this rank's part of the tensor
+            tensor = tp_slice(leaf, tensor)
         if param.shape != tensor.shape:
             raise ValueError(
                 f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "

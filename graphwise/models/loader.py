@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from graphwise.config import EngineConfig
+from graphwise.distributed import parallel_state
 from graphwise.models.default import DEFAULT_MODEL_NAME, default_model_path
 from graphwise.models.gguf_loader import gguf_config, gguf_weights
 from graphwise.models.model_config import ModelConfig
@@ -92,10 +94,15 @@ def _dummy_init(model: nn.Module, seed: int) -> None:
     Drawn on the model's device, so a 7B model fills in a second on a GPU."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    # A tensor/pipeline-parallel shard seeds each tensor by its name, so that tensors replicated
+    # on several ranks (router, norms, replicated KV heads) get the same values everywhere.
+    sharded = parallel_state.current() != parallel_state.SINGLE
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or "layernorm" in name:
             p.data.fill_(1.0)
         else:
+            if sharded:
+                gen.manual_seed(seed + zlib.crc32(name.encode()))
             p.data.uniform_(-0.02, 0.02, generator=gen)
 
 

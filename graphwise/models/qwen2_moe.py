@@ -44,12 +44,15 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
             moe = self.get_submodule(m.group(1))
             assert isinstance(moe, SparseMoE)
             e, kind = int(m.group(2)), m.group(3)
+            i = e - moe.expert_start  # local index (experts are split over the TP ranks)
+            if not 0 <= i < moe.num_local_experts:
+                return []
             size = moe.intermediate_size
             if kind == "down_proj":
-                moe.w_down.data[e].copy_(tensor)
+                moe.w_down.data[i].copy_(tensor)
             else:
                 offset = 0 if kind == "gate_proj" else size
-                moe.w_gate_up.data[e, offset : offset + size].copy_(tensor)
+                moe.w_gate_up.data[i, offset : offset + size].copy_(tensor)
             return [f"{m.group(1)}.experts.{e}.{kind}"]
         m = _FUSED.match(name)
         if m:  # transformers 5 may store experts already stacked
@@ -57,8 +60,9 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
             assert isinstance(moe, SparseMoE)
             kinds = ("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",)
             target = moe.w_gate_up if m.group(2) == "gate_up_proj" else moe.w_down
-            target.data.copy_(tensor)
-            return [f"{m.group(1)}.experts.{e}.{k}" for e in range(moe.num_experts) for k in kinds]
+            local = range(moe.expert_start, moe.expert_start + moe.num_local_experts)
+            target.data.copy_(tensor[local.start : local.stop])
+            return [f"{m.group(1)}.experts.{e}.{k}" for e in local for k in kinds]
         return super().map_weight(name, tensor, params)
 
     def expected_weights(self) -> set[str]:
@@ -66,7 +70,8 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
         for mod_name, module in self.named_modules():
             if isinstance(module, SparseMoE):
                 names -= {f"{mod_name}.w_gate_up", f"{mod_name}.w_down"}
-                for e in range(module.num_experts):
+                start = module.expert_start
+                for e in range(start, start + module.num_local_experts):
                     names |= {
                         f"{mod_name}.experts.{e}.{k}" for k in ("gate_proj", "up_proj", "down_proj")
                     }
@@ -79,9 +84,9 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
                 out.pop(f"{mod_name}.w_gate_up")
                 out.pop(f"{mod_name}.w_down")
                 size = module.intermediate_size
-                for e in range(module.num_experts):
-                    base = f"{mod_name}.experts.{e}"
-                    out[f"{base}.gate_proj.weight"] = module.w_gate_up.data[e, :size]
-                    out[f"{base}.up_proj.weight"] = module.w_gate_up.data[e, size:]
-                    out[f"{base}.down_proj.weight"] = module.w_down.data[e]
+                for i in range(module.num_local_experts):
+                    base = f"{mod_name}.experts.{module.expert_start + i}"
+                    out[f"{base}.gate_proj.weight"] = module.w_gate_up.data[i, :size]
+                    out[f"{base}.up_proj.weight"] = module.w_gate_up.data[i, size:]
+                    out[f"{base}.down_proj.weight"] = module.w_down.data[i]
         return out

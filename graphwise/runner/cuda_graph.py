@@ -5,6 +5,9 @@ smaller graphs then fit inside the pool the largest one reserved). A step of n s
 the smallest bucket >= n; the extra lanes are padding: token 0 at position 0, KV slot -1 (written
 nowhere) and context length 0 (read nothing). Inputs are copied into static buffers, so the
 replay path allocates nothing.
+
+Buckets listed in `eager_buckets` (released by the auto policy, or whose capture failed) run
+eagerly: a batch whose own bucket is one of them is not padded up into a larger graph.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +28,9 @@ if TYPE_CHECKING:
     from graphwise.runner.model_runner import ModelRunner, StepInputs
 
 logger = logging.getLogger(__name__)
+# One side stream per device for every capture of every runner (the auto policy builds several
+# runners): each new stream gets its own cuBLAS workspace, which lives as long as the process.
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def capture_sizes(max_bs: int) -> list[int]:
@@ -52,8 +59,10 @@ class CudaGraphRunner:
         config: EngineConfig,
         max_model_len: int,
         buckets: list[int] | None = None,
+        eager_buckets: Iterable[int] | None = None,
     ) -> None:
         self.runner = runner
+        self.eager_buckets = sorted(set(eager_buckets or ()))
         self.max_bs = min(config.cuda_graph_max_bs or config.max_num_seqs, config.max_num_seqs)
         self.buckets = sorted(buckets) if buckets else capture_sizes(self.max_bs)
         self.max_bs = self.buckets[-1]
@@ -86,17 +95,19 @@ class CudaGraphRunner:
 
     # ---- capture ----------------------------------------------------------------------
     @torch.inference_mode()
-    def capture(self, bs: int) -> None:
+    def capture(self, bs: int, warmup: int = 2) -> None:
         runner = self.runner
         meta = runner.backend.capture_metadata(bs)
         ctx = ForwardContext(meta, runner.backend, runner.kv_caches)
         ids, pos = self.input_ids[:bs], self.positions[:bs]
         if self._stream is None:  # one side stream for every capture (one cuBLAS workspace)
-            self._stream = torch.cuda.Stream(runner.device)
+            if runner.device not in _CAPTURE_STREAMS:
+                _CAPTURE_STREAMS[runner.device] = torch.cuda.Stream(runner.device)
+            self._stream = _CAPTURE_STREAMS[runner.device]
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(runner.device))
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: autotuning and lazy init happen outside the graph
+            for _ in range(warmup):  # autotuning and lazy init happen outside the graph
                 runner.model(ids, pos, ctx)
         torch.cuda.current_stream(runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -110,18 +121,21 @@ class CudaGraphRunner:
     def capture_all(self) -> CaptureStats:
         device = self.runner.device
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # so that free_before - free_after counts only what capture keeps
         free_before, _ = torch.cuda.mem_get_info(device)
         start = time.perf_counter()
         for bs in reversed(self.buckets):
             try:
                 self.capture(bs)
-            except torch.OutOfMemoryError as exc:  # this bucket runs eagerly instead
-                self.stats.failed[bs] = str(exc).splitlines()[0]
+            except RuntimeError as exc:  # out of memory or a failed capture: this bucket is eager
+                self.stats.failed[bs] = (str(exc).splitlines() or [type(exc).__name__])[0]
                 logger.warning("CUDA graph capture for batch %d failed (%s): eager", bs, exc)
+                torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # warm-up leftovers are not graph memory
         free_after, _ = torch.cuda.mem_get_info(device)
+        self.eager_buckets = sorted(set(self.eager_buckets) | set(self.stats.failed))
         self.buckets = sorted(self.graphs)
         self.stats.buckets = list(self.buckets)
         self.stats.seconds = time.perf_counter() - start
@@ -142,12 +156,23 @@ class CudaGraphRunner:
         for bs in list(self.graphs):
             if bs not in keep:
                 del self.graphs[bs], self.outputs[bs]
+                self.eager_buckets.append(bs)
+        self.eager_buckets = sorted(set(self.eager_buckets))
         self.buckets = sorted(self.graphs)
 
     # ---- replay -----------------------------------------------------------------------
     def bucket_for(self, n: int) -> int | None:
+        """The graph a batch of n replays: the smallest captured bucket >= n, unless an eager
+        bucket lies in between (n's own bucket was judged slower as a graph, or failed)."""
         i = bisect.bisect_left(self.buckets, n)
-        return self.buckets[i] if i < len(self.buckets) else None
+        if i == len(self.buckets):
+            return None
+        bucket = self.buckets[i]
+        if self.eager_buckets:
+            j = bisect.bisect_left(self.eager_buckets, n)
+            if j < len(self.eager_buckets) and self.eager_buckets[j] < bucket:
+                return None
+        return bucket
 
     def can_replay(self, inputs: StepInputs) -> bool:
         meta = inputs.meta

@@ -1,4 +1,11 @@
-"""How many KV blocks fit: weights, peak activations and graph memory first, the rest to KV."""
+"""How many KV blocks fit: weights, peak activations and graph memory first, the rest to KV.
+
+On CUDA the budget is `total x gpu_memory_utilization`; from it come, in order: what is already
+resident (weights, plus "other": the CUDA context, cuBLAS workspaces, anything else on the card),
+the activation peak of a worst-case prefill (profiled), the CUDA-graph pool (measured by capturing
+the buckets that will be kept, see runner/graph_policy.py), and the rest is the KV pool.
+`kv_cache_memory` (bytes) or `num_gpu_blocks_override` fix the KV pool instead.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from graphwise.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from graphwise.engine.engine import LLMEngine
+    from graphwise.runner.graph_policy import GraphPlan
     from graphwise.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -23,17 +31,85 @@ GRAPH_RESERVE_BYTES = 256 << 20  # held back for CUDA graphs until they are meas
 
 @dataclass
 class MemoryPlan:
+    """Bytes per component and the KV capacity they leave (`as_dict` is the structured summary)."""
+
     num_blocks: int
     block_bytes: int
     kv_bytes: int
     weights_bytes: int
     activation_peak_bytes: int = 0
-    graph_reserve_bytes: int = 0
+    graph_pool_bytes: int = 0
+    # "measured" (captured before sizing), "reserve" (a fixed guess), "none" (no graphs) or
+    # "unbudgeted" (the KV size was fixed by the user; graphs take what they take)
+    graph_pool_source: str = "none"
+    graph_pool_all_bytes: int | None = None  # what capturing every candidate bucket would take
+    other_bytes: int = 0  # resident besides the weights: CUDA context, workspaces
     total_bytes: int = 0
     utilization: float = 0.0
+    budget_bytes: int = 0  # total x utilization
+    block_size: int = 0
+    kv_tokens: int = 0
+    kv_tokens_gained: int | None = None  # versus holding back graph_pool_all_bytes
+    # what sized the KV pool: "utilization", "kv_cache_memory", "num_gpu_blocks_override" or
+    # "cpu_default"
+    kv_source: str = ""
 
-    def as_dict(self) -> dict[str, int | float]:
+    @property
+    def graph_reserve_bytes(self) -> int:  # the earlier name
+        return self.graph_pool_bytes
+
+    def as_dict(self) -> dict[str, int | float | str | None]:
         return asdict(self)
+
+    def summary_line(self) -> str:
+        gib = 2**30
+        kv = (
+            f"KV cache {self.kv_bytes / gib:.2f} GiB = {self.kv_tokens:,} tokens "
+            f"({self.num_blocks:,} blocks of {self.block_size})"
+        )
+        if self.kv_source != "utilization":
+            return (
+                f"Memory: weights {self.weights_bytes / gib:.2f} GiB; {kv}, set by {self.kv_source}"
+            )
+        line = (
+            f"Memory: {self.total_bytes / gib:.2f} GiB x {self.utilization:.2f} = "
+            f"{self.budget_bytes / gib:.2f} GiB: weights {self.weights_bytes / gib:.2f} GiB, "
+            f"other {self.other_bytes / gib:.2f} GiB, activation peak "
+            f"{self.activation_peak_bytes / gib:.2f} GiB, CUDA graphs "
+            f"{self.graph_pool_bytes / gib:.2f} GiB ({self.graph_pool_source}), {kv}"
+        )
+        if self.kv_tokens_gained:
+            line += (
+                f"; +{self.kv_tokens_gained:,} tokens versus capturing every bucket "
+                f"({(self.graph_pool_all_bytes or 0) / gib:.2f} GiB)"
+            )
+        return line
+
+
+def kv_budget_bytes(
+    total_bytes: int,
+    utilization: float,
+    used_bytes: int,
+    activation_peak_bytes: int,
+    graph_pool_bytes: int,
+) -> int:
+    """Bytes left for the KV pool: total x utilization minus what is resident (weights, context),
+    the activation peak and the graph pool; never negative."""
+    budget = int(total_bytes * utilization)
+    return max(0, budget - used_bytes - activation_peak_bytes - graph_pool_bytes)
+
+
+def kv_tokens_gained(
+    kv_budget: int,
+    graph_pool_bytes: int,
+    graph_pool_all_bytes: int,
+    block_bytes: int,
+    block_size: int,
+) -> int:
+    """KV tokens held because only `graph_pool_bytes` was held back for graphs, not the
+    `graph_pool_all_bytes` that capturing every bucket takes (whole blocks on both sides)."""
+    kv_all = max(0, kv_budget + graph_pool_bytes - graph_pool_all_bytes)
+    return (kv_budget // block_bytes - kv_all // block_bytes) * block_size
 
 
 def profile_peak_activation(runner: ModelRunner, num_tokens: int) -> int:
@@ -54,16 +130,28 @@ def profile_peak_activation(runner: ModelRunner, num_tokens: int) -> int:
     return peak
 
 
-def plan_kv_blocks(engine: LLMEngine, runner: ModelRunner) -> MemoryPlan:
+def plan_kv_blocks(
+    engine: LLMEngine, runner: ModelRunner, graphs: GraphPlan | None = None
+) -> MemoryPlan:
+    """Size the KV pool. `graphs` is the CUDA-graph plan made before (the auto decision, or the
+    measured pool of capturing everything); without one, graphs get a fixed reserve."""
     cfg = engine.config
     mc = engine.model_config
     block_bytes = mc.kv_bytes_per_token(engine.dtype) * cfg.block_size
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    plan = MemoryPlan(num_blocks=0, block_bytes=block_bytes, kv_bytes=0, weights_bytes=weights)
+    plan = MemoryPlan(
+        num_blocks=0,
+        block_bytes=block_bytes,
+        kv_bytes=0,
+        weights_bytes=weights,
+        block_size=cfg.block_size,
+    )
     if cfg.num_gpu_blocks_override is not None:
         plan.num_blocks = cfg.num_gpu_blocks_override
+        plan.kv_source = "num_gpu_blocks_override"
     elif cfg.kv_cache_memory is not None:
         plan.num_blocks = cfg.kv_cache_memory // block_bytes
+        plan.kv_source = "kv_cache_memory"
     elif engine.device.type != "cuda":
         # CPU: enough for every sequence at full length, capped, but never below one full-length
         # sequence (plus a block of slack).
@@ -71,30 +159,46 @@ def plan_kv_blocks(engine: LLMEngine, runner: ModelRunner) -> MemoryPlan:
         want = cfg.max_num_seqs * engine.max_model_len * per_token
         floor = (engine.max_model_len + cfg.block_size) * per_token
         plan.num_blocks = max(min(want, CPU_DEFAULT_KV_BYTES), floor) // block_bytes
+        plan.kv_source = "cpu_default"
     else:
-        free, total = torch.cuda.mem_get_info(engine.device)
-        plan.total_bytes = total
+        plan.kv_source = "utilization"
         plan.utilization = cfg.gpu_memory_utilization
+        if graphs is not None and graphs.pool_bytes is not None:
+            plan.graph_pool_bytes = graphs.pool_bytes
+            plan.graph_pool_source = "measured"
+            plan.graph_pool_all_bytes = graphs.pool_all_bytes
+        elif graphs is not None and not graphs.kept:
+            plan.graph_pool_source = "none"
+        elif cfg.use_cuda_graph != "off":
+            plan.graph_pool_bytes = GRAPH_RESERVE_BYTES
+            plan.graph_pool_source = "reserve"
         plan.activation_peak_bytes = profile_peak_activation(runner, engine.max_num_batched_tokens)
         free, total = torch.cuda.mem_get_info(engine.device)
         used = total - free  # weights + CUDA context + anything else on the card
-        graphs = 0 if cfg.use_cuda_graph == "off" else GRAPH_RESERVE_BYTES
-        plan.graph_reserve_bytes = graphs
-        budget = (
-            int(total * cfg.gpu_memory_utilization) - used - plan.activation_peak_bytes - graphs
+        plan.total_bytes = total
+        plan.budget_bytes = int(total * cfg.gpu_memory_utilization)
+        plan.other_bytes = max(0, used - weights)
+        budget = kv_budget_bytes(
+            total,
+            cfg.gpu_memory_utilization,
+            used,
+            plan.activation_peak_bytes,
+            plan.graph_pool_bytes,
         )
-        plan.num_blocks = max(0, budget // block_bytes)
+        plan.num_blocks = budget // block_bytes
+        if plan.graph_pool_all_bytes is not None:
+            plan.kv_tokens_gained = kv_tokens_gained(
+                budget,
+                plan.graph_pool_bytes,
+                plan.graph_pool_all_bytes,
+                block_bytes,
+                cfg.block_size,
+            )
+    if plan.kv_source != "utilization" and engine.device.type == "cuda":
+        plan.graph_pool_source = "none" if cfg.use_cuda_graph == "off" else "unbudgeted"
     plan.kv_bytes = plan.num_blocks * block_bytes
-    logger.info(
-        "Memory: weights %.2f GiB, activation peak %.2f GiB, graph reserve %.2f GiB, "
-        "KV cache %.2f GiB = %d blocks = %d tokens",
-        weights / 2**30,
-        plan.activation_peak_bytes / 2**30,
-        plan.graph_reserve_bytes / 2**30,
-        plan.kv_bytes / 2**30,
-        plan.num_blocks,
-        plan.num_blocks * cfg.block_size,
-    )
+    plan.kv_tokens = plan.num_blocks * cfg.block_size
+    logger.info(plan.summary_line())
     if plan.num_blocks < 1:
         raise ValueError(
             "no memory is left for the KV cache: raise gpu_memory_utilization or kv_cache_memory"

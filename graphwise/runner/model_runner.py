@@ -65,7 +65,8 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.backend: AttentionBackend = TorchAttentionBackend(scratch_slot=0)
-        self.graph_runner = None  # set by enable_cuda_graphs
+        self.graph_runner = None  # set by the engine when CUDA graphs are on
+        self.vocab_limit: int | None = None  # set when the tokenizer knows fewer ids than the model
         self.default_generator = torch.Generator(device=device).manual_seed(config.seed)
         self.steps_graph = 0
         self.steps_eager = 0
@@ -219,6 +220,8 @@ class ModelRunner:
         if not inputs.sample_seqs:
             return []
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
+        if self.vocab_limit is not None:  # ids past the tokenizer's vocabulary cannot be decoded
+            logits[:, self.vocab_limit :] = float("-inf")
         self._mask_min_tokens(logits, inputs.sample_seqs)
         params = self.sampling_tensors(inputs.sample_seqs)
         tokens = (

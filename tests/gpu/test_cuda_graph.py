@@ -61,13 +61,14 @@ def test_capture_stats_are_recorded(graph_llm):
     assert stats.seconds > 0 and not stats.failed
 
 
-def test_triton_and_torch_backends_agree():
-    from graphwise.engine.scheduler import ScheduledBatch  # noqa: F401
-
+@pytest.mark.parametrize("preset", ["qwen2.5-7b", "qwen2-57b-a14b"])
+def test_triton_and_torch_backends_agree(preset):
+    """Triton attention, norms, RoPE and (for the MoE preset) the fused MoE kernel against the
+    PyTorch path, on the same dummy weights."""
     outs = {}
     for backend in ("torch", "triton"):
         llm = LLM(
-            preset="qwen2.5-7b",
+            preset=preset,
             num_layers=2,
             max_model_len=256,
             max_num_seqs=8,

@@ -32,16 +32,12 @@ def test_default_answers_paris(default_llm):
 
 def test_default_greedy_tokens_equal_hf(default_llm, hf_default):
     tok, model = hf_default
-    prompts = [
-        "What is the capital of France?",
-        "Write a haiku about the sea.",
-        "List three prime numbers.",
-    ]
-    params = SamplingParams(temperature=0, max_tokens=24)
+    prompts = ["What is the capital of France?", "Write a haiku about the sea."]
+    params = SamplingParams(temperature=0, max_tokens=20)
     for prompt in prompts:
         ids = default_llm.apply_chat_template([{"role": "user", "content": prompt}])
         with torch.no_grad():
-            ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
         expected = ref[0, len(ids) :].tolist()
         got = default_llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
         assert got.outputs[0].token_ids == expected
