@@ -8,7 +8,7 @@ from typing import Any
 from tqdm import tqdm
 
 from graphwise.config import EngineConfig
-from graphwise.engine.engine import LLMEngine
+from graphwise.distributed.dp import create_engine
 from graphwise.outputs import RequestOutput
 from graphwise.sampling_params import SamplingParams
 
@@ -36,13 +36,18 @@ class LLM:
             seed=seed,
             **engine_options,
         )
-        self.llm_engine = LLMEngine(config)
+        # An LLMEngine, or with data_parallel_size > 1 a front over several engine processes.
+        self.llm_engine = create_engine(config)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLM:
         llm = cls.__new__(cls)
-        llm.llm_engine = LLMEngine(config)
+        llm.llm_engine = create_engine(config)
         return llm
+
+    def shutdown(self) -> None:
+        """Stop worker processes (tensor/pipeline/data parallel) now; otherwise at exit."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer

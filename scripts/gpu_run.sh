@@ -28,9 +28,14 @@ for step in "${steps[@]}"; do
         --compare "${LAT_COMPARE:-eager,graph,hf}" --output "$OUT/latency-h100.json" \
         2>&1 | tee "$OUT/latency.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
     explain)
+      # this H100 as it is, then emulating a 1.0 TB/s card (4090-like memory) on it
       timeout 300 python3 -m graphwise.cli explain --preset qwen2.5-7b \
-        --batch-sizes "${EXPLAIN_BATCH:-1,8,32,128}" --output-dir "$OUT" \
-        2>&1 | tee "$OUT/explain.log" | tail -25 || status=1 ;;
+        --batch-sizes "${EXPLAIN_BATCH:-1,8,32,128}" --output-dir "$OUT/explain" \
+        2>&1 | tee "$OUT/explain.log" | grep -v "it/s\]" | tail -25 || status=1
+      timeout 300 python3 -m graphwise.cli explain --preset qwen2.5-7b \
+        --batch-sizes "${EXPLAIN_BATCH:-1,8,32,128}" --emulate-bandwidth 1.0e12 \
+        --output-dir "$OUT/explain-1tbps" \
+        2>&1 | tee "$OUT/explain-1tbps.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
     sweep)
       timeout 560 python3 -m graphwise.cli bench sweep benchmarks/sweep-h100-device.yaml \
         --output-dir "$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" | grep -v "it/s\]" | tail -25 || status=1 ;;

@@ -24,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from graphwise.bench.datasets import allowed_token_ids, random_token_workload
 from graphwise.config import EngineConfig, add_engine_args, engine_config_from_args
 
@@ -196,7 +198,11 @@ def run(args: argparse.Namespace) -> int:
 
     logger.info("building LLM(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
     llm = LLM(**kwargs)
-    vocab = allowed_token_ids(llm.get_tokenizer())
+    tokenizer = llm.get_tokenizer()
+    if tokenizer is None:  # a preset with dummy weights: any id of the model's vocabulary
+        vocab = np.arange(llm.llm_engine.model_config.vocab_size, dtype=np.int64)
+    else:
+        vocab = allowed_token_ids(tokenizer)
     workload = random_token_workload(
         vocab, args.num_prompts, args.input_len_range, args.output_len_range, seed=config.seed
     )

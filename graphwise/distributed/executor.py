@@ -185,7 +185,7 @@ class _Cluster:
             except Exception:  # a dead worker: close() below kills whatever is left
                 logger.debug("shutdown broadcast failed", exc_info=True)
         if self.workers is not None:
-            self.workers.close()
+            self.workers.close(grace_s=0.0 if self.failed else 10.0)
         parallel_state.destroy()
 
 
@@ -390,10 +390,10 @@ class ParallelModelRunner(ModelRunner):
         cluster = self._cluster
         reports: list[str] = []
         if cluster.workers is not None:
-            reports = cluster.workers.collect_errors(wait_s=3.0)
+            reports = cluster.workers.collect_errors(wait_s=1.0)
         cluster.failed = True
         cluster.close()
-        detail = "\n".join(reports) if reports else f"{type(exc).__name__}: {exc}"
+        detail = "\n".join([f"rank 0: {type(exc).__name__}: {exc}", *reports])
         return RuntimeError(
             f"tensor/pipeline-parallel step failed (tp={self.ctx.tp_size}, "
             f"pp={self.ctx.pp_size}); the workers were stopped:\n{detail}"

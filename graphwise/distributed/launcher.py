@@ -162,7 +162,9 @@ def _launch_local(
             "this process already runs a tensor/pipeline-parallel engine: shut it down first"
         )
     device = rank_device(device, 0)
-    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timeout)
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False
+    )
     workers = LocalWorkers.spawn(config, world, store.port, device, dtype, timeout)
     try:
         start = time.perf_counter()
@@ -318,7 +320,11 @@ class LocalWorkers:
                         reports.append(f"rank {rank} exited (exit code {msg[1]})")
                     break
         for rank, proc in self.procs.items():
-            if not proc.is_alive() and not any(r.startswith(f"rank {rank} ") for r in reports):
+            if any(r.startswith(f"rank {rank} ") for r in reports):
+                continue
+            if proc.is_alive():
+                reports.append(f"rank {rank} is still running and did not answer (stuck?)")
+            else:
                 reports.append(f"rank {rank} exited (exit code {proc.exitcode})")
         return reports
 

@@ -52,9 +52,7 @@ def worker_main(
             conn.send(("error", rank, traceback.format_exc()))
         except Exception:
             pass
-        sys.stderr.flush()
-        os._exit(1)
-    os._exit(0)  # skip interpreter teardown: nothing is left to flush, and it can hang on CUDA
+        sys.exit(1)
 
 
 def _run(

@@ -153,7 +153,7 @@ def fused_moe(
     w_down: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    block_m: int = 16,
+    block_m: int | None = None,
     block_n: int = 64,
     block_k: int = 64,
     num_warps: int = 4,
@@ -170,6 +170,11 @@ def fused_moe(
     topk = topk_ids.shape[1]
     if t == 0:
         return torch.empty_like(x)
+    if block_m is None:
+        # Rows per expert block: small when few tokens reach each expert (padding waste), large
+        # when many do (fewer re-reads of the weight tiles). Shapes only: no host sync.
+        per_expert = t * topk / num_experts
+        block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
     sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
     pairs = t * topk
     inter = torch.empty(pairs, two_i, dtype=x.dtype, device=x.device)

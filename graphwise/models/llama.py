@@ -302,7 +302,9 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, PackedLinear):
                 prefix = module_name.rsplit(".", 1)[0]
                 for shard, (offset, size) in module.shard_offsets.items():
-                    out[f"{prefix}.{SHARD_NAMES[shard]}.{leaf}"] = param.data[offset : offset + size]
+                    out[f"{prefix}.{SHARD_NAMES[shard]}.{leaf}"] = param.data[
+                        offset : offset + size
+                    ]
             else:
                 out[pname] = param.data
         if self.config.tie_word_embeddings:

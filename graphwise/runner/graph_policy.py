@@ -47,9 +47,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DECISION_CONTEXT = 256  # tokens of context per sequence in the timed synthetic step
-WARMUP_STEPS = 3
+WARMUP_STEPS = 2
 TIMED_STEPS = 10  # per mode and bucket, at most (fewer when a step is slow)
-TIMING_BUDGET_S = 5.0  # for all timing (captures come on top)
+TIMING_BUDGET_S = 4.0  # for all timing (captures come on top)
 SCRATCH_KV_FRACTION = 0.2  # of free memory, at most, for the scratch KV cache
 
 
@@ -169,6 +169,31 @@ def next_refinement(candidates: Iterable[int], decisions: Sequence[BucketDecisio
             if between:
                 return between[len(between) // 2]
     return None
+
+
+def run_policy(
+    candidates: Sequence[int],
+    measure: Callable[[int], BucketTiming],
+    min_speedup: float,
+    out_of_time: Callable[[], bool] = lambda: False,
+) -> tuple[dict[int, BucketTiming], list[BucketDecision]]:
+    """The decision loop: measure the initial probes, then bisect between neighbours that
+    disagree, until nothing is left to refine or time is out (once something valid has been
+    measured); decide every candidate from what was measured."""
+    timings: dict[int, BucketTiming] = {}
+    queue = deque(initial_probes(candidates))
+    while True:
+        if queue:
+            bs = queue.popleft()
+        else:
+            bs = next_refinement(candidates, decide_buckets(candidates, timings, min_speedup))
+            if bs is None:
+                break
+        if out_of_time() and any(t.valid for t in timings.values()):
+            logger.info("CUDA graph decision: timing budget spent; the rest is interpolated")
+            break
+        timings[bs] = measure(bs)
+    return timings, decide_buckets(candidates, timings, min_speedup)
 
 
 def format_decision_table(decisions: Sequence[BucketDecision], min_speedup: float) -> str:
@@ -372,13 +397,13 @@ def plan_cuda_graphs(engine: LLMEngine) -> GraphPlan | None:
         )
     if plan.pool_bytes is not None:
         logger.info(
-            "CUDA graph pool measured in %.1f s: %.1f MiB for the %d kept graphs, %.1f MiB for "
-            "all %d",
+            "CUDA graph pool measured by capturing (%s plan, %.1f s in all): %.1f MiB for the %d "
+            "kept graphs, %.1f MiB for every bucket",
+            plan.mode,
             plan.seconds,
             plan.pool_bytes / 2**20,
             len(plan.kept),
             (plan.pool_all_bytes or 0) / 2**20,
-            len(candidates) - len([d for d in plan.decisions if d.source == "failed"]),
         )
     return plan
 
@@ -435,45 +460,35 @@ def _decide(engine: LLMEngine, plan: GraphPlan) -> None:
     from graphwise.runner.cuda_graph import CudaGraphRunner
 
     runner = engine.runner
-    device = engine.device
     graphs = CudaGraphRunner(runner, engine.config, engine.max_model_len, buckets=plan.candidates)
-    timings: dict[int, BucketTiming] = {}
     probes = initial_probes(plan.candidates)
+    failed: dict[int, BucketTiming] = {}
     for bs in sorted(probes, reverse=True):  # largest first: the smaller ones share its pool
         error = _try_capture(graphs, bs)
         if error is not None:
-            timings[bs] = BucketTiming(bs, error=error)
-    started = time.perf_counter()
-    deadline = started + TIMING_BUDGET_S
+            failed[bs] = BucketTiming(bs, error=error)
     per_bucket = TIMING_BUDGET_S / max(1, len(probes) + 2)
-    queue = deque(probes)
-    while True:
-        if queue:
-            bs = queue.popleft()
-            if bs in timings:
-                continue
-        else:
-            decisions = decide_buckets(plan.candidates, timings, plan.min_speedup)
-            refine = next_refinement(plan.candidates, decisions)
-            if refine is None:
-                break
-            bs = refine
-        if time.perf_counter() > deadline and any(t.valid for t in timings.values()):
-            logger.info("CUDA graph decision: timing budget spent; the rest is interpolated")
-            break
+
+    def measure(bs: int) -> BucketTiming:
+        if bs in failed:
+            return failed[bs]
         if bs not in graphs.graphs:
             error = _try_capture(graphs, bs)
             if error is not None:
-                timings[bs] = BucketTiming(bs, error=error)
-                continue
-        timings[bs] = _time_bucket(runner, graphs, bs, plan.context_len, device, per_bucket)
-        plan.timed.append(bs)
+                return BucketTiming(bs, error=error)
+        return _time_bucket(runner, graphs, bs, plan.context_len, engine.device, per_bucket)
+
+    started = time.perf_counter()
+    deadline = started + TIMING_BUDGET_S
+    timings, plan.decisions = run_policy(
+        plan.candidates, measure, plan.min_speedup, lambda: time.perf_counter() > deadline
+    )
     plan.timing_seconds = time.perf_counter() - started
-    plan.decisions = decide_buckets(plan.candidates, timings, plan.min_speedup)
+    plan.timed = sorted(bs for bs, t in timings.items() if t.valid)
     plan.kept = [d.batch_size for d in plan.decisions if d.keep]
     plan.eager_buckets = [d.batch_size for d in plan.decisions if not d.keep]
-    plan.timed.sort()
-    del graphs
+    graphs.graphs.clear()  # free the decision's graphs (and their pool) before measuring
+    graphs.outputs.clear()
 
 
 def _time_bucket(
@@ -501,23 +516,27 @@ def _time_bucket(
     return BucketTiming(bs, statistics.median(ms["eager"]), statistics.median(ms["graph"]))
 
 
-def _capture_measured(graphs: CudaGraphRunner, sizes: Iterable[int]) -> tuple[int, dict[int, str]]:
-    """Capture `sizes` largest first into the runner's pool; returns the device memory that
-    stayed taken and the sizes that failed."""
-    device = graphs.runner.device
-    failed: dict[int, str] = {}
+def _free_bytes(device: torch.device) -> int:
     torch.cuda.synchronize(device)
     gc.collect()
-    torch.cuda.empty_cache()
-    free_before, _ = torch.cuda.mem_get_info(device)
+    torch.cuda.empty_cache()  # cached blocks are not taken
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def _capture_measured(
+    graphs: CudaGraphRunner, sizes: Iterable[int], free_before: int | None = None
+) -> tuple[int, dict[int, str]]:
+    """Capture `sizes` largest first into the runner's pool; returns the device memory taken
+    since `free_before` (default: now) and the sizes that failed."""
+    device = graphs.runner.device
+    if free_before is None:
+        free_before = _free_bytes(device)
+    failed: dict[int, str] = {}
     for bs in sorted(sizes, reverse=True):
         error = _try_capture(graphs, bs, warmup=1)  # kernels are compiled and tuned by now
         if error is not None:
             failed[bs] = error
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    free_after, _ = torch.cuda.mem_get_info(device)
-    return max(0, free_before - free_after), failed
+    return max(0, free_before - _free_bytes(device)), failed
 
 
 def _measure_pools(engine: LLMEngine, plan: GraphPlan) -> None:
@@ -525,12 +544,13 @@ def _measure_pools(engine: LLMEngine, plan: GraphPlan) -> None:
     the kept graphs' pool, and what capturing every bucket takes."""
     from graphwise.runner.cuda_graph import CudaGraphRunner
 
-    gc.collect()
+    free_before = _free_bytes(engine.device)
+    # the runner's static buffers and attention workspace count as graph memory too
     graphs = CudaGraphRunner(
         engine.runner, engine.config, engine.max_model_len, buckets=plan.candidates
     )
     failed_before = {d.batch_size for d in plan.decisions if d.source == "failed"}
-    pool_kept, failed = _capture_measured(graphs, plan.kept)
+    pool_kept, failed = _capture_measured(graphs, plan.kept, free_before)
     rest = [b for b in plan.candidates if b not in plan.kept and b not in failed_before]
     pool_rest, _ = _capture_measured(graphs, rest)
     if failed:

@@ -105,12 +105,15 @@ class ModelRunner:
     def _upload(self, dtype: torch.dtype, *lists: list[int]) -> list[torch.Tensor]:
         """Copy several int lists to the device in one transfer (through a reused pinned buffer
         on CUDA: each separate small copy costs tens of microseconds of host time)."""
+        with torch.inference_mode():  # also when called outside a step (tests, profiling)
+            return self._upload_inner(dtype, lists)
+
+    def _upload_inner(self, dtype: torch.dtype, lists: tuple[list[int], ...]) -> list[torch.Tensor]:
         sizes = [len(x) for x in lists]
         flat = torch.tensor([v for x in lists for v in x], dtype=dtype)
         if not self._pin:
             return list(flat.to(self.device).split(sizes))
-        key = (dtype, self._staging_turn)
-        self._staging_turn ^= 1  # two buffers: a step may prepare while the last copy is in flight
+        key = dtype
         buf, done = self._staging.get(key, (None, None))
         if buf is None or buf.numel() < flat.numel():
             buf = torch.empty(max(1024, 2 * flat.numel()), dtype=dtype, pin_memory=True)

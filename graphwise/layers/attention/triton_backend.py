@@ -83,8 +83,13 @@ class TritonAttentionBackend(AttentionBackend):
         self.graph_max_bs = max_bs
 
     def init_workspace(
-        self, buckets: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
-        page_size: int, device: torch.device,
+        self,
+        buckets: list[int],
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        device: torch.device,
     ) -> None:
         """One split-K scratch buffer big enough for every captured bucket (shared by graphs)."""
         sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,454 @@
+"""Data parallelism: `data_parallel_size` engine replicas behind one front.
+
+Each replica is a full LLMEngine (itself tensor/pipeline parallel if asked) in its own process,
+on its own GPUs (CUDA_VISIBLE_DEVICES is narrowed to its slice). The front, DataParallelEngine,
+has the LLMEngine interface the offline API and the server use (add_request, step,
+abort_request, has_unfinished_requests, num_running/num_waiting, kv_usage, block_manager, stats,
+tokenizer, max_model_len, model_config) and routes each new request to the replica with the
+fewest unfinished requests (running + waiting, as the front counts them).
+
+Replicas run freely: each steps whenever it has work and sends its outputs back; the front's
+step() returns whatever outputs have arrived (waiting for at least one). Replicas share nothing,
+so DP costs no communication per decode step. To keep the pipes light, outputs of running
+requests travel without their prompt and full token list; the front rebuilds them from its own
+copy of the prompt and the streamed deltas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import multiprocessing.connection
+import os
+import sys
+import threading
+import time
+import traceback
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from graphwise.config import EngineConfig
+from graphwise.engine.engine import LLMEngine, resolve_device
+from graphwise.outputs import CompletionOutput, RequestOutput
+from graphwise.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def create_engine(config: EngineConfig) -> Any:
+    """An LLMEngine, or a DataParallelEngine front when data_parallel_size > 1."""
+    if config.data_parallel_size > 1:
+        return DataParallelEngine(config)
+    return LLMEngine(config)
+
+
+# ---- replica process -------------------------------------------------------------------------
+def _watch_parent_pid(parent_pid: int) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+@dataclass
+class _Load:
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    used_blocks: int = 0
+    total_blocks: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _load(engine: LLMEngine) -> _Load:
+    return _Load(
+        engine.num_running(),
+        engine.num_waiting(),
+        float(engine.kv_usage()),
+        engine.block_manager.num_used_blocks,
+        engine.block_manager.num_blocks,
+        dict(engine.stats),
+    )
+
+
+def _slim(out: RequestOutput) -> RequestOutput:
+    """What crosses the pipe: no prompt ids, and for a running request no cumulative text or
+    token list (the front rebuilds those from the deltas)."""
+    out.prompt_token_ids = []
+    if not out.finished:
+        o = out.outputs[0]
+        out.outputs[0] = CompletionOutput(o.index, "", [], o.finish_reason, o.stop_reason)
+    return out
+
+
+def replica_main(
+    index: int,
+    config: EngineConfig,
+    conn: Any,
+    parent_pid: int,
+    env: dict[str, str],
+    num_threads: int | None,
+) -> None:
+    os.environ.update(env)  # before CUDA initialises: this replica's GPUs only
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    threading.Thread(target=_watch_parent_pid, args=(parent_pid,), daemon=True).start()
+    try:
+        engine = LLMEngine(config)
+        conn.send(("ready", {"max_model_len": engine.max_model_len}))
+    except BaseException:
+        _report_and_exit(conn)
+    try:
+        _serve_replica(engine, conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the front is gone
+    except BaseException:
+        _report_and_exit(conn)
+    finally:
+        engine.shutdown()
+
+
+def _report_and_exit(conn: Any) -> None:
+    try:
+        conn.send(("error", traceback.format_exc()))
+    except Exception:
+        pass
+    sys.exit(1)
+
+
+def _serve_replica(engine: LLMEngine, conn: Any) -> None:
+    while True:
+        commands = []
+        if not engine.has_unfinished_requests():
+            commands.append(conn.recv())  # idle: wait (end-of-file when the front dies)
+        while conn.poll(0):
+            commands.append(conn.recv())
+        for cmd in commands:
+            kind = cmd[0]
+            if kind == "shutdown":
+                return
+            if kind == "abort":
+                engine.abort_request(cmd[1])
+            elif kind == "add":
+                _, rid, prompt, ids, params = cmd
+                try:
+                    engine.add_request(prompt, params, prompt_token_ids=ids, request_id=rid)
+                except ValueError as exc:
+                    conn.send(("rejected", rid, str(exc)))
+        if not engine.has_unfinished_requests():
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as exc:
+            # Like the server does with one engine: fail what this replica holds, keep going.
+            rids = list(engine.requests)
+            for rid in rids:
+                engine.abort_request(rid)
+            conn.send(("step_failed", f"{type(exc).__name__}: {exc}", rids, _load(engine)))
+            continue
+        conn.send(("outputs", [_slim(o) for o in outputs], _load(engine)))
+
+
+# ---- the front -------------------------------------------------------------------------------
+@dataclass
+class DPRequest:
+    request_id: str
+    replica: int
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+
+@dataclass
+class _Blocks:
+    num_used_blocks: int
+    num_blocks: int
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
+
+
+class _Replica:
+    def __init__(self, index: int, proc: Any, conn: Any) -> None:
+        self.index, self.proc, self.conn = index, proc, conn
+        self.unfinished = 0
+        self.load = _Load()
+        self.requests_routed = 0
+
+
+class _Replicas:
+    """The replica processes, for finalizers: stopped however the front goes away."""
+
+    def __init__(self) -> None:
+        self.replicas: list[_Replica] = []
+        self.closed = False
+
+    def close(self, grace_s: float = 30.0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for r in self.replicas:
+            try:
+                r.conn.send(("shutdown",))
+            except Exception:
+                pass
+        deadline = time.monotonic() + grace_s
+        for r in self.replicas:
+            r.proc.join(max(0.0, deadline - time.monotonic()))
+            if r.proc.is_alive():
+                r.proc.terminate()
+                r.proc.join(5.0)
+            if r.proc.is_alive():
+                r.proc.kill()
+                r.proc.join(2.0)
+            r.conn.close()
+
+
+def _replica_envs(config: EngineConfig) -> list[dict[str, str]]:
+    """Per replica: the CUDA devices it may see (its slice of this process's)."""
+    n = config.data_parallel_size
+    per = config.tensor_parallel_size * config.pipeline_parallel_size
+    device = resolve_device(config.device)
+    if device.type != "cuda":
+        return [{} for _ in range(n)]
+    from graphwise.distributed.launcher import check_device_count
+
+    check_device_count(n * per, device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = (
+        [v.strip() for v in visible.split(",") if v.strip()]
+        if visible
+        else [str(i) for i in range(torch.cuda.device_count())]
+    )
+    first = device.index or 0
+    return [
+        {"CUDA_VISIBLE_DEVICES": ",".join(ids[first + r * per : first + (r + 1) * per])}
+        for r in range(n)
+    ]
+
+
+class DataParallelEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from graphwise.distributed.launcher import (
+            check_parallel_config,
+            resolve_model_config,
+            torchrun_env,
+        )
+        from graphwise.models.loader import load_tokenizer, resolve_source
+
+        if torchrun_env() is not None:
+            raise ValueError("data_parallel_size > 1 is not supported under torchrun")
+        self.config = config
+        source = resolve_source(config)
+        self.model_name = source.name
+        self.model_config = resolve_model_config(config, source)
+        check_parallel_config(
+            self.model_config, config.tensor_parallel_size, config.pipeline_parallel_size
+        )
+        self.tokenizer = load_tokenizer(source, config)
+        n = config.data_parallel_size
+        replica_config = dataclasses.replace(config, data_parallel_size=1)
+        if resolve_device(config.device).type == "cuda":
+            replica_config = dataclasses.replace(replica_config, device="cuda")
+        envs = _replica_envs(config)
+        threads = (
+            max(1, (os.cpu_count() or 1) // (n * config.tensor_parallel_size))
+            if resolve_device(config.device).type == "cpu"
+            else None
+        )
+        self._pool = _Replicas()
+        weakref.finalize(self, self._pool.close)
+        self.replicas = self._pool.replicas
+        self.requests: dict[str, DPRequest] = {}
+        self._ids = itertools.count()
+        import torch.multiprocessing as mp
+
+        mpctx = mp.get_context("spawn")
+        start = time.perf_counter()
+        for i in range(n):
+            parent_end, child_end = mpctx.Pipe(duplex=True)
+            proc = mpctx.Process(
+                target=replica_main,
+                args=(i, replica_config, child_end, os.getpid(), envs[i], threads),
+                name=f"graphwise-dp{i}",
+                daemon=False,  # it may spawn its own tensor-parallel workers
+            )
+            proc.start()
+            child_end.close()
+            self.replicas.append(_Replica(i, proc, parent_end))
+        try:
+            infos = [self._wait_ready(r) for r in self.replicas]
+        except BaseException:
+            self._pool.close(grace_s=0.0)
+            raise
+        self.max_model_len = infos[0]["max_model_len"]
+        logger.info(
+            "Data parallel: %d replicas (tp=%d, pp=%d each) ready in %.1f s",
+            n,
+            config.tensor_parallel_size,
+            config.pipeline_parallel_size,
+            time.perf_counter() - start,
+        )
+
+    def _wait_ready(self, r: _Replica) -> dict[str, Any]:
+        msg = self._recv(r)
+        if msg[0] != "ready":
+            raise RuntimeError(f"data-parallel replica {r.index} failed to start:\n{msg[1]}")
+        return msg[1]
+
+    def _recv(self, r: _Replica) -> Any:
+        try:
+            return r.conn.recv()
+        except (EOFError, OSError):
+            r.proc.join(1.0)
+            return ("error", f"the process exited (exit code {r.proc.exitcode})")
+
+    # ---- requests -----------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return LLMEngine.tokenize(self, prompt)  # type: ignore[arg-type]
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        # The same checks as one engine's (they read model_config and max_model_len only).
+        LLMEngine.validate_prompt(self, ids)  # type: ignore[arg-type]
+
+    def add_request(
+        self,
+        prompt: str | None,
+        sampling_params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+    ) -> DPRequest:
+        self._check_open()
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams")
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            prompt_token_ids = self.tokenize(prompt)
+        self.validate_prompt(prompt_token_ids)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        replica = min(self.replicas, key=lambda r: r.unfinished)  # least loaded, lowest index
+        replica.conn.send(("add", request_id, prompt, prompt_token_ids, params))
+        replica.unfinished += 1
+        replica.requests_routed += 1
+        req = DPRequest(request_id, replica.index, list(prompt_token_ids))
+        self.requests[request_id] = req
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        replica = self.replicas[req.replica]
+        replica.unfinished -= 1
+        if not self._pool.closed:
+            try:
+                replica.conn.send(("abort", request_id))
+            except OSError:
+                pass
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """The outputs that replicas have sent since the last call (waits for at least one
+        message when requests are in flight)."""
+        self._check_open()
+        busy = [r.conn for r in self.replicas if r.unfinished > 0]
+        if not busy:
+            return []
+        ready = multiprocessing.connection.wait(busy)
+        outputs: list[RequestOutput] = []
+        failure: str | None = None
+        for r in self.replicas:
+            if r.conn not in ready:
+                continue
+            while True:
+                try:
+                    if not r.conn.poll(0):
+                        break
+                except (EOFError, OSError):
+                    break
+                msg = self._recv(r)
+                kind = msg[0]
+                if kind == "outputs":
+                    r.load = msg[2]
+                    for out in msg[1]:
+                        restored = self._restore(out)
+                        if restored is not None:
+                            outputs.append(restored)
+                elif kind == "step_failed":
+                    r.load = msg[3]
+                    for rid in msg[2]:
+                        if self.requests.pop(rid, None) is not None:
+                            r.unfinished -= 1
+                    failure = f"replica {r.index}: {msg[1]}"
+                elif kind == "rejected":
+                    if self.requests.pop(msg[1], None) is not None:
+                        r.unfinished -= 1
+                    failure = f"replica {r.index} rejected request {msg[1]}: {msg[2]}"
+                else:  # "error": the replica died
+                    self._pool.close(grace_s=0.0)
+                    raise RuntimeError(f"data-parallel replica {r.index} failed:\n{msg[1]}")
+        if failure is not None:
+            raise RuntimeError(f"engine step failed on {failure}")
+        return outputs
+
+    def _restore(self, out: RequestOutput) -> RequestOutput | None:
+        req = self.requests.get(out.request_id)
+        if req is None:
+            return None  # aborted while this output was on its way
+        out.prompt_token_ids = req.prompt_token_ids
+        req.token_ids.extend(out.delta_token_ids)
+        req.text += out.delta_text
+        if out.finished:
+            del self.requests[out.request_id]
+            self.replicas[req.replica].unfinished -= 1
+        else:
+            o = out.outputs[0]
+            out.outputs[0] = dataclasses.replace(o, text=req.text, token_ids=list(req.token_ids))
+        return out
+
+    # ---- introspection / lifecycle ------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._pool.closed:
+            raise RuntimeError("the data-parallel engine is shut down")
+
+    def shutdown(self) -> None:
+        self._pool.close()
+
+    def num_running(self) -> int:
+        return sum(r.load.running for r in self.replicas)
+
+    def num_waiting(self) -> int:
+        counted = sum(r.load.running + r.load.waiting for r in self.replicas)
+        # Requests the replicas have not reported yet count as waiting.
+        return sum(r.load.waiting for r in self.replicas) + max(0, len(self.requests) - counted)
+
+    def kv_usage(self) -> float:
+        return self.block_manager.usage
+
+    @property
+    def block_manager(self) -> _Blocks:
+        return _Blocks(
+            sum(r.load.used_blocks for r in self.replicas),
+            sum(r.load.total_blocks for r in self.replicas),
+        )
+
+    @property
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for r in self.replicas:
+            for k, v in r.load.stats.items():
+                total[k] = total.get(k, 0) + v
+        return total

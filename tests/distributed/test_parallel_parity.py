@@ -1,0 +1,131 @@
+"""TP / PP / DP on CPU (gloo, one process per rank): the same greedy tokens as HF transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphwise import SamplingParams
+from tests.conftest import hf_greedy
+from tests.distributed.conftest import GREEDY, generate, prompts, worker_pids
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir):
+    cache: dict[str, list[list[int]]] = {}
+
+    def get(arch: str) -> list[list[int]]:
+        if arch not in cache:
+            cache[arch] = hf_greedy(tiny_model_dir(arch), prompts(), GREEDY.max_tokens)
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "arch, tp, pp",
+    [
+        ("llama", 2, 1),
+        ("qwen2", 2, 1),
+        ("qwen2-moe", 2, 1),
+        ("llama", 1, 2),
+        ("qwen2-moe", 1, 2),
+        ("llama-tied", 2, 2),
+    ],
+)
+def test_tp_pp_greedy_tokens_match_hf(arch, tp, pp, tiny_model_dir, expected, make_llm):
+    llm = make_llm(tiny_model_dir(arch), tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    assert len(worker_pids(llm)) == tp * pp - 1
+    assert generate(llm, prompts()) == expected(arch)
+    assert llm.llm_engine.block_manager.num_used_blocks == 0
+
+
+def test_tp_replicated_kv_head_matches_hf(tiny_single_kv_dir, make_llm):
+    ps = [[t % 509 for t in p] for p in prompts(5)]
+    llm = make_llm(tiny_single_kv_dir, tensor_parallel_size=2)
+    runner = llm.llm_engine.runner
+    assert runner.model_config.num_key_value_heads == 1  # one head, on both ranks
+    assert runner.kv_caches[0][0].shape[2] == 1
+    assert generate(llm, ps) == hf_greedy(tiny_single_kv_dir, ps, GREEDY.max_tokens)
+
+
+def test_tp_with_chunked_prefill_prefix_cache_and_preemption(tiny_model_dir, make_llm):
+    """Block tables that grow, restart (preemption) and share cached blocks reach the workers."""
+    path = tiny_model_dir("llama")
+    ps = prompts(2)
+    want = hf_greedy(path, ps, GREEDY.max_tokens)
+    llm = make_llm(
+        path,
+        tensor_parallel_size=2,
+        num_gpu_blocks_override=12,
+        max_num_batched_tokens=24,
+        max_model_len=80,
+    )
+    assert generate(llm, [ps[2]]) == [want[2]]
+    assert generate(llm, ps) == want
+    engine = llm.llm_engine
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_tp_prompt_logits_and_seeded_sampling_match_single_device(tiny_model_dir, make_llm):
+    path = tiny_model_dir("qwen2-moe")
+    ids = prompts(3)[4]
+    single = make_llm(path)
+    tp = make_llm(path, tensor_parallel_size=2)
+    logits = []
+    for llm in (single, tp):
+        engine = llm.llm_engine
+        seq = engine.add_request(None, GREEDY, prompt_token_ids=ids)
+        logits.append(engine.runner.prompt_logits(engine.scheduler.schedule()))
+        engine.abort_request(seq.request_id)
+    assert logits[1].shape == logits[0].shape == (len(ids), 512)
+    assert (logits[1] - logits[0]).abs().max().item() < 1e-4
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True)
+    ps = prompts(4)[:3]
+    assert generate(tp, ps, seeded) == generate(single, ps, seeded)
+
+
+def test_dp_splits_the_batch_and_matches_hf(tiny_model_dir, expected, make_llm):
+    llm = make_llm(tiny_model_dir("qwen2"), data_parallel_size=2)
+    engine = llm.llm_engine
+    assert generate(llm, prompts()) == expected("qwen2")
+    assert [r.requests_routed for r in engine.replicas] == [3, 2]
+    assert not engine.has_unfinished_requests()
+    assert engine.stats["generation_tokens"] == 5 * GREEDY.max_tokens
+    assert engine.block_manager.num_blocks > 0 and engine.kv_usage() == 0.0
+    # Streaming-style use, as the server drives an engine: deltas, abort, load counts.
+    a = engine.add_request(None, GREEDY, prompt_token_ids=prompts()[0])
+    b = engine.add_request(None, GREEDY, prompt_token_ids=prompts()[1])
+    assert (a.replica, b.replica) == (0, 1)
+    assert engine.abort_request(b.request_id) and not engine.abort_request(b.request_id)
+    seen: list[int] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == a.request_id
+            seen.extend(out.delta_token_ids)
+            assert out.outputs[0].token_ids == seen
+            assert out.prompt_token_ids == prompts()[0]
+    assert seen == expected("qwen2")[0]
+    with pytest.raises(ValueError, match="not a token id"):
+        engine.add_request(None, GREEDY, prompt_token_ids=[512])
+
+
+def test_dp_of_tp_replicas(tiny_model_dir, expected, make_llm):
+    llm = make_llm(tiny_model_dir("llama"), data_parallel_size=2, tensor_parallel_size=2)
+    assert generate(llm, prompts()) == expected("llama")
+
+
+def test_engine_rejects_bad_sizes(tiny_model_dir):
+    from graphwise import LLM
+
+    path = str(tiny_model_dir("llama"))
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the 4 attention"):
+        LLM(model=path, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=3 exceeds the model's 2 layers"):
+        LLM(model=path, pipeline_parallel_size=3)
+    with pytest.raises(ValueError, match="does not divide the 4 attention"):
+        LLM(model=path, tensor_parallel_size=8, data_parallel_size=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            LLM(model=path, tensor_parallel_size=2, device="cuda")

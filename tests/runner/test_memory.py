@@ -1,0 +1,181 @@
+"""Memory arithmetic: the KV budget, the tokens gained by releasing graphs, and the plan (the CUDA
+branch with the device queries faked, so it runs on CPU)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from graphwise.config import EngineConfig
+from graphwise.runner import memory
+from graphwise.runner.graph_policy import GraphPlan
+from graphwise.runner.memory import (
+    GRAPH_RESERVE_BYTES,
+    MemoryPlan,
+    kv_budget_bytes,
+    kv_tokens_gained,
+    plan_kv_blocks,
+)
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    "total, util, used, act, graphs, expected",
+    [
+        (80 * GiB, 0.9, 16 * GiB, 2 * GiB, 512 * MiB, int(80 * GiB * 0.9) - 18 * GiB - 512 * MiB),
+        (80 * GiB, 0.9, 16 * GiB, 2 * GiB, 0, int(80 * GiB * 0.9) - 18 * GiB),
+        (24 * GiB, 0.9, 16 * GiB, 4 * GiB, 1 * GiB, int(24 * GiB * 0.9) - 21 * GiB),
+        (16 * GiB, 0.5, 15 * GiB, 1 * GiB, 0, 0),  # over budget: nothing left, never negative
+        (100, 1.0, 0, 0, 0, 100),
+    ],
+)
+def test_kv_budget_bytes(total, util, used, act, graphs, expected):
+    assert kv_budget_bytes(total, util, used, act, graphs) == expected
+
+
+@pytest.mark.parametrize(
+    "budget, pool, pool_all, block_bytes, block_size, expected",
+    [
+        (10_000, 0, 0, 100, 16, 0),  # no graphs either way
+        (10_000, 0, 1_000, 100, 16, 10 * 16),  # released everything: 1000 bytes = 10 blocks
+        (10_000, 200, 1_000, 100, 16, 8 * 16),  # kept part of the pool
+        (10_050, 0, 1_020, 100, 16, (100 - 90) * 16),  # whole blocks on both sides
+        (500, 0, 2_000, 100, 16, 5 * 16),  # capturing everything would have left no KV at all
+    ],
+)
+def test_kv_tokens_gained(budget, pool, pool_all, block_bytes, block_size, expected):
+    assert kv_tokens_gained(budget, pool, pool_all, block_bytes, block_size) == expected
+
+
+# ---- plan_kv_blocks -------------------------------------------------------------------------
+class _MC:
+    num_hidden_layers = 4
+
+    def kv_bytes_per_token(self, dtype):  # 4 layers x K,V x 2 heads x 8 dims x 4 bytes
+        return 4 * 2 * 2 * 8 * 4
+
+
+def _engine(device="cpu", **cfg):
+    cfg.setdefault("max_num_seqs", 4)
+    config = EngineConfig(**cfg)
+    return SimpleNamespace(
+        config=config,
+        model_config=_MC(),
+        dtype=torch.float32,
+        device=torch.device(device),
+        max_model_len=64,
+        max_num_batched_tokens=128,
+    )
+
+
+RUNNER = SimpleNamespace(model=nn.Linear(16, 16, bias=False))  # 1 KiB of weights
+WEIGHTS = 16 * 16 * 4
+PER_TOKEN = 4 * 2 * 2 * 8 * 4  # bytes of KV per token (_MC)
+BLOCK_BYTES = PER_TOKEN * 16
+
+
+def test_cpu_default_plan():
+    plan = plan_kv_blocks(_engine(), RUNNER)
+    # min(4 seqs x 64 tokens, 512 MiB) but at least 64 + 16 tokens
+    assert plan.num_blocks == 4 * 64 * PER_TOKEN // BLOCK_BYTES
+    assert plan.kv_tokens == plan.num_blocks * 16
+    assert plan.kv_source == "cpu_default" and plan.weights_bytes == WEIGHTS
+    assert plan.graph_pool_source == "none"
+
+
+@pytest.mark.parametrize(
+    "cfg, blocks, source",
+    [
+        ({"kv_cache_memory": 10 * BLOCK_BYTES + 5}, 10, "kv_cache_memory"),
+        ({"num_gpu_blocks_override": 7}, 7, "num_gpu_blocks_override"),
+    ],
+)
+def test_user_fixed_kv_size(cfg, blocks, source):
+    plan = plan_kv_blocks(_engine(**cfg), RUNNER)
+    assert (plan.num_blocks, plan.kv_source) == (blocks, source)
+    assert plan.kv_bytes == blocks * BLOCK_BYTES
+    assert "set by " + source in plan.summary_line()
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The CUDA branch with 1 GiB on the card, 100 MiB of it in use, 10 MiB activation peak."""
+    monkeypatch.setattr(
+        memory.torch.cuda, "mem_get_info", lambda device=None: (GiB - 100 * MiB, GiB)
+    )
+    monkeypatch.setattr(memory, "profile_peak_activation", lambda runner, n: 10 * MiB)
+
+
+def _expected_blocks(graph_bytes):
+    return (int(GiB * 0.9) - 100 * MiB - 10 * MiB - graph_bytes) // BLOCK_BYTES
+
+
+def test_cuda_plan_with_measured_graph_pool(fake_cuda):
+    graphs = GraphPlan(
+        mode="auto", candidates=[1, 2, 4], kept=[1, 2], pool_bytes=8 * MiB, pool_all_bytes=40 * MiB
+    )
+    plan = plan_kv_blocks(_engine("cuda"), RUNNER, graphs)
+    assert plan.num_blocks == _expected_blocks(8 * MiB)
+    assert plan.graph_pool_bytes == 8 * MiB and plan.graph_pool_source == "measured"
+    assert plan.kv_tokens_gained == (_expected_blocks(8 * MiB) - _expected_blocks(40 * MiB)) * 16
+    assert plan.other_bytes == 100 * MiB - WEIGHTS
+    assert plan.activation_peak_bytes == 10 * MiB
+    parts = (
+        plan.weights_bytes
+        + plan.other_bytes
+        + plan.activation_peak_bytes
+        + plan.graph_pool_bytes
+        + plan.kv_bytes
+    )
+    assert 0 <= plan.budget_bytes - parts < BLOCK_BYTES  # the budget is spent to the block
+    line = plan.summary_line()
+    assert "CUDA graphs 0.01 GiB (measured)" in line and "tokens versus capturing every" in line
+
+
+def test_cuda_plan_releasing_every_graph_gains_the_whole_pool(fake_cuda):
+    graphs = GraphPlan(
+        mode="auto", candidates=[1, 2], kept=[], pool_bytes=0, pool_all_bytes=32 * MiB
+    )
+    plan = plan_kv_blocks(_engine("cuda"), RUNNER, graphs)
+    assert plan.graph_pool_bytes == 0
+    assert plan.num_blocks == _expected_blocks(0)
+    assert plan.kv_tokens_gained == 32 * MiB // BLOCK_BYTES * 16
+
+
+def test_cuda_plan_without_a_measurement_reserves(fake_cuda):
+    plan = plan_kv_blocks(_engine("cuda", cuda_graph="on"), RUNNER, None)
+    assert plan.graph_pool_source == "reserve"
+    assert plan.num_blocks == _expected_blocks(GRAPH_RESERVE_BYTES)
+    assert plan.kv_tokens_gained is None
+
+
+def test_cuda_plan_with_graphs_off(fake_cuda):
+    plan = plan_kv_blocks(_engine("cuda", cuda_graph="off"), RUNNER, None)
+    assert plan.graph_pool_source == "none" and plan.num_blocks == _expected_blocks(0)
+
+
+def test_cuda_plan_with_no_room_raises(monkeypatch):
+    monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device=None: (0, GiB))
+    monkeypatch.setattr(memory, "profile_peak_activation", lambda runner, n: 0)
+    with pytest.raises(ValueError, match="no memory is left"):
+        plan_kv_blocks(_engine("cuda"), RUNNER, None)
+
+
+def test_memory_plan_dict_has_every_component():
+    d = MemoryPlan(num_blocks=1, block_bytes=2, kv_bytes=2, weights_bytes=3).as_dict()
+    for key in (
+        "weights_bytes",
+        "other_bytes",
+        "activation_peak_bytes",
+        "graph_pool_bytes",
+        "kv_bytes",
+        "kv_tokens",
+        "budget_bytes",
+        "kv_tokens_gained",
+    ):
+        assert key in d
