@@ -42,6 +42,8 @@ for step in "${steps[@]}"; do
     offline)
       timeout 300 python3 -m graphwise.cli bench offline --preset qwen2.5-7b --max-model-len 4096 \
         --output "$OUT/offline-h100.json" 2>&1 | tee "$OUT/offline.log" | grep -v "it/s\]" | tail -15 || status=1 ;;
+    capture)
+      timeout 200 python3 benchmarks/capture_bench.py --output "$OUT/capture-h100.json" 2>&1 | tee "$OUT/capture.log" | tail -3 || status=1 ;;
     moe)
       timeout 200 python3 benchmarks/moe_bench.py --output "$OUT/moe-h100.json" 2>&1 | tee "$OUT/moe.log" | tail -10 || status=1 ;;
     kernels)
