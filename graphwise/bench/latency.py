@@ -158,6 +158,8 @@ def measure_hf(
     out = _summary(steps, stamps[0] - start, 0)
     if static:
         out["warmup_s"] = warm
+    out["hf_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    out["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     out["_steps"] = steps
     return out
 
