@@ -240,6 +240,14 @@ class ParallelModelRunner(ModelRunner):
     def alive(self) -> bool:
         return not self._cluster.closed
 
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV bytes one token takes on this rank: its KV heads, its stage's layers (memory
+        planning should divide a GPU's budget by this, not by the whole model's)."""
+        mc = self.model_config
+        start, end = self.layer_range
+        elem = torch.empty(0, dtype=dtype).element_size()
+        return 2 * (end - start) * mc.num_key_value_heads * mc.head_dim * elem
+
     # ---- every rank -------------------------------------------------------------------------
     def serve(self) -> None:
         """A worker's loop: follow rank 0's control messages until it says shutdown."""
@@ -364,7 +372,7 @@ class ParallelModelRunner(ModelRunner):
         dist.all_gather_object(everyone, graphs.buckets, group=parallel_state.control_group())
         keep = set.intersection(*(set(b) for b in everyone))
         graphs.release(keep)  # a bucket one rank could not capture replays nowhere
-        self.graph_runner = graphs
+        self.graph_runner = graphs if graphs.graphs else None
 
     # ---- driver plumbing --------------------------------------------------------------------
     def _broadcast(self, message: tuple[str, Any]) -> None:

@@ -358,3 +358,15 @@ def test_bad_batch_sizes_are_rejected(sizes, capsys):
 
     assert main(["explain", "--batch-sizes", sizes, "--device", "cpu"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_console_table_has_a_row_and_a_reason_per_batch():
+    from graphwise.insight.explain import format_report
+
+    text = format_report(_report())
+    lines = text.splitlines()
+    assert "H100" in lines[0] and "3.02 TB/s" in lines[0]
+    row = next(line for line in lines if line.strip().startswith("1 "))
+    for value in ("1254", "13.00", "5.60", "61", "14.40", "6.40", "2.27", "2.25", "graph"):
+        assert value in row, (value, row)
+    assert lines[-1] == "batch 1: launch-bound: ..."
