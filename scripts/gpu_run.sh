@@ -20,7 +20,7 @@ status=0
 for step in "${steps[@]}"; do
   case "$step" in
     tests)
-      timeout 300 python3 -m pytest tests/kernels tests/gpu -m gpu -q -p no:cacheprovider \
+      timeout 300 python3 -m pytest ${TEST_PATHS:-tests/kernels tests/gpu} -m gpu -q -p no:cacheprovider \
         2>&1 | tee "$OUT/gpu-tests.log" | tail -15 || status=1 ;;
     latency)
       timeout 420 python3 -m graphwise.cli bench latency --preset qwen2.5-7b \
