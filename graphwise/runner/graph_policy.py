@@ -312,10 +312,13 @@ def time_steps(
     warmup: int = WARMUP_STEPS,
     reps: int = TIMED_STEPS,
     budget_s: float | None = None,
+    enqueue_out: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Milliseconds per call of each step, the steps alternating, the device idle before each
     call (like the engine's steps, which end in a host sync). CUDA events on CUDA, wall time
-    otherwise. With `budget_s`, fewer repetitions (at least 3) when one round is slow."""
+    otherwise. With `budget_s`, fewer repetitions (at least 3) when one round is slow. With
+    `enqueue_out`, also the host time of each same call up to its return, before the sync (the
+    CPU enqueue time): pairing the two per call keeps host-speed drift out of their comparison."""
     out: dict[str, list[float]] = {name: [] for name in steps}
     cuda = device.type == "cuda"
     if cuda:
@@ -331,9 +334,12 @@ def time_steps(
     while rep < reps:
         for name, fn in steps.items():
             if cuda:
+                t = time.perf_counter()
                 start.record()
                 fn()
                 end.record()
+                if enqueue_out is not None:
+                    enqueue_out.setdefault(name, []).append((time.perf_counter() - t) * 1e3)
                 end.synchronize()
                 out[name].append(start.elapsed_time(end))
             else:
