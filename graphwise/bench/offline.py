@@ -28,6 +28,7 @@ import numpy as np
 
 from graphwise.bench.datasets import allowed_token_ids, random_token_workload
 from graphwise.config import EngineConfig, add_engine_args, engine_config_from_args
+from graphwise.insight.system import git_commit
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_second": (total_input + total_output) / elapsed,
         "device": device,
         "versions": versions,
+        "git_commit": git_commit(),
         "command": " ".join(sys.argv),
     }
     print(format_result(result))
