@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from graphwise.config import EngineConfig
-from graphwise.engine.engine import LLMEngine, resolve_device
+from graphwise.engine.engine import LLMEngine, check_request, resolve_device
 from graphwise.outputs import CompletionOutput, RequestOutput
 from graphwise.sampling_params import SamplingParams
 
@@ -324,17 +324,9 @@ class DataParallelEngine:
         request_id: str | None = None,
     ) -> DPRequest:
         self._check_open()
-        params = sampling_params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError("sampling_params must be a SamplingParams")
-        if prompt_token_ids is None:
-            if not isinstance(prompt, str):
-                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-            prompt_token_ids = self.tokenize(prompt)
-        self.validate_prompt(prompt_token_ids)
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        params, prompt_token_ids, request_id = check_request(
+            self, prompt, sampling_params, prompt_token_ids, request_id
+        )
         replica = min(self.replicas, key=lambda r: r.unfinished)  # least loaded, lowest index
         replica.conn.send(("add", request_id, prompt, prompt_token_ids, params))
         replica.unfinished += 1

@@ -58,6 +58,29 @@ def resolve_dtype(name: str, device: torch.device, config_dtype: torch.dtype | N
     return torch.bfloat16
 
 
+def check_request(
+    front: Any,
+    prompt: str | None,
+    sampling_params: SamplingParams | None,
+    prompt_token_ids: list[int] | None,
+    request_id: str | None,
+) -> tuple[SamplingParams, list[int], str]:
+    """Validate a new request and fill in its defaults; shared by LLMEngine and the
+    data-parallel front (`front` has tokenize, validate_prompt, requests and _ids)."""
+    params = sampling_params or SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ValueError("sampling_params must be a SamplingParams")
+    if prompt_token_ids is None:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        prompt_token_ids = front.tokenize(prompt)
+    front.validate_prompt(prompt_token_ids)
+    request_id = request_id if request_id is not None else str(next(front._ids))
+    if request_id in front.requests:
+        raise ValueError(f"request_id {request_id!r} is already in use")
+    return params, prompt_token_ids, request_id
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -198,17 +221,9 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
     ) -> Sequence:
-        params = sampling_params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError("sampling_params must be a SamplingParams")
-        if prompt_token_ids is None:
-            if not isinstance(prompt, str):
-                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-            prompt_token_ids = self.tokenize(prompt)
-        self.validate_prompt(prompt_token_ids)
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        params, prompt_token_ids, request_id = check_request(
+            self, prompt, sampling_params, prompt_token_ids, request_id
+        )
         seq = Sequence(request_id, prompt, prompt_token_ids, params, self.eos_token_ids)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
