@@ -136,8 +136,9 @@ def plan_kv_blocks(
     """Size the KV pool. `graphs` is the CUDA-graph plan made before (the auto decision, or the
     measured pool of capturing everything); without one, graphs get a fixed reserve."""
     cfg = engine.config
-    mc = engine.model_config
-    block_bytes = mc.kv_bytes_per_token(engine.dtype) * cfg.block_size
+    # Per device: under tensor/pipeline parallelism a rank holds only its KV heads and layers.
+    per_token = runner.kv_bytes_per_token(engine.dtype)
+    block_bytes = per_token * cfg.block_size
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     plan = MemoryPlan(
         num_blocks=0,
@@ -155,7 +156,6 @@ def plan_kv_blocks(
     elif engine.device.type != "cuda":
         # CPU: enough for every sequence at full length, capped, but never below one full-length
         # sequence (plus a block of slack).
-        per_token = mc.kv_bytes_per_token(engine.dtype)
         want = cfg.max_num_seqs * engine.max_model_len * per_token
         floor = (engine.max_model_len + cfg.block_size) * per_token
         plan.num_blocks = max(min(want, CPU_DEFAULT_KV_BYTES), floor) // block_bytes

@@ -77,6 +77,10 @@ class ModelRunner:
         self._staging_turn = 0
 
     # ---- KV cache ---------------------------------------------------------------------
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV bytes of one token on this device (the parallel runner counts its shard only)."""
+        return self.model_config.kv_bytes_per_token(dtype)
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One (k, v) pair per layer, plus one scratch block that padding lanes write into."""
         mc = self.model_config

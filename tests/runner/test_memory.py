@@ -73,7 +73,10 @@ def _engine(device="cpu", **cfg):
     )
 
 
-RUNNER = SimpleNamespace(model=nn.Linear(16, 16, bias=False))  # 1 KiB of weights
+RUNNER = SimpleNamespace(  # 1 KiB of weights
+    model=nn.Linear(16, 16, bias=False),
+    kv_bytes_per_token=lambda dtype: _MC().kv_bytes_per_token(dtype),
+)
 WEIGHTS = 16 * 16 * 4
 PER_TOKEN = 4 * 2 * 2 * 8 * 4  # bytes of KV per token (_MC)
 BLOCK_BYTES = PER_TOKEN * 16
