@@ -5,7 +5,6 @@ stopped (SIGTERM, then SIGKILL) by `ServerProcess`, whatever the test does."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,14 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 300
 
 
-def _need_server() -> None:
-    if importlib.util.find_spec("graphwise.server.cli") is None:
-        pytest.skip("graphwise.server.cli (graphwise serve) is not there yet")
-
-
 @pytest.fixture(scope="module")
 def graphwise_server(tmp_path_factory):
-    _need_server()
     log = tmp_path_factory.mktemp("server") / "server.log"
     server = sweep.ServerProcess(["--max-num-seqs", "16"], log, shutdown_grace_s=15)
     try:
@@ -106,7 +99,6 @@ def test_bench_serve_chat_endpoint(graphwise_server):
 
 
 def test_tiny_sweep(tmp_path):
-    _need_server()
     out = tmp_path / "sweep"
     rc = cli.main(
         [
