@@ -38,6 +38,15 @@ def _save(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
+def _randomize_qkv_bias(model: torch.nn.Module) -> None:
+    """HF initialises biases to zero; random ones make the QKV-bias path matter."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.bias.normal_(0, 0.1)
+
+
 def build_tiny(arch: str, path: Path, seed: int = 0) -> Path:
     """A random-weight fp32 model of one of the supported architectures, saved as an HF dir."""
     import transformers as tf
@@ -62,14 +71,7 @@ def build_tiny(arch: str, path: Path, seed: int = 0) -> Path:
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(**TINY_COMMON)
         model = tf.Qwen2ForCausalLM(cfg)
-        with torch.no_grad():  # HF initialises biases to zero; make them matter
-            for layer in model.model.layers:
-                for proj in (
-                    layer.self_attn.q_proj,
-                    layer.self_attn.k_proj,
-                    layer.self_attn.v_proj,
-                ):
-                    proj.bias.normal_(0, 0.1)
+        _randomize_qkv_bias(model)
     elif arch == "qwen2-moe":
         cfg = tf.Qwen2MoeConfig(
             **TINY_COMMON,
@@ -82,14 +84,7 @@ def build_tiny(arch: str, path: Path, seed: int = 0) -> Path:
             mlp_only_layers=[1],
         )
         model = tf.Qwen2MoeForCausalLM(cfg)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (
-                    layer.self_attn.q_proj,
-                    layer.self_attn.k_proj,
-                    layer.self_attn.v_proj,
-                ):
-                    proj.bias.normal_(0, 0.1)
+        _randomize_qkv_bias(model)
     else:
         raise KeyError(arch)
     return _save(model.eval(), path)
