@@ -36,6 +36,11 @@ def expected(tiny_model_dir):
 def test_tp_pp_greedy_tokens_match_hf(arch, tp, pp, tiny_model_dir, expected, make_llm):
     llm = make_llm(tiny_model_dir(arch), tensor_parallel_size=tp, pipeline_parallel_size=pp)
     assert len(worker_pids(llm)) == tp * pp - 1
+    engine = llm.llm_engine
+    # Each rank holds its KV heads of its stage's layers, and the pool is sized by that share.
+    full = engine.model_config.kv_bytes_per_token(engine.dtype)
+    assert engine.runner.kv_bytes_per_token(engine.dtype) * tp * pp == full
+    assert engine.memory_plan.block_bytes * tp * pp == full * engine.config.block_size
     assert generate(llm, prompts()) == expected(arch)
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
