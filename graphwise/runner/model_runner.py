@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,6 +48,37 @@ def select_attention_backend(
     return TorchAttentionBackend(scratch_slot)
 
 
+class BlockTableRows:
+    """Builds the step's [B, max blocks] int32 block table, zero-padded.
+
+    Each sequence's row is kept as an array between steps and extended when its list grows:
+    converting every table from Python ints each step costs milliseconds at large batch and long
+    context. A block table only grows by appends or is replaced by a new list (admission,
+    release), so a cached row is valid while it was made from the same list object (held here,
+    so its id cannot be reused by another list)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[list[int], np.ndarray]] = {}
+
+    def build(self, seqs: list[Sequence]) -> np.ndarray:
+        width = max(len(s.block_table) for s in seqs)
+        out = np.zeros((len(seqs), width), dtype=np.int32)
+        rows: dict[str, tuple[list[int], np.ndarray]] = {}
+        for i, seq in enumerate(seqs):
+            table = seq.block_table
+            entry = self._rows.get(seq.request_id)
+            if entry is None or entry[0] is not table or entry[1].size > len(table):
+                row = np.asarray(table, dtype=np.int32)
+            elif entry[1].size < len(table):
+                row = np.concatenate([entry[1], np.asarray(table[entry[1].size :], np.int32)])
+            else:
+                row = entry[1]
+            rows[seq.request_id] = (table, row)
+            out[i, : row.size] = row
+        self._rows = rows  # sequences that left the batch drop out
+        return out
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -71,10 +103,9 @@ class ModelRunner:
         self.steps_graph = 0
         self.steps_eager = 0
         self._pin = device.type == "cuda"
-        self._staging: dict[
-            tuple[torch.dtype, int], tuple[torch.Tensor, torch.cuda.Event | None]
-        ] = {}
-        self._staging_turn = 0
+        # Pinned staging buffer per dtype, with the event of the copy that last read it.
+        self._staging: dict[torch.dtype, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self._block_tables = BlockTableRows()
 
     # ---- KV cache ---------------------------------------------------------------------
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
@@ -106,15 +137,23 @@ class ModelRunner:
         )
 
     # ---- inputs -----------------------------------------------------------------------
-    def _upload(self, dtype: torch.dtype, *lists: list[int]) -> list[torch.Tensor]:
-        """Copy several int lists to the device in one transfer (through a reused pinned buffer
-        on CUDA: each separate small copy costs tens of microseconds of host time)."""
+    def _upload(self, dtype: torch.dtype, *parts: list[int] | np.ndarray) -> list[torch.Tensor]:
+        """Copy several int lists / arrays to the device in one transfer (through a reused pinned
+        buffer on CUDA: each separate small copy costs tens of microseconds of host time)."""
         with torch.inference_mode():  # also when called outside a step (tests, profiling)
-            return self._upload_inner(dtype, lists)
+            return self._upload_inner(dtype, parts)
 
-    def _upload_inner(self, dtype: torch.dtype, lists: tuple[list[int], ...]) -> list[torch.Tensor]:
-        sizes = [len(x) for x in lists]
-        flat = torch.tensor([v for x in lists for v in x], dtype=dtype)
+    def _upload_inner(
+        self, dtype: torch.dtype, parts: tuple[list[int] | np.ndarray, ...]
+    ) -> list[torch.Tensor]:
+        if all(isinstance(x, list) for x in parts):  # small lists: cheapest straight to torch
+            sizes = [len(x) for x in parts]
+            flat = torch.tensor([v for x in parts for v in x], dtype=dtype)
+        else:
+            np_dtype = np.int64 if dtype == torch.int64 else np.int32
+            arrays = [np.asarray(x, dtype=np_dtype).ravel() for x in parts]
+            sizes = [a.size for a in arrays]
+            flat = torch.from_numpy(np.concatenate(arrays))
         if not self._pin:
             return list(flat.to(self.device).split(sizes))
         key = dtype
@@ -153,11 +192,8 @@ class ModelRunner:
             if c + n == seq.num_tokens:  # all known tokens computed: sample the next one
                 logits_indices.append(len(ids) - 1)
                 sample_seqs.append(seq)
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables: list[int] = []
-        for seq in batch.seqs:
-            tables.extend(seq.block_table)
-            tables.extend([0] * (width - len(seq.block_table)))
+        tables = self._block_tables.build(batch.seqs)
+        width = tables.shape[1]
         ids_t, pos_t, slots_t, logits_t = self._upload(
             torch.int64, ids, positions, slots, logits_indices
         )
