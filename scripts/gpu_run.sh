@@ -2,7 +2,11 @@
 # Everything graphwise does on a GPU machine, in one call: set-up, GPU tests, latency benchmark.
 # Used with the device tool (PYTHONPATH=. is the whole installation; missing pure-Python wheels
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
-#   scripts/gpu_run.sh [tests] [latency] [explain] [kernels]      (default: tests latency)
+#   scripts/gpu_run.sh [tests] [latency] [explain] [sweep] [offline] [capture] [moe] [kernels]
+#   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
+#   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
+#   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
+#   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}

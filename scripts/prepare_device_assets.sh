@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build what scripts/gpu_run.sh needs on the GPU machine but that machine cannot download:
+#   .whl/     pure-Python (and cp312 manylinux) wheels: pytest and the server stack
+#   .gpudata/ a 4,000-conversation ShareGPT subset and SmolLM2's tokenizer (for the sweep)
+# Both are git-ignored (add them to .git/info/exclude) and travel with `carry`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+PY=.venv/bin/python
+mkdir -p .whl .gpudata
+grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+grep -qx "/.gpudata/" .git/info/exclude 2>/dev/null || echo "/.gpudata/" >> .git/info/exclude
+for pkg in pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0 \
+    fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 click==8.5.1 anyio==4.16.0 \
+    pydantic==2.14.4 pydantic-core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0 \
+    annotated-doc==0.0.7 prometheus-client==0.26.0 sniffio==1.3.1 opentelemetry-api==1.45.2 \
+    typing-extensions==4.16.0; do
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "$pkg"
+done
+PYTHONPATH=. $PY - <<'PYEOF'
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from graphwise.bench import datasets
+from graphwise.models.default import default_model_path
+
+src = datasets.sharegpt_path()
+entries = []
+for entry in datasets._iter_json_array(Path(src).read_text(), str(src)):
+    entries.append(entry)
+    if len(entries) >= 4000:
+        break
+Path(".gpudata/sharegpt_subset.json").write_text(json.dumps(entries))
+gguf = default_model_path()
+AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(
+    ".gpudata/smollm2-tokenizer"
+)
+print("wrote .whl/ and .gpudata/")
+PYEOF
