@@ -86,10 +86,11 @@ def measure_graphwise(
                 steps.append(dt)
     finally:
         runner.graph_runner = saved
-    out = _summary(steps, prefill_s, 0)
-    out["graph_replays"] = runner.steps_graph - graph_steps
-    out["_steps"] = steps
-    return out
+    return {
+        "prefill_s": prefill_s,
+        "steps": steps,
+        "graph_replays": runner.steps_graph - graph_steps,
+    }
 
 
 def build_hf_model(engine: Any) -> Any:
@@ -155,12 +156,11 @@ def measure_hf(
         start = time.perf_counter()
         model.generate(ids, **kwargs)
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    out = _summary(steps, stamps[0] - start, 0)
+    out: dict[str, Any] = {"prefill_s": stamps[0] - start, "steps": steps}
     if static:
         out["warmup_s"] = warm
     out["hf_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     out["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-    out["_steps"] = steps
     return out
 
 
@@ -216,10 +216,9 @@ def run(args: argparse.Namespace) -> int:
                 )
             else:
                 r = measure_hf(hf_model, b, args.input_len, args.output_len, mode == "hf-static", b)
-            r["decode_median_ms"] = _recompute(r, args.warmup_steps)
-            row = {"batch_size": b, "mode": mode, "floor_ms": floor_ms, **r}
+            timings = _summary(r.pop("steps"), r.pop("prefill_s"), args.warmup_steps)
+            row = {"batch_size": b, "mode": mode, "floor_ms": floor_ms, **timings, **r}
             row["x_floor"] = row["decode_median_ms"] / floor_ms
-            row.pop("_steps")
             rows.append(row)
 
     result = {
@@ -248,15 +247,6 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.output}")
     return 0
-
-
-def _recompute(r: dict[str, Any], warmup: int) -> float:
-    steps = r["_steps"]
-    timed = steps[warmup:] or steps
-    r["decode_p90_ms"] = _percentile(timed, 0.9) * 1e3
-    r["decode_mean_ms"] = statistics.fmean(timed) * 1e3
-    r["decode_steps_timed"] = len(timed)
-    return statistics.median(timed) * 1e3
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from graphwise.engine.detokenizer import detokenize_incrementally
 from graphwise.engine.scheduler import Scheduler
 from graphwise.engine.sequence import Sequence, SequenceStatus
 from graphwise.models.loader import build_model, load_tokenizer, resolve_source
+from graphwise.models.model_config import ModelConfig
 from graphwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from graphwise.runner.graph_policy import plan_cuda_graphs
 from graphwise.runner.memory import plan_kv_blocks
@@ -87,8 +88,6 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         source = resolve_source(config)
         self.model_name = source.name
-        from graphwise.models.model_config import ModelConfig
-
         declared = ModelConfig.from_dict(source.config)
         self.dtype = resolve_dtype(config.dtype, self.device, declared.torch_dtype)
         if config.data_parallel_size > 1:

@@ -54,10 +54,6 @@ class MemoryPlan:
     # "cpu_default"
     kv_source: str = ""
 
-    @property
-    def graph_reserve_bytes(self) -> int:  # the earlier name
-        return self.graph_pool_bytes
-
     def as_dict(self) -> dict[str, int | float | str | None]:
         return asdict(self)
 

@@ -1,0 +1,29 @@
+"""`graphwise bench latency` on CPU: eager and HF transformers on the same weights, JSON result."""
+
+from __future__ import annotations
+
+import json
+
+from graphwise.cli import main
+
+
+def test_bench_latency_writes_complete_result(tiny_model_dir, tmp_path):
+    out = tmp_path / "latency.json"
+    rc = main(
+        [
+            "bench", "latency", "--model", str(tiny_model_dir("qwen2")), "--batch-sizes", "1,2",
+            "--input-len", "8", "--output-len", "8", "--warmup-steps", "2",
+            "--compare", "eager,graph,hf", "--output", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["compare"] == ["eager", "hf"]  # no graphs on CPU
+    rows = {(r["batch_size"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(1, "eager"), (1, "hf"), (2, "eager"), (2, "hf")}
+    for r in rows.values():
+        assert r["decode_steps_timed"] == 8 - 1 - 2  # 7 decode steps, 2 of them warm-up
+        assert 0 < r["decode_median_ms"] <= r["decode_p90_ms"]
+        assert r["x_floor"] == r["decode_median_ms"] / r["floor_ms"]
+    assert rows[(1, "hf")]["hf_dtype"] == "float32"
+    assert result["environment"]["device_type"] == "cpu"
