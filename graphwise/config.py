@@ -35,6 +35,9 @@ class EngineConfig:
     cuda_graph_min_speedup: float = 1.05
     cuda_graph_max_context: int | None = None  # longer contexts decode eagerly
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    # Overlap the host's scheduling and output processing with the GPU's step (vLLM's
+    # async_scheduling, SGLang's overlap schedule); off runs one step at a time.
+    async_scheduling: bool = True
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -130,6 +133,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graph-min-speedup", type=float, default=1.05)
     g.add_argument("--cuda-graph-max-context", type=int, default=None)
     g.add_argument("--attention-backend", default="auto")
+    g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prepare step N+1 while step N runs (--no-async-scheduling: one step at a time)",
+    )
+    g.add_argument(
+        "--disable-overlap-schedule",  # SGLang's spelling
+        dest="async_scheduling",
+        action="store_false",
+        help=argparse.SUPPRESS,
+    )
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
     g.add_argument("--data-parallel-size", "--dp", type=int, default=1)

@@ -2,7 +2,8 @@
 # Everything graphwise does on a GPU machine, in one call: set-up, GPU tests, latency benchmark.
 # Used with the device tool (PYTHONPATH=. is the whole installation; missing pure-Python wheels
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
-#   scripts/gpu_run.sh [tests] [latency] [explain] [sweep] [offline] [capture] [moe] [kernels]
+#   scripts/gpu_run.sh [tests] [latency] [throughput] [explain] [sweep] [offline] [capture] [moe]
+#                      [kernels]
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
@@ -36,13 +37,23 @@ for step in "${steps[@]}"; do
       timeout 300 python3 -m graphwise.cli explain --preset qwen2.5-7b \
         --batch-sizes "${EXPLAIN_BATCH:-1,8,32,128}" --output-dir "$OUT/explain" \
         2>&1 | tee "$OUT/explain.log" | grep -v "it/s\]" | tail -25 || status=1
-      timeout 300 python3 -m graphwise.cli explain --preset qwen2.5-7b \
+      [ "${EXPLAIN_EMULATE:-1}" = 0 ] || timeout 300 python3 -m graphwise.cli explain --preset qwen2.5-7b \
         --batch-sizes "${EXPLAIN_BATCH:-1,8,32,128}" --emulate-bandwidth 1.0e12 \
         --output-dir "$OUT/explain-1tbps" \
         2>&1 | tee "$OUT/explain-1tbps.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
     sweep)
       timeout 560 python3 -m graphwise.cli bench sweep benchmarks/sweep-h100-device.yaml \
         --output-dir "$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
+    throughput)
+      # issue 9: decode at batch 64/128/256 with graphs, async scheduling on vs off; then the
+      # offline workload both ways with its step-time breakdown
+      timeout 300 python3 -m graphwise.cli bench latency --preset qwen2.5-7b \
+        --batch-sizes "${TP_BATCH:-64,128,256}" --input-len 128 --output-len 256 \
+        --compare graph,graph-sync --output "$OUT/throughput-decode-h100.json" \
+        2>&1 | tee "$OUT/throughput-decode.log" | grep -v "it/s\]" | tail -12 || status=1
+      timeout 400 python3 -m graphwise.cli bench offline --preset qwen2.5-7b --max-model-len 4096 \
+        --compare-async-scheduling --disable-tqdm --output "$OUT/throughput-offline-h100.json" \
+        2>&1 | tee "$OUT/throughput-offline.log" | tail -30 || status=1 ;;
     offline)
       timeout 300 python3 -m graphwise.cli bench offline --preset qwen2.5-7b --max-model-len 4096 \
         --output "$OUT/offline-h100.json" 2>&1 | tee "$OUT/offline.log" | grep -v "it/s\]" | tail -15 || status=1 ;;

@@ -21,7 +21,8 @@ import torch
 from graphwise.config import add_engine_args, engine_config_from_args
 
 logger = logging.getLogger(__name__)
-MODES = ("eager", "graph", "hf", "hf-static")
+# "-sync": async scheduling off for that run (each step waits for its own tokens).
+MODES = ("eager", "graph", "eager-sync", "graph-sync", "hf", "hf-static")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,12 +57,27 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_graphwise(
-    engine: Any, batch: int, input_len: int, output_len: int, use_graph: bool, seed: int
+    engine: Any,
+    batch: int,
+    input_len: int,
+    output_len: int,
+    use_graph: bool,
+    seed: int,
+    async_scheduling: bool | None = None,
 ) -> dict[str, Any]:
+    """Time every engine.step() of one batch. With async scheduling a step() call launches a
+    step and waits for the previous one, so in steady state its duration is the pipeline's
+    period; the prefill figure is the time until every sequence's first token is known."""
     from graphwise.sampling_params import SamplingParams
 
     runner = engine.runner
-    saved = runner.graph_runner
+    while engine.has_unfinished_requests():  # nothing in flight from an earlier run
+        engine.step()
+    saved, saved_async = runner.graph_runner, engine.async_scheduling
+    if async_scheduling is not None:
+        engine.async_scheduling = async_scheduling and getattr(
+            runner, "supports_async_scheduling", False
+        )
     if not use_graph:
         runner.graph_runner = None
     rng = random.Random(seed)
@@ -76,9 +92,9 @@ def measure_graphwise(
     try:
         _sync(engine.device)
         while engine.has_unfinished_requests():
-            prefilling = any(s.num_output_tokens == 0 for s in seqs)
+            prefilling = any(s.num_known_output_tokens == 0 for s in seqs)
             t = time.perf_counter()
-            engine.step()  # ends in the step's one host sync (sampled tokens to the host)
+            engine.step()  # ends in the host sync for a step's sampled tokens
             dt = time.perf_counter() - t
             if prefilling:
                 prefill_s += dt
@@ -86,10 +102,13 @@ def measure_graphwise(
                 steps.append(dt)
     finally:
         runner.graph_runner = saved
+        used_async = engine.async_scheduling
+        engine.async_scheduling = saved_async
     return {
         "prefill_s": prefill_s,
         "steps": steps,
         "graph_replays": runner.steps_graph - graph_steps,
+        "async_scheduling": used_async,
     }
 
 
@@ -177,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch-sizes must list positive integers")
     if args.input_len < 1 or args.output_len < 2:
         raise ValueError("--input-len must be >= 1 and --output-len >= 2")
-    want_graph = "graph" in modes
+    want_graph = any(m.startswith("graph") for m in modes)
     overrides: dict[str, Any] = dict(
         max_num_seqs=max(batch_sizes),
         max_model_len=args.max_model_len or args.input_len + args.output_len + args.block_size,
@@ -195,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     has_graphs = engine.runner.graph_runner is not None
     if want_graph and not has_graphs:
         logger.warning("graph mode skipped: CUDA graphs are not available on %s", device)
-        modes = [m for m in modes if m != "graph"]
+        modes = [m for m in modes if not m.startswith("graph")]
 
     bandwidth = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 27))
     weights_bytes = engine.memory_plan.weights_bytes
@@ -210,9 +229,15 @@ def run(args: argparse.Namespace) -> int:
         floor_ms = floor_bytes / bandwidth * 1e3
         for mode in modes:
             logger.info("batch %d: %s", b, mode)
-            if mode in ("eager", "graph"):
+            if not mode.startswith("hf"):
                 r = measure_graphwise(
-                    engine, b, args.input_len, args.output_len, mode == "graph", seed=b
+                    engine,
+                    b,
+                    args.input_len,
+                    args.output_len,
+                    mode.startswith("graph"),
+                    seed=b,
+                    async_scheduling=False if mode.endswith("-sync") else None,
                 )
             else:
                 r = measure_hf(hf_model, b, args.input_len, args.output_len, mode == "hf-static", b)
@@ -254,12 +279,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['model']} ({result['num_layers']} layers, {result['dtype']}) on "
         f"{env['device_name']}; copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s",
-        f"{'batch':>5} {'mode':>9} {'prefill ms':>10} {'median ms':>10} {'p90 ms':>8} "
+        f"{'batch':>5} {'mode':>10} {'prefill ms':>10} {'median ms':>10} {'p90 ms':>8} "
         f"{'floor ms':>9} {'x floor':>8}",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['batch_size']:>5} {r['mode']:>9} {r['prefill_ms']:>10.2f} "
+            f"{r['batch_size']:>5} {r['mode']:>10} {r['prefill_ms']:>10.2f} "
             f"{r['decode_median_ms']:>10.3f} {r['decode_p90_ms']:>8.3f} {r['floor_ms']:>9.3f} "
             f"{r['x_floor']:>8.2f}"
         )

@@ -75,6 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="one short untimed generation first (default: on)",
     )
+    w.add_argument(
+        "--compare-async-scheduling",
+        action="store_true",
+        help="run the workload twice, async scheduling on then off, and report both",
+    )
+    w.add_argument(
+        "--step-breakdown",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="record each step's host and wait time, decode steps against their floor",
+    )
     w.add_argument("--output", default=None, metavar="FILE", help="write the result JSON here")
     w.add_argument("--disable-tqdm", action="store_true")
 
@@ -183,11 +194,84 @@ def format_result(result: dict[str, Any]) -> str:
         f"{'Requests/s:':<32}{result['requests_per_second']:.2f}",
         f"{'Output tokens/s:':<32}{result['output_tokens_per_second']:.1f}",
         f"{'Total tokens/s:':<32}{result['tokens_per_second']:.1f}",
+        *(
+            f"{'Async scheduling ' + ('on' if r['async_scheduling'] else 'off') + ':':<32}"
+            f"{r['output_tokens_per_second']:.1f} output tok/s, {r['elapsed_time']:.2f} s"
+            for r in result.get("runs", [])
+        ),
         f"{'Versions:':<32}"
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v is not None),
         "=" * 50,
     ]
     return "\n".join(lines)
+
+
+def _floor_inputs(engine: Any) -> dict[str, Any]:
+    """Weights, KV bytes per token and the copy bandwidth: a decode step's floor is
+    (weights + KV read) / bandwidth. The bandwidth is measured on CUDA only."""
+    from graphwise.insight.system import copy_bandwidth
+
+    device = engine.device
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    return {
+        "weights": engine.memory_plan.weights_bytes,
+        "kv_per_token": engine.runner.kv_bytes_per_token(engine.dtype),
+        "bandwidth": bandwidth,
+    }
+
+
+def _timed_run(
+    llm: Any,
+    prompts: list[dict[str, Any]],
+    params: list[Any],
+    workload: list[tuple[list[int], int]],
+    async_scheduling: bool,
+    floor: dict[str, Any] | None,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    from graphwise.insight.step_log import StepLog, format_summary
+
+    engine = llm.llm_engine
+    while engine.has_unfinished_requests():  # nothing in flight from an earlier run
+        engine.step()
+    engine.async_scheduling = async_scheduling
+    log = StepLog() if floor is not None else None
+    engine.step_log = log
+    try:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
+        elapsed = time.perf_counter() - start
+    finally:
+        engine.step_log = None
+    total_input = sum(len(o.prompt_token_ids) for o in outputs)
+    total_output = sum(len(o.outputs[0].token_ids) for o in outputs)
+    expected_output = sum(n for _, n in workload)
+    if len(outputs) != len(workload) or total_output != expected_output:
+        logger.warning(
+            "got %d outputs with %d tokens; expected %d with %d tokens",
+            len(outputs),
+            total_output,
+            len(workload),
+            expected_output,
+        )
+    run: dict[str, Any] = {
+        "async_scheduling": async_scheduling,
+        "num_requests": len(outputs),
+        "total_input_tokens": total_input,
+        "total_output_tokens": total_output,
+        "total_num_tokens": total_input + total_output,
+        "elapsed_time": elapsed,
+        "requests_per_second": len(outputs) / elapsed,
+        "output_tokens_per_second": total_output / elapsed,
+        "tokens_per_second": (total_input + total_output) / elapsed,
+    }
+    if log is not None and floor is not None:
+        run["step_breakdown"] = log.summary(
+            floor["weights"], floor["kv_per_token"], floor["bandwidth"]
+        )
+        print(f"async scheduling {'on' if async_scheduling else 'off'}: where the time went")
+        print(format_summary(run["step_breakdown"]))
+    return run
 
 
 def run(args: argparse.Namespace) -> int:
@@ -216,21 +300,17 @@ def run(args: argparse.Namespace) -> int:
             SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS, ignore_eos=True),
             use_tqdm=False,
         )
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
-    elapsed = time.perf_counter() - start
+    engine = llm.llm_engine
+    floor = _floor_inputs(engine) if args.step_breakdown else None
+    modes = [True, False] if args.compare_async_scheduling else [engine.async_scheduling]
+    if True in modes and not getattr(engine.runner, "supports_async_scheduling", False):
+        raise ValueError("async scheduling is not available with this runner (TP/PP)")
+    runs = []
+    for mode in modes:
+        runs.append(_timed_run(llm, prompts, params, workload, mode, floor, args))
 
-    total_input = sum(len(o.prompt_token_ids) for o in outputs)
-    total_output = sum(len(o.outputs[0].token_ids) for o in outputs)
+    first = runs[0]
     expected_output = sum(n for _, n in workload)
-    if len(outputs) != len(workload) or total_output != expected_output:
-        logger.warning(
-            "got %d outputs with %d tokens; expected %d with %d tokens",
-            len(outputs),
-            total_output,
-            len(workload),
-            expected_output,
-        )
     device, versions = environment()
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
@@ -240,15 +320,13 @@ def run(args: argparse.Namespace) -> int:
         "input_len_range": list(args.input_len_range),
         "output_len_range": list(args.output_len_range),
         "seed": config.seed,
-        "num_requests": len(outputs),
-        "total_input_tokens": total_input,
-        "total_output_tokens": total_output,
+        # The first run's figures at the top level, as vLLM's throughput JSON has them.
+        **{k: v for k, v in first.items() if k not in ("step_breakdown",)},
         "expected_output_tokens": expected_output,
-        "total_num_tokens": total_input + total_output,
-        "elapsed_time": elapsed,
-        "requests_per_second": len(outputs) / elapsed,
-        "output_tokens_per_second": total_output / elapsed,
-        "tokens_per_second": (total_input + total_output) / elapsed,
+        "copy_bandwidth_bytes_per_s": floor["bandwidth"] if floor else None,
+        "weights_bytes": floor["weights"] if floor else None,
+        "kv_bytes_per_token": floor["kv_per_token"] if floor else None,
+        "runs": runs,
         "device": device,
         "versions": versions,
         "git_commit": git_commit(),

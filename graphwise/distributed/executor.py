@@ -41,7 +41,12 @@ from graphwise.engine.scheduler import ScheduledBatch
 from graphwise.layers import ops
 from graphwise.layers.attention import ForwardContext
 from graphwise.models.model_config import ModelConfig
-from graphwise.runner.model_runner import ModelRunner, StepInputs, select_attention_backend
+from graphwise.runner.model_runner import (
+    ModelRunner,
+    StepHandle,
+    StepInputs,
+    select_attention_backend,
+)
 
 if TYPE_CHECKING:
     from graphwise.distributed.launcher import LocalWorkers
@@ -110,6 +115,9 @@ class _TokenWindow:
         ):
             return self.ids
         raise IndexError(f"a worker knows tokens [{self.start}, +{len(self.ids)}) only, not {key}")
+
+    def __len__(self) -> int:  # the known length: the parallel runner has no pending tokens
+        return self.start + len(self.ids)
 
 
 class SequenceView:
@@ -190,6 +198,10 @@ class _Cluster:
 
 
 class ParallelModelRunner(ModelRunner):
+    # Workers build their inputs from token ids rank 0 sends; a token still on rank 0's device
+    # would need one more collective per step. Not done yet: the engine runs synchronously.
+    supports_async_scheduling = False
+
     def __init__(
         self,
         config: EngineConfig,
@@ -218,9 +230,9 @@ class ParallelModelRunner(ModelRunner):
         self._guard(self._allocate_local, num_blocks)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[int]:
+    def launch(self, batch: ScheduledBatch) -> StepHandle:
         self._broadcast(("step", (self._encoder.encode(batch), False)))
-        return self._guard(super().execute, batch)
+        return self._guard(super().launch, batch)
 
     @torch.inference_mode()
     def prompt_logits(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -77,7 +77,8 @@ class BlockManager:
         """Register the blocks that the last step filled (their KV is now written)."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # Only tokens whose ids are known can be hashed (a pending token's KV may be computed).
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         self._compute_hashes(seq, num_full)
         for i in range(num_full):
             block = seq.block_table[i]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,14 +16,15 @@ import torch
 from graphwise.config import EngineConfig
 from graphwise.engine.block_manager import BlockManager
 from graphwise.engine.detokenizer import detokenize_incrementally
-from graphwise.engine.scheduler import Scheduler
+from graphwise.engine.scheduler import ScheduledBatch, Scheduler
 from graphwise.engine.sequence import Sequence, SequenceStatus
+from graphwise.insight.step_log import StepLog, StepRecord
 from graphwise.models.loader import build_model, load_tokenizer, resolve_source
 from graphwise.models.model_config import ModelConfig
 from graphwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from graphwise.runner.graph_policy import plan_cuda_graphs
 from graphwise.runner.memory import plan_kv_blocks
-from graphwise.runner.model_runner import ModelRunner
+from graphwise.runner.model_runner import ModelRunner, StepHandle
 from graphwise.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,14 @@ def resolve_dtype(name: str, device: torch.device, config_dtype: torch.dtype | N
     if config_dtype in (torch.float16, torch.bfloat16):
         return config_dtype
     return torch.bfloat16
+
+
+@dataclass
+class _Launched:
+    batch: ScheduledBatch
+    handle: StepHandle
+    prefill_tokens: int
+    context_tokens: int  # KV positions the step reads, summed over its sequences
 
 
 def check_request(
@@ -152,6 +162,14 @@ class LLMEngine:
         )
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        # Async scheduling needs the runner to keep sampled tokens on its device for the next
+        # step's inputs; the tensor/pipeline-parallel runner's workers take token ids from
+        # rank 0's host, so it runs synchronously.
+        self.async_scheduling = config.async_scheduling and getattr(
+            self.runner, "supports_async_scheduling", False
+        )
+        self._inflight: _Launched | None = None
+        self.step_log: StepLog | None = None  # set to record where each step's time goes
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         if parallel is not None:
             parallel.setup_cuda_graphs(self.max_model_len)  # every rank captures
@@ -224,6 +242,12 @@ class LLMEngine:
             self, prompt, sampling_params, prompt_token_ids, request_id
         )
         seq = Sequence(request_id, prompt, prompt_token_ids, params, self.eos_token_ids)
+        if params.max_tokens is not None:
+            seq.max_total_tokens = min(
+                self.max_model_len, seq.num_prompt_tokens + params.max_tokens
+            )
+        else:
+            seq.max_total_tokens = self.max_model_len
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -251,46 +275,113 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the step that completed.
+
+        With async scheduling the step launched here runs on the GPU while the host resolves
+        the previous one (waits for its tokens, detokenizes, checks stops) and, on the next
+        call, schedules the one after: the host's per-step work hides behind the GPU's.
+        Without it, the step launched here is resolved before returning."""
+        try:
+            return self._step()
+        except BaseException:
+            # A failed step leaves the step in flight unknowable; callers abort its requests.
+            self._inflight = None
+            raise
+
+    def _step(self) -> list[RequestOutput]:
+        log = self.step_log
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            if self.scheduler.waiting and not self.scheduler.running:
+        t1 = time.perf_counter()
+        launched = self._launch(batch) if batch.seqs else None
+        t2 = time.perf_counter()
+        if self.async_scheduling:
+            previous, self._inflight = self._inflight, launched
+        else:
+            previous = launched
+        if previous is None:
+            if launched is None and self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler cannot admit any waiting request (KV pool too small)")
-            return []
+            outputs: list[RequestOutput] = []
+            wait_s = 0.0
+        else:
+            outputs, wait_s = self._resolve(previous)
+        if log is not None:
+            t3 = time.perf_counter()
+            log.add(
+                StepRecord(
+                    seqs=len(batch.seqs),
+                    tokens=batch.num_tokens,
+                    prefill_tokens=launched.prefill_tokens if launched else 0,
+                    context_tokens=launched.context_tokens if launched else 0,
+                    schedule_s=t1 - t0,
+                    launch_s=t2 - t1,
+                    wait_s=wait_s,
+                    process_s=t3 - t2 - wait_s,
+                    total_s=t3 - t0,
+                )
+            )
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> _Launched:
+        prefill = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.stats["prompt_tokens"] += min(
-                    n, seq.num_prompt_tokens - seq.num_computed_tokens
-                )
-        tokens = self.runner.execute(batch)
+                prefill += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+        self.stats["prompt_tokens"] += prefill
+        handle = self.runner.launch(batch)
         self.stats["steps"] += 1
+        context = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
-        outputs = []
-        sampled = [s for s in batch.seqs if s.num_computed_tokens == s.num_tokens]
-        now = time.monotonic()
-        for seq, token in zip(sampled, tokens, strict=True):
+            context += seq.num_computed_tokens
+        for row, seq in enumerate(handle.sample_seqs):
+            seq.num_placeholders += 1
+            seq.pending_row = row
+        return _Launched(batch, handle, prefill, context)
+
+    def _resolve(self, step: _Launched) -> tuple[list[RequestOutput], float]:
+        """Wait for a launched step's tokens and turn them into outputs; also returns the
+        seconds spent waiting for the GPU."""
+        t = time.perf_counter()
+        tokens = step.handle.result()  # waits for this step only
+        wait_s = time.perf_counter() - t
+        live: list[tuple[Sequence, int]] = []
+        for seq, token in zip(step.handle.sample_seqs, tokens, strict=True):
+            if seq.is_finished:  # finished or aborted while this step ran: nothing to add
+                continue
+            seq.num_placeholders -= 1
             seq.append_token(token)
+            live.append((seq, token))
+        for seq in step.batch.seqs:
+            if not seq.is_finished:
+                self.block_manager.cache_full_blocks(seq)
+        outputs = []
+        now = time.monotonic()
+        for seq, token in live:
             self.stats["generation_tokens"] += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
             delta_text = self._process_token(seq, token)
             if seq.is_finished:
+                # A token the next step is already sampling for it is dropped with its KV.
+                seq.num_placeholders = 0
+                seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids))
                 self.scheduler.finish(seq)
                 self.requests.pop(seq.request_id, None)
             outputs.append(self._make_output(seq, delta_text, [token]))
-        return outputs
+        return outputs, wait_s
 
     def _process_token(self, seq: Sequence, token: int) -> str:
         """Detokenize, then apply stop conditions. Returns the text to stream for this step."""
         p = seq.sampling_params
         before = len(seq.output_text)
         detokenize_incrementally(self.tokenizer, seq, p.skip_special_tokens)
-        n_out = seq.num_output_tokens
+        n_out = seq.num_known_output_tokens
         if n_out >= p.min_tokens:
             if token in (p.stop_token_ids or ()):
                 seq.finish_reason, seq.stop_reason = "stop", token
@@ -300,7 +391,7 @@ class LLMEngine:
                 self._check_stop_strings(seq, before)
         if seq.finish_reason is None and (
             (p.max_tokens is not None and n_out >= p.max_tokens)
-            or seq.num_tokens >= self.max_model_len
+            or len(seq.token_ids) >= self.max_model_len
         ):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:

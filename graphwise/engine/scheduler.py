@@ -86,6 +86,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_tokens >= seq.max_total_tokens:
+                # Its pending token is its last (length limit): it finishes when that resolves.
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.allocate_slots(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()
@@ -130,7 +134,8 @@ class Scheduler:
         return batch
 
     def finish(self, seq: Sequence) -> None:
+        """A sequence is done: free its blocks (it may have been preempted while its last token
+        was being sampled, so it can be in either queue)."""
+        self.abort(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finished_time = time.monotonic()
-        self.running.remove(seq)
-        self.block_manager.release(seq)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 import time
 
 import torch
@@ -29,7 +30,15 @@ class Sequence:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
-        self.token_ids = list(prompt_token_ids)  # prompt followed by outputs
+        self.token_ids = list(prompt_token_ids)  # prompt followed by the outputs known so far
+        # Async scheduling: tokens sampled by a step still running on the GPU. They count in
+        # num_tokens (the scheduler plans around them) but are not in token_ids yet; the newest
+        # is row `pending_row` of the last launched step's sampled-token tensor.
+        self.num_placeholders = 0
+        self.pending_row = -1
+        # Length at which the sequence stops for sure (max_tokens, max_model_len): the scheduler
+        # does not give a step to a sequence whose pending token already reaches it.
+        self.max_total_tokens = sys.maxsize
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
@@ -56,10 +65,16 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens known plus tokens being sampled on the GPU (what scheduling counts)."""
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def num_known_output_tokens(self) -> int:
+        """Output tokens whose ids the host has (stop conditions and detokenizing use these)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property

@@ -190,8 +190,9 @@ def install_nvtx(
     push: Callable[[str], object] | None = None,
     pop: Callable[[], object] | None = None,
 ) -> Callable[[], None]:
-    """Wrap one engine's phases in NVTX ranges: step > schedule, execute > prepare, forward,
-    logits, sample. Returns a function that removes the wrappers. `push`/`pop` default to
+    """Wrap one engine's phases in NVTX ranges: step > schedule, launch > prepare, forward,
+    logits, sample; then step > resolve (the wait for a step's tokens and their processing:
+    with async scheduling, the previous step's). Returns a function that removes the wrappers. `push`/`pop` default to
     torch.cuda.nvtx (tests pass recorders)."""
     push = push or torch.cuda.nvtx.range_push
     pop = pop or torch.cuda.nvtx.range_pop
@@ -215,14 +216,14 @@ def install_nvtx(
         object.__setattr__(obj, attr, wrapper)  # instance attribute shadows the method
         installed.append((obj, attr))
 
-    execute = runner.execute
+    launch = runner.launch
 
-    @functools.wraps(execute)
-    def execute_ranged(*args: Any, **kwargs: Any) -> Any:
-        push("execute")
+    @functools.wraps(launch)
+    def launch_ranged(*args: Any, **kwargs: Any) -> Any:
+        push("launch")
         state["in_execute"] += 1
         try:
-            return execute(*args, **kwargs)
+            return launch(*args, **kwargs)
         finally:
             state["in_execute"] -= 1
             if state["sample_open"]:
@@ -240,13 +241,14 @@ def install_nvtx(
         finally:
             pop()
         if state["in_execute"] and not state["sample_open"]:
-            push("sample")  # closed when execute returns: everything after the logits
+            push("sample")  # closed when launch returns: everything after the logits
             state["sample_open"] = True
         return out
 
     wrap(engine, "step", ranged("step", engine.step))
     wrap(engine.scheduler, "schedule", ranged("schedule", engine.scheduler.schedule))
-    wrap(runner, "execute", execute_ranged)
+    wrap(engine, "_resolve", ranged("resolve", engine._resolve))
+    wrap(runner, "launch", launch_ranged)
     wrap(runner, "prepare", ranged("prepare", runner.prepare))
     wrap(runner, "forward", ranged("forward", runner.forward))
     wrap(model, "compute_logits", logits_ranged)

@@ -78,6 +78,17 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+TOP_KERNELS = 8
+
+
+def kernel_family(name: str) -> str:
+    """A kernel's name without template arguments and parameters, so that one GEMM kernel
+    with different tile configurations or one Triton kernel's specializations add up."""
+    for cut in ("<", "("):
+        name = name.split(cut, 1)[0]
+    return name.strip()[:80] or "?"
+
+
 def parse_trace(events: Sequence[Mapping[str, Any]], windows: Sequence[str]) -> dict[str, dict]:
     """Per annotated step (a `user_annotation` range named in `windows`): kernels launched,
     emulation spins, memcpy/memset count, GPU busy (union of intervals) and span in ms, kernel
@@ -120,6 +131,7 @@ def parse_trace(events: Sequence[Mapping[str, Any]], windows: Sequence[str]) -> 
             "graph_launches": 0,
             "torch_ops": 0,
             "host_ms": (end - s) / 1e3,
+            "top_kernels": [],
         }
         for name, (s, end) in spans.items()
     }
@@ -149,6 +161,7 @@ def parse_trace(events: Sequence[Mapping[str, Any]], windows: Sequence[str]) -> 
         elif cat == "cpu_op":
             out[name]["torch_ops"] += 1
     intervals: dict[str, list[tuple[float, float]]] = {name: [] for name in spans}
+    by_kernel: dict[str, dict[str, list[float]]] = {name: {} for name in spans}
     for e in gpu_events:
         ts = float(e.get("ts", 0))
         corr = (e.get("args") or {}).get("correlation")
@@ -162,6 +175,8 @@ def parse_trace(events: Sequence[Mapping[str, Any]], windows: Sequence[str]) -> 
                 out[name]["emulation_kernels"] += 1
             else:
                 out[name]["kernels"] += 1
+                key = kernel_family(str(e.get("name", "")))
+                by_kernel[name].setdefault(key, []).append(float(e.get("dur", 0)) / 1e3)
         else:
             out[name]["memcpy_memset"] += 1
     for name in spans:
@@ -169,6 +184,10 @@ def parse_trace(events: Sequence[Mapping[str, Any]], windows: Sequence[str]) -> 
         out[name]["gpu_busy_ms"] = _union_us(iv) / 1e3
         if iv:
             out[name]["gpu_span_ms"] = (max(e for _, e in iv) - min(s for s, _ in iv)) / 1e3
+        families = sorted(by_kernel[name].items(), key=lambda kv: -sum(kv[1]))
+        out[name]["top_kernels"] = [
+            {"kernel": k, "ms": sum(d), "count": len(d)} for k, d in families[:TOP_KERNELS]
+        ]
         calls = launch_us[name]
         out[name]["launch_api_calls"] = len(calls)
         out[name]["launch_api_mean_us"] = statistics.fmean(calls) if calls else None
@@ -262,6 +281,8 @@ MODE_SCHEMA: dict[str, Any] = {
     "launch_api_mean_us": OPT_NUM,  # mean cudaLaunchKernel/cuLaunchKernel duration
     "graph_launches": OPT_INT,
     "torch_ops": OPT_INT,  # aten ops recorded by the profiler (nested ones included)
+    # GPU time per kernel family in the profiled step, largest first; null on CPU
+    "top_kernels": ([{"kernel": str, "ms": NUM, "count": int}], None),
 }
 ROW_SCHEMA: dict[str, Any] = {
     "batch_size": int,
@@ -443,16 +464,19 @@ def measure_engine_steps(
     runner.graph_runner = graphs
     times = []
     try:
-        while any(s.num_output_tokens == 0 for s in seqs):
+        while any(s.num_known_output_tokens == 0 for s in seqs):
             engine.step()
         for _ in range(steps):
-            _sync(engine.device)
+            # No sync between calls: with async scheduling a call launches one step and waits
+            # for the one before, so its duration is the engine's period per step.
             t = time.perf_counter()
-            engine.step()  # ends in the step's host sync (sampled tokens)
+            engine.step()
             times.append((time.perf_counter() - t) * 1e3)
     finally:
         for s in seqs:
             engine.abort_request(s.request_id)
+        while engine.has_unfinished_requests():  # resolve the step still in flight
+            engine.step()
         runner.graph_runner = saved
     return statistics.median(times)
 
@@ -486,6 +510,7 @@ def _mode_entry(
         "launch_api_mean_us": profile.get("launch_api_mean_us") if cuda else None,
         "graph_launches": profile.get("graph_launches") if cuda else None,
         "torch_ops": profile.get("torch_ops"),
+        "top_kernels": profile.get("top_kernels") if cuda else None,
     }
 
 
@@ -755,4 +780,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append("")
     for r in report["rows"]:
         lines.append(f"batch {r['batch_size']}: {r['reason']}")
+        mode = r["graph"] or r["eager"]
+        if mode.get("top_kernels"):
+            top = ", ".join(f"{k['kernel']} {k['ms']:.2f}" for k in mode["top_kernels"][:4])
+            lines.append(f"  GPU ms by kernel ({'graph' if r['graph'] else 'eager'}): {top}")
     return "\n".join(lines)

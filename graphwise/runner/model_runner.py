@@ -31,6 +31,28 @@ class StepInputs:
     sample_seqs: list[Sequence]
 
 
+class StepHandle:
+    """A launched step's sampled tokens: on the host (pinned) once `event` has passed."""
+
+    def __init__(
+        self,
+        sample_seqs: list[Sequence],
+        tokens: torch.Tensor | None,
+        event: torch.cuda.Event | None = None,
+    ) -> None:
+        self.sample_seqs = sample_seqs
+        self._tokens = tokens
+        self._event = event
+
+    def result(self) -> list[int]:
+        """The sampled token of each sequence in `sample_seqs`; the step's one host sync."""
+        if self._tokens is None:
+            return []
+        if self._event is not None:
+            self._event.synchronize()
+        return self._tokens.tolist()
+
+
 def select_attention_backend(
     cfg: EngineConfig, device: torch.device, scratch_slot: int
 ) -> AttentionBackend:
@@ -80,6 +102,8 @@ class BlockTableRows:
 
 
 class ModelRunner:
+    supports_async_scheduling = True
+
     def __init__(
         self,
         config: EngineConfig,
@@ -103,9 +127,12 @@ class ModelRunner:
         self.steps_graph = 0
         self.steps_eager = 0
         self._pin = device.type == "cuda"
-        # Pinned staging buffer per dtype, with the event of the copy that last read it.
-        self._staging: dict[torch.dtype, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._block_tables = BlockTableRows()
+        # The last launched step's sampled tokens, on the device: the next step's inputs for
+        # sequences whose newest token the host does not know yet (async scheduling).
+        self._last_tokens: torch.Tensor | None = None
+        self._host_tokens: list[torch.Tensor] = []  # pinned landing buffers, used in turn
+        self._launches = 0
 
     # ---- KV cache ---------------------------------------------------------------------
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
@@ -137,14 +164,16 @@ class ModelRunner:
         )
 
     # ---- inputs -----------------------------------------------------------------------
-    def _upload(self, dtype: torch.dtype, *parts: list[int] | np.ndarray) -> list[torch.Tensor]:
-        """Copy several int lists / arrays to the device in one transfer (through a reused pinned
-        buffer on CUDA: each separate small copy costs tens of microseconds of host time)."""
+    def _upload(
+        self, dtype: torch.dtype, *parts: list[int] | list[float] | np.ndarray
+    ) -> list[torch.Tensor]:
+        """Copy several lists / arrays to the device in one transfer (pinned and asynchronous on
+        CUDA: each separate small copy costs tens of microseconds of host time)."""
         with torch.inference_mode():  # also when called outside a step (tests, profiling)
             return self._upload_inner(dtype, parts)
 
     def _upload_inner(
-        self, dtype: torch.dtype, parts: tuple[list[int] | np.ndarray, ...]
+        self, dtype: torch.dtype, parts: tuple[list[int] | list[float] | np.ndarray, ...]
     ) -> list[torch.Tensor]:
         if all(isinstance(x, list) for x in parts):  # small lists: cheapest straight to torch
             sizes = [len(x) for x in parts]
@@ -156,18 +185,10 @@ class ModelRunner:
             flat = torch.from_numpy(np.concatenate(arrays))
         if not self._pin:
             return list(flat.to(self.device).split(sizes))
-        key = dtype
-        buf, done = self._staging.get(key, (None, None))
-        if buf is None or buf.numel() < flat.numel():
-            buf = torch.empty(max(1024, 2 * flat.numel()), dtype=dtype, pin_memory=True)
-        elif done is not None:
-            done.synchronize()
-        host = buf[: flat.numel()]
-        host.copy_(flat)
-        dev = host.to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._staging[key] = (buf, event)
+        # A pinned copy from torch's caching host allocator: it recycles a buffer only after the
+        # copy that read it has run, so the host never waits here for the GPU (a pageable copy,
+        # or reusing one buffer, would wait for the step that is still running).
+        dev = flat.pin_memory().to(self.device, non_blocking=True)
         return list(dev.split(sizes))
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
@@ -180,9 +201,20 @@ class ModelRunner:
         cu = [0]
         logits_indices: list[int] = []
         sample_seqs: list[Sequence] = []
+        fill_dst: list[int] = []  # rows of input_ids that take a token still on the device
+        fill_src: list[int] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             c = seq.num_computed_tokens
-            ids.extend(seq.token_ids[c : c + n])
+            known = len(seq.token_ids)
+            if c + n <= known:
+                ids.extend(seq.token_ids[c : c + n])
+            else:  # the last token is being sampled by the step launched before this one
+                if c + n != known + 1 or seq.num_placeholders != 1:
+                    raise RuntimeError(f"{seq!r}: only its newest token may be pending")
+                ids.extend(seq.token_ids[c:known])
+                fill_dst.append(len(ids))
+                fill_src.append(seq.pending_row)
+                ids.append(0)
             positions.extend(range(c, c + n))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(c, c + n))
@@ -194,9 +226,13 @@ class ModelRunner:
                 sample_seqs.append(seq)
         tables = self._block_tables.build(batch.seqs)
         width = tables.shape[1]
-        ids_t, pos_t, slots_t, logits_t = self._upload(
-            torch.int64, ids, positions, slots, logits_indices
+        ids_t, pos_t, slots_t, logits_t, dst_t, src_t = self._upload(
+            torch.int64, ids, positions, slots, logits_indices, fill_dst, fill_src
         )
+        if fill_dst:
+            if self._last_tokens is None:
+                raise RuntimeError("a pending token but no step was launched before")
+            ids_t.index_copy_(0, dst_t, self._last_tokens.index_select(0, src_t))
         seq_lens_t, tables_t, cu_t = self._upload(torch.int32, seq_lens, tables, cu)
         meta = AttentionMetadata(
             slot_mapping=slots_t,
@@ -235,11 +271,11 @@ class ModelRunner:
                 seq.generator = torch.Generator(device=self.device).manual_seed(p.seed)
             gens.append(seq.generator)
         (top_k,) = self._upload(torch.int64, top_ks)
-        floats = torch.tensor([temps, top_ps], dtype=torch.float32).to(self.device)
+        temperature, top_p = self._upload(torch.float32, temps, top_ps)
         return SamplingTensors(
-            temperature=floats[0],
+            temperature=temperature,
             top_k=top_k,
-            top_p=floats[1],
+            top_p=top_p,
             all_greedy=False,
             any_top_k_top_p=any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps),
             generators=gens,
@@ -256,12 +292,13 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, ctx)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[int]:
-        """Run one step; returns the sampled token of each sequence that samples, in order."""
+    def launch(self, batch: ScheduledBatch) -> StepHandle:
+        """Enqueue one step (inputs, forward, sampling) without waiting for the device; the
+        handle's `result()` waits for the sampled tokens."""
         inputs = self.prepare(batch)
         hidden = self.forward(inputs)
         if not inputs.sample_seqs:
-            return []
+            return StepHandle([], None)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
         if self.vocab_limit is not None:  # ids past the tokenizer's vocabulary cannot be decoded
             logits[:, self.vocab_limit :] = float("-inf")
@@ -272,15 +309,42 @@ class ModelRunner:
             if params is None
             else sample(logits, params, self.default_generator)
         )
-        return tokens.tolist()  # the step's one host sync
+        self._last_tokens = tokens
+        if not self._pin:
+            return StepHandle(inputs.sample_seqs, tokens)
+        # Copy to pinned memory behind the step and mark it: result() waits for this step only.
+        # Two buffers in turn: at most two steps are unresolved (the engine resolves step N
+        # after launching N+1).
+        self._launches += 1
+        slot = self._launches % 2
+        if len(self._host_tokens) < 2:
+            self._host_tokens = [torch.empty(0, dtype=torch.int64) for _ in range(2)]
+        host = self._host_tokens[slot]
+        if host.numel() < tokens.numel():
+            host = torch.empty(max(256, tokens.numel()), dtype=torch.int64, pin_memory=True)
+            self._host_tokens[slot] = host
+        host = host[: tokens.numel()]
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StepHandle(inputs.sample_seqs, host, event)
+
+    def execute(self, batch: ScheduledBatch) -> list[int]:
+        """Run one step; returns the sampled token of each sequence that samples, in order."""
+        return self.launch(batch).result()
 
     def _mask_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows: list[int] = []
+        cols: list[int] = []
         for row, seq in enumerate(seqs):
             p = seq.sampling_params
             if seq.num_output_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids or []) | set(seq.eos_token_ids)
-                if banned:
-                    logits[row, sorted(banned)] = float("-inf")
+                banned = sorted(set(p.stop_token_ids or []) | set(seq.eos_token_ids))
+                rows.extend([row] * len(banned))
+                cols.extend(banned)
+        if rows:  # one upload (indexing with a Python list would copy synchronously)
+            rows_t, cols_t = self._upload(torch.int64, rows, cols)
+            logits.index_put_((rows_t, cols_t), logits.new_full((len(rows),), float("-inf")))
 
     @torch.inference_mode()
     def prompt_logits(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -139,11 +139,23 @@ def test_bench_offline(tmp_path):
             "--output",
             str(out),
             "--disable-tqdm",
+            "--compare-async-scheduling",
         ]
     )
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["num_requests"] == 4
+    on, off = result["runs"]
+    assert on["async_scheduling"] and not off["async_scheduling"]
+    assert (
+        on["total_output_tokens"] == off["total_output_tokens"] == result["expected_output_tokens"]
+    )
+    for run in (on, off):
+        b = run["step_breakdown"]
+        assert b["prefill_steps"]["steps"] >= 1 and b["decode_steps"]["steps"] >= 3
+        assert b["elapsed_in_steps_s"] <= run["elapsed_time"]
+        assert "x_floor" not in b["decode_steps"]  # no bandwidth measured on CPU: no floor
+        assert sum(x["steps"] for x in b["decode_by_batch"]) == b["decode_steps"]["steps"]
     assert result["total_output_tokens"] == result["expected_output_tokens"]
     assert 4 * 16 <= result["total_input_tokens"] <= 4 * 32
     assert result["output_tokens_per_second"] > 0 and result["elapsed_time"] > 0

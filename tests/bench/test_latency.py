@@ -13,14 +13,17 @@ def test_bench_latency_writes_complete_result(tiny_model_dir, tmp_path):
         [
             "bench", "latency", "--model", str(tiny_model_dir("qwen2")), "--batch-sizes", "1,2",
             "--input-len", "8", "--output-len", "8", "--warmup-steps", "2",
-            "--compare", "eager,graph,hf", "--output", str(out),
+            "--compare", "eager,eager-sync,graph,hf", "--output", str(out),
         ]
     )  # fmt: skip
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["settings"]["compare"] == ["eager", "hf"]  # no graphs on CPU
+    assert result["settings"]["compare"] == ["eager", "eager-sync", "hf"]  # no graphs on CPU
     rows = {(r["batch_size"], r["mode"]): r for r in result["rows"]}
-    assert set(rows) == {(1, "eager"), (1, "hf"), (2, "eager"), (2, "hf")}
+    assert set(rows) == {(b, m) for b in (1, 2) for m in ("eager", "eager-sync", "hf")}
+    assert (
+        rows[(1, "eager")]["async_scheduling"] and not rows[(1, "eager-sync")]["async_scheduling"]
+    )
     for r in rows.values():
         assert r["decode_steps_timed"] == 8 - 1 - 2  # 7 decode steps, 2 of them warm-up
         assert 0 < r["decode_median_ms"] <= r["decode_p90_ms"]

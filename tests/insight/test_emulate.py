@@ -111,14 +111,15 @@ def test_nvtx_ranges_nest_around_engine_phases(engine):
     finally:
         remove()
     pushes = [e for e in events if e.startswith("+")]
-    assert pushes.count("+step") >= 2 and pushes.count("+sample") == pushes.count("+execute")
+    assert pushes.count("+step") >= 2 and pushes.count("+sample") == pushes.count("+launch")
     assert events.count("-") == len(pushes)  # balanced
+    assert pushes.count("+resolve") >= 2  # each step's tokens are waited for and processed
     first = events[: events.index("+step", 1)] if events.count("+step") > 1 else events
     assert first == [
         "+step",
         "+schedule",
         "-",
-        "+execute",
+        "+launch",
         "+prepare",
         "-",
         "+forward",
@@ -131,7 +132,7 @@ def test_nvtx_ranges_nest_around_engine_phases(engine):
         "-",
     ]
     # removed: the instance wrappers are gone
-    assert "step" not in engine.__dict__ and "execute" not in engine.runner.__dict__
+    assert "step" not in engine.__dict__ and "launch" not in engine.runner.__dict__
     n = len(events)
     engine.add_request(None, SamplingParams(temperature=0, max_tokens=1), [1, 2])
     while engine.has_unfinished_requests():

@@ -54,6 +54,8 @@ def _synthetic_trace():
         _x("kernel", "k1", 315, 5, corr=21),
         _x("kernel", "k2", 320, 5, corr=21),
         _x("kernel", "k3", 330, 5, corr=21),
+        _x("kernel", "void gemm<128, 64>(float*, int)", 336, 3, corr=21),
+        _x("kernel", "void gemm<64, 32>(float*, int)", 339, 4, corr=21),
         _x("kernel", "late_uncorrelated", 340, 2),  # no correlation: the last step started
     ]
 
@@ -69,10 +71,15 @@ def test_parse_trace_attributes_gpu_work_to_steps():
     assert e["launch_api_mean_us"] == pytest.approx((4 + 6 + 2) / 3)
     assert e["graph_launches"] == 0 and e["torch_ops"] == 2
     assert e["host_ms"] == pytest.approx(0.050)
-    assert g["kernels"] == 5  # four from the graph, one matched by time
+    assert g["kernels"] == 7  # six from the graph, one matched by time
     assert g["graph_launches"] == 1 and g["launch_api_calls"] == 0
     assert g["launch_api_mean_us"] is None
-    assert g["gpu_busy_ms"] == pytest.approx((1 + 15 + 5 + 2) / 1e3)
+    assert g["gpu_busy_ms"] == pytest.approx((1 + 15 + 5 + 7) / 1e3)  # late one inside gemm
+    # kernel families: template arguments and parameters dropped, largest first
+    top = g["top_kernels"]
+    assert top[0] == {"kernel": "void gemm", "ms": pytest.approx(0.007), "count": 2}
+    assert {t["kernel"] for t in top} == {"void gemm", "k0", "k1", "k2", "k3", "late_uncorrelated"}
+    assert [t["kernel"] for t in e["top_kernels"]] == ["gemv", "rmsnorm"]  # not the spin
 
 
 def test_parse_trace_of_a_cpu_only_profile():
@@ -159,6 +166,7 @@ def _mode(**over):
         "launch_api_mean_us": 4.1,
         "graph_launches": 0,
         "torch_ops": 4000,
+        "top_kernels": [{"kernel": "gemv", "ms": 4.1, "count": 196}],
     }
     m.update(over)
     return m
@@ -369,4 +377,5 @@ def test_console_table_has_a_row_and_a_reason_per_batch():
     row = next(line for line in lines if line.strip().startswith("1 "))
     for value in ("1254", "13.00", "5.60", "61", "14.40", "6.40", "2.27", "2.25", "graph"):
         assert value in row, (value, row)
-    assert lines[-1] == "batch 1: launch-bound: ..."
+    assert lines[-2] == "batch 1: launch-bound: ..."
+    assert lines[-1] == "  GPU ms by kernel (graph): gemv 4.10"
