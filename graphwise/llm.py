@@ -49,6 +49,10 @@ class LLM:
         """Stop worker processes (tensor/pipeline/data parallel) now; otherwise at exit."""
         self.llm_engine.shutdown()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget cached prompt blocks no request holds; returns how many were dropped."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 

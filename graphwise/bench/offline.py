@@ -86,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="record each step's host and wait time, decode steps against their floor",
     )
+    w.add_argument(
+        "--save-step-records",
+        action="store_true",
+        help="also write every step's record (seqs, tokens, host and wait times) to the JSON",
+    )
     w.add_argument("--output", default=None, metavar="FILE", help="write the result JSON here")
     w.add_argument("--disable-tqdm", action="store_true")
 
@@ -235,6 +240,7 @@ def _timed_run(
     while engine.has_unfinished_requests():  # nothing in flight from an earlier run
         engine.step()
     engine.async_scheduling = async_scheduling
+    llm.reset_prefix_cache()  # an earlier run of the same prompts must not lend this one its KV
     log = StepLog() if floor is not None else None
     engine.step_log = log
     try:
@@ -269,6 +275,8 @@ def _timed_run(
         run["step_breakdown"] = log.summary(
             floor["weights"], floor["kv_per_token"], floor["bandwidth"]
         )
+        if args.save_step_records:
+            run["step_records"] = log.to_json()
         print(f"async scheduling {'on' if async_scheduling else 'off'}: where the time went")
         print(format_summary(run["step_breakdown"]))
     return run

@@ -90,6 +90,19 @@ class BlockManager:
             self.hashes[block] = h
             self.hash_to_block[h] = block
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block that no sequence holds (benchmarks comparing runs of the
+        same prompts must not let the second run reuse the first's KV). Returns the number."""
+        forgotten = 0
+        for block in self.free:
+            h = self.hashes[block]
+            if h is not None:
+                if self.hash_to_block.get(h) == block:
+                    del self.hash_to_block[h]
+                self.hashes[block] = None
+                forgotten += 1
+        return forgotten
+
     # ---- allocation -------------------------------------------------------------------
     def can_admit(self, seq: Sequence, cached: list[int], num_tokens: int) -> bool:
         reused_free = sum(1 for b in cached if self.ref_counts[b] == 0)

@@ -448,6 +448,10 @@ class LLMEngine:
         if close is not None:
             close()
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's unreferenced blocks (vLLM's `reset_prefix_cache`)."""
+        return self.block_manager.reset_prefix_cache()
+
     # ---- introspection ----------------------------------------------------------------
     def kv_usage(self) -> float:
         return self.block_manager.usage

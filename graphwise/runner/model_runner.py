@@ -191,6 +191,7 @@ class ModelRunner:
         dev = flat.pin_memory().to(self.device, non_blocking=True)
         return list(dev.split(sizes))
 
+    @torch.inference_mode()  # also when called outside a step (tests, profiling)
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []

@@ -90,3 +90,33 @@ def test_double_release_is_caught():
 def test_zero_blocks_is_an_error():
     with pytest.raises(ValueError, match="at least one block"):
         BlockManager(num_blocks=0, block_size=16)
+
+
+def test_reset_prefix_cache_forgets_free_blocks_only():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    a, b = seq([1, 2, 3, 4, 5], "a"), seq([7, 8, 9, 10, 11], "b")
+    for s in (a, b):
+        assert bm.allocate_slots(s, 5)
+        s.num_computed_tokens = 5
+        bm.cache_full_blocks(s)
+    bm.release(a)  # a's blocks are free but findable; b still holds its blocks
+    assert bm.reset_prefix_cache() == 2
+    assert bm.find_cached_prefix(seq([1, 2, 3, 4, 6], "x")) == []
+    assert bm.find_cached_prefix(seq([7, 8, 9, 10, 6], "y")) == b.block_table[:2]  # held: kept
+    assert bm.num_free_blocks == 8 - 3
+
+
+def test_pending_tokens_are_not_hashed():
+    """A block is cached only up to the tokens the host knows (async scheduling computes the KV
+    of a token whose id is still on the GPU)."""
+    bm = BlockManager(num_blocks=8, block_size=2)
+    a = seq([1, 2, 3], "a")
+    a.num_placeholders = 1  # token 4 is being sampled
+    assert bm.allocate_slots(a, 4)
+    a.num_computed_tokens = 4  # its KV is being computed too
+    bm.cache_full_blocks(a)
+    assert len(a.block_hashes) == 1  # [1, 2] only; [3, ?] waits for the id
+    a.token_ids.append(4)
+    a.num_placeholders = 0
+    bm.cache_full_blocks(a)
+    assert len(a.block_hashes) == 2
