@@ -108,17 +108,26 @@ def kv_tokens_gained(
     return (kv_budget // block_bytes - kv_all // block_bytes) * block_size
 
 
-def profile_peak_activation(runner: ModelRunner, num_tokens: int) -> int:
-    """Run a worst-case prefill (num_tokens in one sequence) and measure the peak allocation."""
+def profile_peak_activation(runner: ModelRunner, num_tokens: int, max_seq_len: int) -> int:
+    """Run a worst-case prefill step (num_tokens new tokens, in sequences of at most
+    max_seq_len: positions past the model's range would read outside its RoPE table) and
+    measure the peak allocation."""
     bs = runner.block_size
-    blocks = -(-num_tokens // bs)
-    runner.allocate_kv_cache(blocks)
-    seq = Sequence("profile", None, [0] * num_tokens, SamplingParams(max_tokens=1))
-    seq.block_table = list(range(blocks))
+    lengths = [max_seq_len] * (num_tokens // max_seq_len)
+    if num_tokens % max_seq_len:
+        lengths.append(num_tokens % max_seq_len)
+    blocks = [-(-n // bs) for n in lengths]
+    runner.allocate_kv_cache(sum(blocks))
+    seqs, first = [], 0
+    for i, (n, b) in enumerate(zip(lengths, blocks, strict=True)):
+        seq = Sequence(f"profile-{i}", None, [0] * n, SamplingParams(max_tokens=1))
+        seq.block_table = list(range(first, first + b))
+        first += b
+        seqs.append(seq)
     torch.cuda.synchronize(runner.device)
     torch.cuda.reset_peak_memory_stats(runner.device)
     base = torch.cuda.memory_allocated(runner.device)
-    runner.execute(ScheduledBatch(seqs=[seq], num_new_tokens=[num_tokens]))
+    runner.execute(ScheduledBatch(seqs=seqs, num_new_tokens=lengths))
     torch.cuda.synchronize(runner.device)
     peak = torch.cuda.max_memory_allocated(runner.device) - base
     runner.kv_caches = []
@@ -168,7 +177,9 @@ def plan_kv_blocks(
         elif cfg.use_cuda_graph != "off":
             plan.graph_pool_bytes = GRAPH_RESERVE_BYTES
             plan.graph_pool_source = "reserve"
-        plan.activation_peak_bytes = profile_peak_activation(runner, engine.max_num_batched_tokens)
+        plan.activation_peak_bytes = profile_peak_activation(
+            runner, engine.max_num_batched_tokens, engine.max_model_len - 1
+        )
         free, total = torch.cuda.mem_get_info(engine.device)
         used = total - free  # weights + CUDA context + anything else on the card
         plan.total_bytes = total

@@ -111,7 +111,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(
         memory.torch.cuda, "mem_get_info", lambda device=None: (GiB - 100 * MiB, GiB)
     )
-    monkeypatch.setattr(memory, "profile_peak_activation", lambda runner, n: 10 * MiB)
+    monkeypatch.setattr(memory, "profile_peak_activation", lambda runner, n, max_len: 10 * MiB)
 
 
 def _expected_blocks(graph_bytes):
@@ -164,7 +164,7 @@ def test_cuda_plan_with_graphs_off(fake_cuda):
 
 def test_cuda_plan_with_no_room_raises(monkeypatch):
     monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device=None: (0, GiB))
-    monkeypatch.setattr(memory, "profile_peak_activation", lambda runner, n: 0)
+    monkeypatch.setattr(memory, "profile_peak_activation", lambda runner, n, max_len: 0)
     with pytest.raises(ValueError, match="no memory is left"):
         plan_kv_blocks(_engine("cuda"), RUNNER, None)
 
@@ -182,3 +182,37 @@ def test_memory_plan_dict_has_every_component():
         "kv_tokens_gained",
     ):
         assert key in d
+
+
+def test_activation_profile_keeps_positions_within_the_model(monkeypatch):
+    """The worst-case prefill is split into sequences no longer than max_model_len - 1: one
+    sequence of num_tokens would give positions past the RoPE table (an illegal access on GPU)."""
+    import torch
+
+    from graphwise.runner import memory
+
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 100)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 100 + 7 * MiB)
+
+    class FakeRunner:
+        block_size = 16
+        device = "cuda"
+
+        def allocate_kv_cache(self, n: int) -> None:
+            self.blocks = n
+
+        def execute(self, batch) -> list[int]:
+            self.batch = batch
+            return []
+
+    runner = FakeRunner()
+    assert memory.profile_peak_activation(runner, 2500, 1000) == 7 * MiB
+    batch = runner.batch
+    assert batch.num_new_tokens == [1000, 1000, 500]
+    assert [s.num_tokens for s in batch.seqs] == [1000, 1000, 500]
+    tables = [s.block_table for s in batch.seqs]
+    assert [len(t) for t in tables] == [63, 63, 32] and runner.blocks == 158
+    flat = [b for t in tables for b in t]
+    assert sorted(flat) == list(range(158))  # no block shared between sequences
