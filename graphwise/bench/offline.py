@@ -2,8 +2,9 @@
 
 The fixed workload: 256 sequences, input and output lengths uniform in 100-1024 (inclusive),
 random token ids from the tokenizer's vocabulary (special tokens excluded), seed 0, `ignore_eos`,
-temperature 0. `--num-prompts`, `--input-len-range` and `--output-len-range` shrink it. One short
-warm-up generation (not timed) goes first, so lazy compilation does not land in the timing.
+temperature 0. `--num-prompts`, `--input-len-range` and `--output-len-range` shrink it. A short
+warm-up generation of 16 of its prompts (not timed, prefix cache reset after) goes first, so lazy
+compilation does not land in the timing.
 
     graphwise bench offline --preset qwen2.5-7b --load-format dummy --output offline.json
 """
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_NUM_PROMPTS = 256
 DEFAULT_LEN_RANGE = (100, 1024)
 WARMUP_TOKENS = 4
+WARMUP_PROMPTS = 16
 
 
 def parse_len_range(text: str) -> tuple[int, int]:
@@ -303,8 +305,10 @@ def run(args: argparse.Namespace) -> int:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
 
     if args.warmup:
+        # A few of the workload's prompts, so that chunked prefill mixed with decode (and any
+        # kernel compilation for those shapes) happens before the clock starts.
         llm.generate(
-            prompts[:1],
+            prompts[:WARMUP_PROMPTS],
             SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS, ignore_eos=True),
             use_tqdm=False,
         )
