@@ -7,6 +7,7 @@ import triton
 sys.path.insert(0, ".")
 import torch.nn.functional as F
 
+from graphwise.insight.system import cuda_graph_ms
 from graphwise.kernels import (
     alloc_decode_workspace,
     choose_num_splits,
@@ -19,29 +20,7 @@ print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
 
 
 def graph_time(fn, iters=20, reps=10):
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / iters * 1e3)
-    return sorted(ts)[len(ts) // 2]  # us
+    return cuda_graph_ms(fn, calls=iters, reps=reps) * 1e3  # us
 
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "decode"

@@ -14,31 +14,13 @@ import statistics
 
 import torch
 
-from graphwise.insight.system import copy_bandwidth, environment
+from graphwise.insight.system import copy_bandwidth, cuda_graph_ms, environment
 from graphwise.kernels.fused_moe import fused_moe
 from graphwise.layers.moe import SparseMoE
 
 
 def graph_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return cuda_graph_ms(fn, calls=1, reps=reps)
 
 
 def eager_ms(fn, reps: int = 5) -> float:

@@ -2,8 +2,8 @@
 # Everything graphwise does on a GPU machine, in one call: set-up, GPU tests, latency benchmark.
 # Used with the device tool (PYTHONPATH=. is the whole installation; missing pure-Python wheels
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
-#   scripts/gpu_run.sh [tests] [latency] [throughput] [explain] [sweep] [offline] [capture] [moe]
-#                      [kernels]
+#   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
+#                      [capture] [moe] [kernels]
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
@@ -45,15 +45,23 @@ for step in "${steps[@]}"; do
       timeout 560 python3 -m graphwise.cli bench sweep benchmarks/sweep-h100-device.yaml \
         --output-dir "$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
     throughput)
-      # issue 9: decode at batch 64/128/256 with graphs, async scheduling on vs off; then the
-      # offline workload both ways with its step-time breakdown
-      timeout 300 python3 -m graphwise.cli bench latency --preset qwen2.5-7b \
-        --batch-sizes "${TP_BATCH:-64,128,256}" --input-len 128 --output-len 256 \
-        --compare graph,graph-sync --output "$OUT/throughput-decode-h100.json" \
-        2>&1 | tee "$OUT/throughput-decode.log" | grep -v "it/s\]" | tail -12 || status=1
+      # issue 9: decode at batch 64/128/256 with graphs, async scheduling on vs off, at a short
+      # and a long context; then the offline workload both ways with its step-time breakdown.
+      # benchmarks/throughput_report.py $OUT turns these into throughput-h100.json.
+      for spec in "128 throughput-decode-h100" "896 throughput-decode-long-h100"; do
+        set -- $spec
+        timeout 240 python3 -m graphwise.cli bench latency --preset qwen2.5-7b \
+          --batch-sizes "${TP_BATCH:-64,128,256}" --input-len "$1" --output-len 256 \
+          --compare graph,graph-sync --output "$OUT/$2.json" \
+          2>&1 | tee "$OUT/$2.log" | grep -v "it/s\]" | tail -8 || status=1
+      done
       timeout 400 python3 -m graphwise.cli bench offline --preset qwen2.5-7b --max-model-len 4096 \
-        --compare-async-scheduling --disable-tqdm --output "$OUT/throughput-offline-h100.json" \
+        --compare-async-scheduling --disable-tqdm --save-step-records \
+        --output "$OUT/throughput-offline-h100.json" \
         2>&1 | tee "$OUT/throughput-offline.log" | tail -30 || status=1 ;;
+    roofline)
+      timeout 120 python3 benchmarks/gemm_roofline.py --output "$OUT/gemm-roofline-h100.json" \
+        2>&1 | tee "$OUT/roofline.log" | tail -20 || status=1 ;;
     offline)
       timeout 300 python3 -m graphwise.cli bench offline --preset qwen2.5-7b --max-model-len 4096 \
         --output "$OUT/offline-h100.json" 2>&1 | tee "$OUT/offline.log" | grep -v "it/s\]" | tail -15 || status=1 ;;

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,31 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10)
             dst.copy_(src)
         seconds = time.perf_counter() - t
     return 2 * nbytes * iters / seconds
+
+
+def cuda_graph_ms(fn: Callable[[], object], calls: int = 1, reps: int = 20) -> float:
+    """Median milliseconds of one `fn()` on the GPU, timed as replays of a CUDA graph holding
+    `calls` calls (no launch overhead: the kernels' own time). Warm-up and capture happen on a
+    side stream, as torch requires."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)

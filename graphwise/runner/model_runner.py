@@ -175,21 +175,39 @@ class ModelRunner:
     def _upload_inner(
         self, dtype: torch.dtype, parts: tuple[list[int] | list[float] | np.ndarray, ...]
     ) -> list[torch.Tensor]:
+        # Each part starts on a 16-byte boundary of the flat buffer. Triton specializes kernels
+        # on pointer alignment: views at offsets that depend on the batch size would compile a
+        # new variant (a ~1 s stall) whenever a batch shifts an alignment for the first time.
+        align = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
         if all(isinstance(x, list) for x in parts):  # small lists: cheapest straight to torch
             sizes = [len(x) for x in parts]
-            flat = torch.tensor([v for x in parts for v in x], dtype=dtype)
+            values: list[int | float] = []
+            for x in parts:
+                values.extend(x)
+                values.extend([0] * (-len(x) % align))
+            flat = torch.tensor(values, dtype=dtype)
         else:
             np_dtype = np.int64 if dtype == torch.int64 else np.int32
             arrays = [np.asarray(x, dtype=np_dtype).ravel() for x in parts]
             sizes = [a.size for a in arrays]
-            flat = torch.from_numpy(np.concatenate(arrays))
-        if not self._pin:
-            return list(flat.to(self.device).split(sizes))
-        # A pinned copy from torch's caching host allocator: it recycles a buffer only after the
-        # copy that read it has run, so the host never waits here for the GPU (a pageable copy,
-        # or reusing one buffer, would wait for the step that is still running).
-        dev = flat.pin_memory().to(self.device, non_blocking=True)
-        return list(dev.split(sizes))
+            padded = np.zeros(sum(n + (-n % align) for n in sizes), dtype=np_dtype)
+            at = 0
+            for a in arrays:
+                padded[at : at + a.size] = a
+                at += a.size + (-a.size % align)
+            flat = torch.from_numpy(padded)
+        if self._pin:
+            # A pinned copy from torch's caching host allocator: it recycles a buffer only after
+            # the copy that read it has run, so the host never waits here for the GPU (a pageable
+            # copy, or reusing one buffer, would wait for the step that is still running).
+            dev = flat.pin_memory().to(self.device, non_blocking=True)
+        else:
+            dev = flat.to(self.device)
+        out, at = [], 0
+        for n in sizes:
+            out.append(dev[at : at + n])
+            at += n + (-n % align)
+        return out
 
     @torch.inference_mode()  # also when called outside a step (tests, profiling)
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
