@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -29,6 +25,7 @@ import numpy as np
 
 from graphwise.bench.datasets import allowed_token_ids, random_token_workload
 from graphwise.config import EngineConfig, add_engine_args, engine_config_from_args
+from graphwise.insight.system import environment as system_environment
 from graphwise.insight.system import git_commit
 
 logger = logging.getLogger(__name__)
@@ -107,60 +104,28 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     }
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def environment() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(device, versions) of this process."""
-    import torch
-
-    versions = {
-        "graphwise": _version("graphwise") or _graphwise_version(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": _version("transformers"),
-        "triton": _version("triton"),
-    }
-    if torch.cuda.is_available():
-        index = torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(index)
+    """(device, versions) of this process: insight.system's report in vLLM's layout."""
+    env = system_environment()
+    versions = {k: env.get(k) for k in ("graphwise", "torch", "cuda", "transformers", "triton")}
+    versions["python"] = env["python"]
+    if env["device_type"] == "cuda":
         device = {
             "type": "cuda",
-            "name": props.name,
-            "count": torch.cuda.device_count(),
-            "capability": f"{props.major}.{props.minor}",
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "driver": _driver_version(),
+            "name": env["device_name"],
+            "count": env["device_count"],
+            "capability": env["capability"],
+            "memory_gib": round(env["gpu_memory_bytes"] / 2**30, 1),
+            "driver": env["driver"],
         }
     else:
         device = {
             "type": "cpu",
-            "name": _cpu_name(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "name": env["device_name"],
+            "cores": env["cpu_cores"],
+            "torch_threads": env["cpu_threads"],
         }
     return device, versions
-
-
-def _graphwise_version() -> str | None:
-    import graphwise
-
-    return getattr(graphwise, "__version__", None)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _model_name(config: EngineConfig) -> str:
@@ -173,19 +138,6 @@ def _model_name(config: EngineConfig) -> str:
     except ImportError:
         return "default"
     return f"{DEFAULT_MODEL_NAME} (embedded)"
-
-
-def _driver_version() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import subprocess
@@ -49,13 +50,15 @@ def _version(module: str) -> str | None:
 
 
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What a result was measured on: the device, the library versions and the commit. The one
+    reporter every benchmark and explain use (bench offline reshapes it into vLLM's layout)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info: dict[str, Any] = {
         "device_type": device.type,
         "device_name": (
-            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        )
-        or platform.machine(),
+            torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+        ),
+        "graphwise": _version("graphwise"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": _version("triton"),
@@ -67,9 +70,36 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         info["gpu_memory_bytes"] = props.total_memory
         info["sm_count"] = props.multi_processor_count
+        info["capability"] = f"{props.major}.{props.minor}"
+        info["device_count"] = torch.cuda.device_count()
+        info["driver"] = _driver_version()
     else:
         info["cpu_threads"] = torch.get_num_threads()
+        info["cpu_cores"] = os.cpu_count()
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10) -> float:
