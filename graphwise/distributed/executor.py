@@ -180,6 +180,9 @@ class _Cluster:
         self.workers = workers
         self.closed = False
         self.failed = False
+        # The driver's captured graphs. They hold NCCL work: destroying the process group while
+        # they live hangs (pytorch#115388; seen here: a TP=2 run with graphs never exited).
+        self.graphs: Any | None = None
 
     def close(self) -> None:
         if self.closed:
@@ -194,7 +197,18 @@ class _Cluster:
                 logger.debug("shutdown broadcast failed", exc_info=True)
         if self.workers is not None:
             self.workers.close(grace_s=0.0 if self.failed else 10.0)
+        release_graphs(self.graphs)
+        self.graphs = None
         parallel_state.destroy()
+
+
+def release_graphs(graphs: Any | None) -> None:
+    """Drop captured CUDA graphs (and their NCCL work) before the process group goes."""
+    if graphs is None:
+        return
+    graphs.release(set())
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class ParallelModelRunner(ModelRunner):
@@ -270,6 +284,8 @@ class ParallelModelRunner(ModelRunner):
             dist.broadcast_object_list(box, src=0, group=group)
             kind, payload = box[0]
             if kind == "shutdown":
+                release_graphs(self.graph_runner)  # before the caller destroys the group
+                self.graph_runner = None
                 return
             if kind == "step":
                 maybe_inject_failure(self.ctx.rank, "step")
@@ -385,6 +401,8 @@ class ParallelModelRunner(ModelRunner):
         keep = set.intersection(*(set(b) for b in everyone))
         graphs.release(keep)  # a bucket one rank could not capture replays nowhere
         self.graph_runner = graphs if graphs.graphs else None
+        if self.is_driver:
+            self._cluster.graphs = self.graph_runner
 
     # ---- driver plumbing --------------------------------------------------------------------
     def _broadcast(self, message: tuple[str, Any]) -> None:

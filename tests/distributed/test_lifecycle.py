@@ -174,3 +174,25 @@ def test_torchrun_environment_joins_the_group(tiny_model_dir, tmp_path):
     lines = [ln for ln in result.stdout.splitlines() if ln.startswith("TOKENS ")]
     assert len(lines) == 1  # only rank 0 came back from LLM(...)
     assert json.loads(lines[0][len("TOKENS ") :]) == hf_greedy(path, ps, 8)
+
+
+def test_cluster_close_releases_graphs_before_destroying_the_group(monkeypatch):
+    """Captured graphs hold NCCL work; destroying the group while they live hangs on GPUs
+    (pytorch#115388). Order: graphs released, then the group destroyed."""
+    from graphwise.distributed import executor, parallel_state
+
+    events: list[str] = []
+
+    class FakeGraphs:
+        def release(self, keep: set[int]) -> None:
+            events.append(f"release {sorted(keep)}")
+
+    monkeypatch.setattr(parallel_state, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel_state, "destroy", lambda: events.append("destroy"))
+    cluster = executor._Cluster(None)
+    cluster.graphs = FakeGraphs()
+    cluster.close()
+    assert events == ["release []", "destroy"]
+    assert cluster.graphs is None
+    cluster.close()  # idempotent
+    assert events == ["release []", "destroy"]
