@@ -209,6 +209,13 @@ def run(args: argparse.Namespace) -> int:
         overrides["cuda_graph"] = "on" if want_graph and torch.cuda.is_available() else "off"
     if any(m.startswith("hf") for m in modes) and args.gpu_memory_utilization == 0.9:
         overrides["gpu_memory_utilization"] = 0.5  # leave room for HF's copy of the weights
+    parallel = args.tensor_parallel_size * args.pipeline_parallel_size > 1
+    if parallel and want_graph and any(m.startswith("eager") for m in modes):
+        # Switching graphs off for a run happens on rank 0 only; the workers would still replay.
+        raise ValueError(
+            "--compare cannot mix eager and graph modes under tensor/pipeline parallelism: "
+            "run eager with --cuda-graph off and graph with --cuda-graph on, separately"
+        )
     engine = LLMEngine(engine_config_from_args(args, **overrides))
     device = engine.device
     has_graphs = engine.runner.graph_runner is not None

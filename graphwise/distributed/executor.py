@@ -53,7 +53,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-StepRecord = tuple[str, int, int, int, list[int], int, list[int]]
+# (request id, computed, new, num_tokens, known new token ids, kept blocks, new blocks,
+#  pending_row: the row of the previous step's sampled tokens that is this step's last input, or
+#  -1 when every input id is known; async scheduling)
+StepRecord = tuple[str, int, int, int, list[int], int, list[int], int]
 
 
 def local_model_config(mc: ModelConfig, ctx: ParallelContext) -> ModelConfig:
@@ -90,8 +93,18 @@ class StepEncoder:
             keep = 0
             if prev is not None and len(prev) <= len(table) and table[: len(prev)] == prev:
                 keep = len(prev)
+            pending = seq.pending_row if c + n > len(seq.token_ids) else -1
             records.append(
-                (seq.request_id, c, n, seq.num_tokens, seq.token_ids[c : c + n], keep, table[keep:])
+                (
+                    seq.request_id,
+                    c,
+                    n,
+                    seq.num_tokens,
+                    seq.token_ids[c : c + n],
+                    keep,
+                    table[keep:],
+                    pending,
+                )
             )
             sent[seq.request_id] = list(table)
         self._sent = sent
@@ -116,21 +129,33 @@ class _TokenWindow:
             return self.ids
         raise IndexError(f"a worker knows tokens [{self.start}, +{len(self.ids)}) only, not {key}")
 
-    def __len__(self) -> int:  # the known length: the parallel runner has no pending tokens
+    def __len__(self) -> int:  # the known length (a pending token is not among the ids)
         return self.start + len(self.ids)
 
 
 class SequenceView:
     """What ModelRunner.prepare reads of a Sequence, rebuilt from a step record."""
 
-    __slots__ = ("request_id", "num_computed_tokens", "num_tokens", "token_ids", "block_table")
+    __slots__ = (
+        "request_id",
+        "num_computed_tokens",
+        "num_tokens",
+        "token_ids",
+        "block_table",
+        "num_placeholders",
+        "pending_row",
+    )
 
-    def __init__(self, rid: str, c: int, num_tokens: int, ids: list[int], table: list[int]) -> None:
+    def __init__(
+        self, rid: str, c: int, num_tokens: int, ids: list[int], table: list[int], pending: int
+    ) -> None:
         self.request_id = rid
         self.num_computed_tokens = c
         self.num_tokens = num_tokens
         self.token_ids = _TokenWindow(c, ids)
         self.block_table = table
+        self.num_placeholders = 1 if pending >= 0 else 0
+        self.pending_row = pending
 
 
 class StepDecoder:
@@ -142,10 +167,11 @@ class StepDecoder:
     def decode(self, records: list[StepRecord]) -> ScheduledBatch:
         tables: dict[str, list[int]] = {}
         batch = ScheduledBatch()
-        for rid, c, n, num_tokens, ids, keep, suffix in records:
+        for rid, c, n, num_tokens, ids, keep, suffix, pending in records:
             table = self._tables[rid][:keep] + suffix if keep else list(suffix)
             tables[rid] = table
-            batch.seqs.append(SequenceView(rid, c, num_tokens, ids, table))  # type: ignore[arg-type]
+            view = SequenceView(rid, c, num_tokens, ids, table, pending)
+            batch.seqs.append(view)  # type: ignore[arg-type]
             batch.num_new_tokens.append(n)
         self._tables = tables
         return batch
@@ -212,9 +238,9 @@ def release_graphs(graphs: Any | None) -> None:
 
 
 class ParallelModelRunner(ModelRunner):
-    # Workers build their inputs from token ids rank 0 sends; a token still on rank 0's device
-    # would need one more collective per step. Not done yet: the engine runs synchronously.
-    supports_async_scheduling = False
+    # Async scheduling: rank 0 broadcasts each step's sampled tokens device to device (one small
+    # collective, no host sync), so every rank holds them for the next step's pending inputs.
+    supports_async_scheduling = True
 
     def __init__(
         self,
@@ -246,7 +272,11 @@ class ParallelModelRunner(ModelRunner):
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> StepHandle:
         self._broadcast(("step", (self._encoder.encode(batch), False)))
-        return self._guard(super().launch, batch)
+        handle = self._guard(super().launch, batch)
+        if handle.sample_seqs:
+            assert self._last_tokens is not None
+            self._guard(dist.broadcast, self._last_tokens, src=0)
+        return handle
 
     @torch.inference_mode()
     def prompt_logits(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -311,9 +341,15 @@ class ParallelModelRunner(ModelRunner):
             self.forward(inputs)
             return None
         hidden = self.forward(inputs)
-        if not self.ctx.is_first_stage:
-            return None
-        return self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
+        logits = None
+        if self.ctx.is_first_stage:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
+        if not all_rows and not self.is_driver:
+            # Rank 0's sampled tokens, for the inputs of sequences whose next token is pending.
+            tokens = torch.empty(len(inputs.sample_seqs), dtype=torch.int64, device=self.device)
+            dist.broadcast(tokens, src=0)
+            self._last_tokens = tokens
+        return logits
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.ctx.pp_size == 1:

@@ -30,3 +30,14 @@ def test_bench_latency_writes_complete_result(tiny_model_dir, tmp_path):
         assert r["x_floor"] == r["decode_median_ms"] / r["floor_ms"]
     assert rows[(1, "hf")]["hf_dtype"] == "float32"
     assert result["environment"]["device_type"] == "cpu"
+
+
+def test_bench_latency_refuses_mixed_modes_under_tp(tiny_model_dir, capsys):
+    rc = main(
+        [
+            "bench", "latency", "--model", str(tiny_model_dir("qwen2")), "--tp", "2",
+            "--compare", "eager,graph",
+        ]
+    )  # fmt: skip
+    assert rc != 0
+    assert "cannot mix eager and graph modes" in capsys.readouterr().err

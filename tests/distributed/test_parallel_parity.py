@@ -41,6 +41,7 @@ def test_tp_pp_greedy_tokens_match_hf(arch, tp, pp, tiny_model_dir, expected, ma
     full = engine.model_config.kv_bytes_per_token(engine.dtype)
     assert engine.runner.kv_bytes_per_token(engine.dtype) * tp * pp == full
     assert engine.memory_plan.block_bytes * tp * pp == full * engine.config.block_size
+    assert engine.async_scheduling  # tokens reach the workers device to device
     assert generate(llm, prompts()) == expected(arch)
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
@@ -134,3 +135,36 @@ def test_engine_rejects_bad_sizes(tiny_model_dir):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             LLM(model=path, tensor_parallel_size=2, device="cuda")
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_async_scheduling_on_and_off_agree_under_tp_and_pp(tiny_model_dir, make_llm, tp, pp):
+    """Stops that end sequences while their next step is in flight, seeded sampling, and a
+    pool small enough to preempt: the same outputs with and without async scheduling."""
+    path = tiny_model_dir("llama")
+    ps = prompts(6)
+    kinds = [
+        SamplingParams(temperature=0, max_tokens=10, stop_token_ids=list(range(0, 512, 5))),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=7, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+    ]
+    params = [kinds[i % 3] for i in range(len(ps))]
+    outs = {}
+    for mode in (True, False):
+        llm = make_llm(
+            path,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            async_scheduling=mode,
+            num_gpu_blocks_override=12,
+            max_num_batched_tokens=24,
+            max_model_len=80,
+        )
+        assert llm.llm_engine.async_scheduling is mode
+        got = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+        outs[mode] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in got]
+        assert llm.llm_engine.block_manager.num_used_blocks == 0
+        assert llm.llm_engine.scheduler.num_preemptions > 0
+        llm.shutdown()
+    assert outs[True] == outs[False]
+    assert {r for _, r in outs[True]} == {"stop", "length"}
