@@ -94,6 +94,7 @@ class LLM:
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         bar.update(1)
+            engine.drain()  # nothing left in flight once generate returns
         except BaseException:
             for rid in wanted - set(done):
                 engine.abort_request(rid)

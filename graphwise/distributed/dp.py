@@ -351,6 +351,10 @@ class DataParallelEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def drain(self) -> list[RequestOutput]:
+        """Each replica drains its own engine in its own loop: nothing to do here."""
+        return []
+
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """The outputs that replicas have sent since the last call (waits for at least one

@@ -274,6 +274,15 @@ class LLMEngine:
         seq.finish_reason = "abort"
         return True
 
+    def drain(self) -> list[RequestOutput]:
+        """Resolve the step still in flight when no request is left to schedule (with async
+        scheduling the last step() of a batch leaves one, sampled for sequences that then
+        finished). Returns its outputs (usually none)."""
+        outputs: list[RequestOutput] = []
+        while self._inflight is not None and not self.scheduler.has_unfinished():
+            outputs.extend(self.step())
+        return outputs
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 

@@ -57,7 +57,9 @@ def _run(model_dir, async_scheduling: bool, **kw):
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts], _mixed_params(len(prompts)), use_tqdm=False
     )
-    return llm.llm_engine, [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+    engine = llm.llm_engine
+    assert engine._inflight is None and not engine.has_unfinished_requests()  # generate drained
+    return engine, [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
 
 
 @pytest.mark.parametrize(
