@@ -17,16 +17,18 @@ def detokenize_incrementally(tokenizer: Any, seq: Sequence, skip_special_tokens:
     """Append the text of the newest output token(s) to seq.output_text; return what was added."""
     if tokenizer is None:
         return ""
-    out = seq.output_token_ids
-    window = out[seq.prefix_offset :]
+    # Only the window is sliced out (copying the whole output list per token per sequence
+    # costs O(length) each step at large batch).
+    start = seq.num_prompt_tokens
+    window = seq.token_ids[start + seq.prefix_offset :]
     prefix_text = tokenizer.decode(
-        out[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip_special_tokens
+        window[: seq.read_offset - seq.prefix_offset], skip_special_tokens=skip_special_tokens
     )
     full_text = tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
     if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
         return ""
     delta = full_text[len(prefix_text) :]
     seq.prefix_offset = seq.read_offset
-    seq.read_offset = len(out)
+    seq.read_offset = len(seq.token_ids) - start
     seq.output_text += delta
     return delta
