@@ -79,8 +79,13 @@ class BlockManager:
             return
         # Only tokens whose ids are known can be hashed (a pending token's KV may be computed).
         num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        start = seq.num_registered_blocks
+        if num_full <= start:
+            return
         self._compute_hashes(seq, num_full)
-        for i in range(num_full):
+        # Blocks before `start` were looked at in an earlier step: each step visits new ones
+        # only (all of a sequence's blocks every step costs milliseconds at large batch).
+        for i in range(start, num_full):
             block = seq.block_table[i]
             if self.hashes[block] is not None:
                 continue
@@ -89,6 +94,7 @@ class BlockManager:
                 continue
             self.hashes[block] = h
             self.hash_to_block[h] = block
+        seq.num_registered_blocks = num_full
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached block that no sequence holds (benchmarks comparing runs of the
@@ -117,6 +123,7 @@ class BlockManager:
                 del self.free[b]
             self.ref_counts[b] += 1
         seq.block_table = list(cached)
+        seq.num_registered_blocks = len(cached)  # found in the cache: registered already
         seq.num_computed_tokens = len(cached) * self.block_size
 
     def allocate_slots(self, seq: Sequence, num_tokens: int) -> bool:
@@ -151,3 +158,4 @@ class BlockManager:
                 else:
                     self.free[block] = None
         seq.block_table = []
+        seq.num_registered_blocks = 0

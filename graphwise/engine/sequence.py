@@ -49,6 +49,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prefix-cache hit at first admission
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hashes of this sequence's full blocks, in order
+        self.num_registered_blocks = 0  # leading blocks the prefix cache has already seen
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0

@@ -120,3 +120,29 @@ def test_pending_tokens_are_not_hashed():
     a.num_placeholders = 0
     bm.cache_full_blocks(a)
     assert len(a.block_hashes) == 2
+
+
+def test_blocks_are_registered_incrementally_and_after_readmission():
+    bm = BlockManager(num_blocks=16, block_size=2)
+    a = seq(list(range(1, 9)), "a")  # 8 tokens: 4 blocks
+    assert bm.allocate_slots(a, 8)
+    a.num_computed_tokens = 4
+    bm.cache_full_blocks(a)
+    assert a.num_registered_blocks == 2 and len(bm.hash_to_block) == 2
+    a.num_computed_tokens = 8
+    bm.cache_full_blocks(a)
+    assert a.num_registered_blocks == 4 and len(bm.hash_to_block) == 4
+    bm.release(a)  # preemption: the counter starts over with the next block table
+    assert a.num_registered_blocks == 0
+    hits = bm.find_cached_prefix(a)  # 7 of 8 tokens reusable: 3 blocks
+    bm.admit(a, hits)
+    assert a.num_registered_blocks == 3 and a.num_computed_tokens == 6
+    assert bm.allocate_slots(a, 10)
+    a.token_ids += [9, 10]
+    a.num_computed_tokens = 10
+    bm.cache_full_blocks(a)
+    assert a.num_registered_blocks == 5
+    b = seq(list(range(1, 11)) + [99], "b")
+    hits = bm.find_cached_prefix(b)
+    # [7, 8] was computed twice (before and after preemption): the first copy is the one found
+    assert len(hits) == 5 and hits[:3] == a.block_table[:3] and hits[4] == a.block_table[4]
