@@ -42,7 +42,7 @@ for step in "${steps[@]}"; do
         --output-dir "$OUT/explain-1tbps" \
         2>&1 | tee "$OUT/explain-1tbps.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
     sweep)
-      timeout 560 python3 -m graphwise.cli bench sweep benchmarks/sweep-h100-device.yaml \
+      timeout 560 python3 -m graphwise.cli bench sweep "${SWEEP_CONFIG:-benchmarks/sweep-h100-device.yaml}" \
         --output-dir "$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
     throughput)
       # issue 9: decode at batch 64/128/256 with graphs, async scheduling on vs off, at a short

@@ -37,6 +37,7 @@ YAML schema (unknown keys are errors; only `setups` is required):
         cuda_graph: "on"         # on | off | auto (quote it: bare on/off are YAML booleans,
                                  # which are accepted too)
         enforce_eager: false
+        async_scheduling: true   # false: one step at a time (shown in the cuda graph column)
         tensor_parallel_size: 1  # also pipeline_parallel_size, data_parallel_size
         max_num_seqs: 256        # also num_layers, max_model_len, dtype
         args: []                 # extra server flags for this setup
@@ -89,6 +90,7 @@ SETUP_KEYS = {
     "load_format",
     "cuda_graph",
     "enforce_eager",
+    "async_scheduling",
     "tensor_parallel_size",
     "pipeline_parallel_size",
     "data_parallel_size",
@@ -148,6 +150,7 @@ class Setup:
     parallel: str
     startup_timeout_s: float
     shutdown_grace_s: float
+    async_scheduling: str = "on"  # on | off, as the server will run it
 
 
 @dataclass
@@ -270,6 +273,17 @@ def parallel_of(server_args: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+def async_mode_of(server_args: Sequence[str]) -> str:
+    """on | off: async scheduling as the server will run it (the last flag wins, as argparse)."""
+    mode = "on"
+    for arg in server_args:
+        if arg == "--async-scheduling":
+            mode = "on"
+        elif arg in ("--no-async-scheduling", "--disable-overlap-schedule"):
+            mode = "off"
+    return mode
+
+
 def graph_mode_of(server_args: Sequence[str]) -> str:
     """on | off | auto as the server will run it (--enforce-eager wins, as in EngineConfig)."""
     if "--enforce-eager" in server_args:
@@ -321,6 +335,12 @@ def parse_config(data: Any, default_name: str = "sweep") -> SweepConfig:
                 server_args += ["--" + key.replace("_", "-"), str(s[key])]
         if s.get("enforce_eager"):
             server_args.append("--enforce-eager")
+        if s.get("async_scheduling") is not None:
+            if not isinstance(s["async_scheduling"], bool):
+                raise ValueError(f"{where}: async_scheduling must be true or false")
+            server_args.append(
+                "--async-scheduling" if s["async_scheduling"] else "--no-async-scheduling"
+            )
         server_args += _str_list(server.get("args"), "server.args")
         server_args += _str_list(s.get("args"), f"{where}: args")
         env = _str_dict(server.get("env"), "server.env") | _str_dict(s.get("env"), f"{where}: env")
@@ -344,6 +364,7 @@ def parse_config(data: Any, default_name: str = "sweep") -> SweepConfig:
                 request_rates=rates,
                 bench_argv=bench_argv_from_mapping(merged_bench, where),
                 cuda_graph=graph_mode_of(server_args),
+                async_scheduling=async_mode_of(server_args),
                 parallel=parallel_of(server_args),
                 startup_timeout_s=float(server.get("startup_timeout_s", DEFAULT_STARTUP_TIMEOUT_S)),
                 shutdown_grace_s=float(server.get("shutdown_grace_s", DEFAULT_SHUTDOWN_GRACE_S)),
@@ -571,6 +592,7 @@ def _row(setup: Setup, rate: float, result: dict[str, Any] | None, error: str = 
         "model": setup.label,
         "parallel": setup.parallel,
         "cuda_graph": setup.cuda_graph,
+        "async_scheduling": setup.async_scheduling,
         "qps": rate_label(rate),
         "output_throughput": None,
         "mean_ttft_ms": None,
@@ -638,6 +660,7 @@ def run_setup(
                 "model": setup.label,
                 "parallel": setup.parallel,
                 "cuda_graph": setup.cuda_graph,
+                "async_scheduling": setup.async_scheduling,
                 "server_command": server.command,
             }
             bench_serve.save_result(result, path)
@@ -666,10 +689,13 @@ def _cell(value: Any, digits: int = 2) -> str:
 
 def table_cells(row: dict[str, Any]) -> list[str]:
     completed = f"{row['completed']}/{row['num_prompts']}" if row["num_prompts"] else "0"
+    graph = row["cuda_graph"]
+    if row.get("async_scheduling") == "off":  # the seed's columns; the variant shown in the cell
+        graph += " (async scheduling off)"
     return [
         row["model"],
         row["parallel"],
-        row["cuda_graph"],
+        graph,
         row["qps"],
         _cell(row["output_throughput"], 1),
         _cell(row["mean_ttft_ms"]),
@@ -697,6 +723,7 @@ CSV_FIELDS = (
     "model",
     "parallel",
     "cuda_graph",
+    "async_scheduling",
     "qps",
     "output_throughput",
     "mean_ttft_ms",

@@ -45,6 +45,11 @@ def test_shipped_configs_parse():
         "--model" not in s.server_args and "--preset" not in s.server_args for s in tiny.setups
     )
     assert tiny.setups[0].label == "SmolLM2-135M (embedded)"
+    overlap = sweep.load_config(REPO / "benchmarks" / "sweep-h100-async.yaml")
+    assert [(s.cuda_graph, s.async_scheduling) for s in overlap.setups] == [
+        ("on", "on"),
+        ("on", "off"),
+    ]
 
 
 def _config(**overrides):
@@ -119,6 +124,32 @@ def test_columns_follow_the_server_flags():
     a, b = cfg.setups
     assert (a.parallel, a.cuda_graph) == ("TP=4", "off")
     assert (b.parallel, b.cuda_graph) == ("TP=1, PP=2", "off")
+    assert a.async_scheduling == b.async_scheduling == "on"
+
+
+def test_async_scheduling_setups():
+    cfg = sweep.parse_config(
+        {
+            "bench": {"request_rates": [1]},
+            "setups": [
+                {"name": "on", "cuda_graph": "on", "async_scheduling": True},
+                {"name": "off", "cuda_graph": "on", "async_scheduling": False},
+                {"name": "sglang", "args": ["--disable-overlap-schedule"]},
+            ],
+        }
+    )
+    on, off, sglang = cfg.setups
+    assert "--async-scheduling" in on.server_args and on.async_scheduling == "on"
+    assert "--no-async-scheduling" in off.server_args and off.async_scheduling == "off"
+    assert sglang.async_scheduling == "off"
+    row = sweep._row(off, 2.0, None, "")
+    assert row["async_scheduling"] == "off"
+    assert sweep.table_cells(row)[2] == "on (async scheduling off)"
+    assert sweep.table_cells(sweep._row(on, 2.0, None, ""))[2] == "on"
+    with pytest.raises(ValueError, match="async_scheduling must be true or false"):
+        sweep.parse_config(
+            {"bench": {"request_rates": [1]}, "setups": [{"name": "x", "async_scheduling": "no"}]}
+        )
 
 
 def test_preset_defaults_to_dummy_weights():
