@@ -19,10 +19,6 @@ from graphwise.kernels.fused_moe import fused_moe
 from graphwise.layers.moe import SparseMoE
 
 
-def graph_ms(fn, reps: int = 20) -> float:
-    return cuda_graph_ms(fn, calls=1, reps=reps)
-
-
 def eager_ms(fn, reps: int = 5) -> float:
     fn()
     torch.cuda.synchronize()
@@ -58,7 +54,7 @@ def main() -> None:
         weights, ids = moe.route(x)
         hit = int(torch.unique(ids).numel())
         floor_ms = hit * per_expert / bw * 1e3
-        fused = graph_ms(lambda: fused_moe(x, moe.w_gate_up, moe.w_down, weights, ids))
+        fused = cuda_graph_ms(lambda: fused_moe(x, moe.w_gate_up, moe.w_down, weights, ids))
         ref = None
         if t <= 256:  # the per-expert loop (the layer without Triton), for comparison
             ref = eager_ms(lambda: moe.experts_forward(x, weights, ids))

@@ -71,13 +71,10 @@ def measure_graphwise(
     from graphwise.sampling_params import SamplingParams
 
     runner = engine.runner
-    while engine.has_unfinished_requests():  # nothing in flight from an earlier run
-        engine.step()
+    engine.drain()  # nothing in flight from an earlier run
     saved, saved_async = runner.graph_runner, engine.async_scheduling
     if async_scheduling is not None:
-        engine.async_scheduling = async_scheduling and getattr(
-            runner, "supports_async_scheduling", False
-        )
+        engine.async_scheduling = async_scheduling
     if not use_graph:
         runner.graph_runner = None
     rng = random.Random(seed)

@@ -191,8 +191,7 @@ def _timed_run(
     from graphwise.insight.step_log import StepLog, format_summary
 
     engine = llm.llm_engine
-    while engine.has_unfinished_requests():  # nothing in flight from an earlier run
-        engine.step()
+    engine.drain()  # nothing in flight from an earlier run
     engine.async_scheduling = async_scheduling
     llm.reset_prefix_cache()  # an earlier run of the same prompts must not lend this one its KV
     log = StepLog() if floor is not None else None
@@ -267,8 +266,6 @@ def run(args: argparse.Namespace) -> int:
     engine = llm.llm_engine
     floor = _floor_inputs(engine) if args.step_breakdown else None
     modes = [True, False] if args.compare_async_scheduling else [engine.async_scheduling]
-    if True in modes and not getattr(engine.runner, "supports_async_scheduling", False):
-        raise ValueError("async scheduling is not available with this runner (TP/PP)")
     runs = []
     for mode in modes:
         runs.append(_timed_run(llm, prompts, params, workload, mode, floor, args))

@@ -238,10 +238,6 @@ def release_graphs(graphs: Any | None) -> None:
 
 
 class ParallelModelRunner(ModelRunner):
-    # Async scheduling: rank 0 broadcasts each step's sampled tokens device to device (one small
-    # collective, no host sync), so every rank holds them for the next step's pending inputs.
-    supports_async_scheduling = True
-
     def __init__(
         self,
         config: EngineConfig,
@@ -271,6 +267,8 @@ class ParallelModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> StepHandle:
+        # Async scheduling: rank 0 broadcasts the sampled tokens device to device (one small
+        # collective, no host sync), so every rank holds them for the next step's pending inputs.
         self._broadcast(("step", (self._encoder.encode(batch), False)))
         handle = self._guard(super().launch, batch)
         if handle.sample_seqs:

@@ -162,12 +162,7 @@ class LLMEngine:
         )
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        # Async scheduling needs the runner to keep sampled tokens on its device for the next
-        # step's inputs; the tensor/pipeline-parallel runner's workers take token ids from
-        # rank 0's host, so it runs synchronously.
-        self.async_scheduling = config.async_scheduling and getattr(
-            self.runner, "supports_async_scheduling", False
-        )
+        self.async_scheduling = config.async_scheduling
         self._inflight: _Launched | None = None
         self.step_log: StepLog | None = None  # set to record where each step's time goes
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}

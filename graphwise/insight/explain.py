@@ -475,8 +475,7 @@ def measure_engine_steps(
     finally:
         for s in seqs:
             engine.abort_request(s.request_id)
-        while engine.has_unfinished_requests():  # resolve the step still in flight
-            engine.step()
+        engine.drain()  # resolve the step still in flight
         runner.graph_runner = saved
     return statistics.median(times)
 

@@ -102,8 +102,6 @@ class BlockTableRows:
 
 
 class ModelRunner:
-    supports_async_scheduling = True
-
     def __init__(
         self,
         config: EngineConfig,
@@ -131,8 +129,6 @@ class ModelRunner:
         # The last launched step's sampled tokens, on the device: the next step's inputs for
         # sequences whose newest token the host does not know yet (async scheduling).
         self._last_tokens: torch.Tensor | None = None
-        self._host_tokens: list[torch.Tensor] = []  # pinned landing buffers, used in turn
-        self._launches = 0
 
     # ---- KV cache ---------------------------------------------------------------------
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
@@ -332,17 +328,8 @@ class ModelRunner:
         if not self._pin:
             return StepHandle(inputs.sample_seqs, tokens)
         # Copy to pinned memory behind the step and mark it: result() waits for this step only.
-        # Two buffers in turn: at most two steps are unresolved (the engine resolves step N
-        # after launching N+1).
-        self._launches += 1
-        slot = self._launches % 2
-        if len(self._host_tokens) < 2:
-            self._host_tokens = [torch.empty(0, dtype=torch.int64) for _ in range(2)]
-        host = self._host_tokens[slot]
-        if host.numel() < tokens.numel():
-            host = torch.empty(max(256, tokens.numel()), dtype=torch.int64, pin_memory=True)
-            self._host_tokens[slot] = host
-        host = host[: tokens.numel()]
+        # The caching host allocator does not hand the buffer out again before the copy ran.
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
