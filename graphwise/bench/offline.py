@@ -188,20 +188,24 @@ def _timed_run(
     floor: dict[str, Any] | None,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
+    from graphwise.engine.engine import LLMEngine
     from graphwise.insight.step_log import StepLog, format_summary
 
     engine = llm.llm_engine
-    engine.drain()  # nothing in flight from an earlier run
-    engine.async_scheduling = async_scheduling
-    llm.reset_prefix_cache()  # an earlier run of the same prompts must not lend this one its KV
-    log = StepLog() if floor is not None else None
-    engine.step_log = log
+    single = isinstance(engine, LLMEngine)  # not the data-parallel front (replicas elsewhere)
+    log = StepLog() if floor is not None and single else None
+    if single:
+        engine.drain()  # nothing in flight from an earlier run
+        engine.async_scheduling = async_scheduling
+        llm.reset_prefix_cache()  # an earlier run of the same prompts must not lend it its KV
+        engine.step_log = log
     try:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
         elapsed = time.perf_counter() - start
     finally:
-        engine.step_log = None
+        if single:
+            engine.step_log = None
     total_input = sum(len(o.prompt_token_ids) for o in outputs)
     total_output = sum(len(o.outputs[0].token_ids) for o in outputs)
     expected_output = sum(n for _, n in workload)
@@ -241,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     kwargs = engine_kwargs(config)
     from graphwise import LLM, SamplingParams
+    from graphwise.engine.engine import LLMEngine
 
     logger.info("building LLM(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
     llm = LLM(**kwargs)
@@ -264,8 +269,13 @@ def run(args: argparse.Namespace) -> int:
             use_tqdm=False,
         )
     engine = llm.llm_engine
-    floor = _floor_inputs(engine) if args.step_breakdown else None
-    modes = [True, False] if args.compare_async_scheduling else [engine.async_scheduling]
+    single = isinstance(engine, LLMEngine)
+    if not single and args.compare_async_scheduling:
+        raise ValueError("--compare-async-scheduling needs data_parallel_size 1")
+    if not single and args.step_breakdown:
+        logger.info("data parallelism: no step breakdown (the replicas' steps run elsewhere)")
+    floor = _floor_inputs(engine) if args.step_breakdown and single else None
+    modes = [True, False] if args.compare_async_scheduling else [config.async_scheduling]
     runs = []
     for mode in modes:
         runs.append(_timed_run(llm, prompts, params, workload, mode, floor, args))

@@ -160,3 +160,18 @@ def test_bench_offline(tmp_path):
     assert 4 * 16 <= result["total_input_tokens"] <= 4 * 32
     assert result["output_tokens_per_second"] > 0 and result["elapsed_time"] > 0
     assert result["device"]["type"] in ("cpu", "cuda") and result["versions"]["torch"]
+
+
+def test_bench_offline_data_parallel(tmp_path):
+    """The data-parallel front runs the workload (no step breakdown: its steps run in the
+    replicas) and refuses the async on/off comparison it cannot make."""
+    out = tmp_path / "offline-dp.json"
+    argv = [
+        "bench", "offline", "--num-prompts", "4", "--input-len-range", "16-32",
+        "--output-len-range", "4-8", "--max-num-seqs", "4", "--dp", "2", "--disable-tqdm",
+    ]  # fmt: skip
+    assert cli.main(argv + ["--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["total_output_tokens"] == result["expected_output_tokens"]
+    assert "step_breakdown" not in result["runs"][0]
+    assert cli.main(argv + ["--compare-async-scheduling"]) != 0
