@@ -62,9 +62,7 @@ StepRecord = tuple[str, int, int, int, list[int], int, list[int], int]
 def local_model_config(mc: ModelConfig, ctx: ParallelContext) -> ModelConfig:
     """The attention shapes one rank sees: its query heads and KV heads (layer indices stay
     global, so a pipeline stage's caches are indexed like the full model's)."""
-    from graphwise.models.llama import kv_head_part
-
-    kv_count = kv_head_part(mc.num_key_value_heads, ctx.tp_rank, ctx.tp_size)[1]
+    kv_count = parallel_state.kv_head_part(mc.num_key_value_heads, ctx.tp_rank, ctx.tp_size)[1]
     return dataclasses.replace(
         mc,
         num_attention_heads=mc.num_attention_heads // ctx.tp_size,

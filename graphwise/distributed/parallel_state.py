@@ -87,6 +87,14 @@ def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]
     return start, start + base + (1 if pp_rank >= pp_size - extra else 0)
 
 
+def kv_head_part(num_kv_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """(index, count): the rank holds KV-head block `index` of `count`. With fewer KV heads than
+    ranks each head is replicated on tp / num_kv_heads consecutive ranks."""
+    if num_kv_heads >= tp_size:
+        return tp_rank, tp_size
+    return tp_rank // (tp_size // num_kv_heads), num_kv_heads
+
+
 # ---- process groups (one parallel engine per process) -------------------------------------
 @dataclass
 class _Groups:

@@ -18,6 +18,7 @@ from torch import nn
 from graphwise.distributed import parallel_state
 from graphwise.layers import ops
 from graphwise.layers.linear import Linear
+from graphwise.layers.mlp import MLP
 
 
 class SparseMoE(nn.Module):
@@ -52,8 +53,6 @@ class SparseMoE(nn.Module):
         self.shared_expert: nn.Module | None = None
         self.shared_expert_gate: Linear | None = None
         if shared_intermediate_size:
-            from graphwise.models.llama import MLP
-
             self.shared_expert = MLP(
                 hidden_size, shared_intermediate_size, reduce_output=tp.tp_size == 1
             )

@@ -14,7 +14,6 @@ from torch import nn
 
 from graphwise.distributed import parallel_state
 from graphwise.layers import ops
-from graphwise.layers.activation import SiluAndMul
 from graphwise.layers.attention import Attention, ForwardContext
 from graphwise.layers.linear import (
     ColumnParallelLinear,
@@ -23,6 +22,7 @@ from graphwise.layers.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from graphwise.layers.mlp import MLP
 from graphwise.layers.norm import RMSNorm
 from graphwise.layers.rotary import RotaryEmbedding
 from graphwise.models.model_config import ModelConfig
@@ -39,19 +39,11 @@ SHARD_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj",
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def kv_head_part(num_kv_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
-    """(index, count): the rank holds KV-head block `index` of `count`. With fewer KV heads than
-    ranks each head is replicated on tp / num_kv_heads consecutive ranks."""
-    if num_kv_heads >= tp_size:
-        return tp_rank, tp_size
-    return tp_rank // (tp_size // num_kv_heads), num_kv_heads
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         tp = parallel_state.current()
-        kv_part = kv_head_part(cfg.num_key_value_heads, tp.tp_rank, tp.tp_size)
+        kv_part = parallel_state.kv_head_part(cfg.num_key_value_heads, tp.tp_rank, tp.tp_size)
         self.num_heads = cfg.num_attention_heads // tp.tp_size
         self.num_kv_heads = cfg.num_key_value_heads // kv_part[1]
         self.head_dim = cfg.head_dim
@@ -84,27 +76,6 @@ class SelfAttention(nn.Module):
         )
         out = self.attn(q, k, v, ctx)
         return self.o_proj(out.reshape(T, -1))
-
-
-class MLP(nn.Module):
-    def __init__(
-        self, hidden_size: int, intermediate_size: int, reduce_output: bool = True
-    ) -> None:
-        super().__init__()
-        tp = parallel_state.current()
-        part = (tp.tp_rank, tp.tp_size)
-        self.gate_up_proj = PackedLinear(
-            hidden_size,
-            {"gate": intermediate_size, "up": intermediate_size},
-            shard_parts={"gate": part, "up": part},
-        )
-        self.down_proj = RowParallelLinear(
-            intermediate_size, hidden_size, reduce_output=reduce_output
-        )
-        self.act = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -7,8 +7,9 @@ import re
 import torch
 from torch import nn
 
+from graphwise.layers.mlp import MLP
 from graphwise.layers.moe import SparseMoE
-from graphwise.models.llama import MLP, DecoderLayer, LlamaForCausalLM, LlamaModel
+from graphwise.models.llama import DecoderLayer, LlamaForCausalLM, LlamaModel
 from graphwise.models.model_config import ModelConfig
 
 _EXPERT = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

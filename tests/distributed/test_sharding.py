@@ -8,7 +8,7 @@ import torch
 from graphwise.distributed import parallel_state
 from graphwise.distributed.executor import StepDecoder, StepEncoder, local_model_config
 from graphwise.distributed.launcher import check_device_count, check_parallel_config
-from graphwise.distributed.parallel_state import ParallelContext
+from graphwise.distributed.parallel_state import ParallelContext, kv_head_part
 from graphwise.engine.scheduler import ScheduledBatch
 from graphwise.engine.sequence import Sequence
 from graphwise.layers.linear import (
@@ -17,7 +17,6 @@ from graphwise.layers.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from graphwise.models.llama import kv_head_part
 from graphwise.models.model_config import ModelConfig
 from graphwise.sampling_params import SamplingParams
 
