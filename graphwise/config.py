@@ -108,6 +108,15 @@ class EngineConfig:
         return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class RunnerLimits:
+    """The limits the engine derives from the config and the model, which the runner sizes its
+    start-up with (activation profile, KV pool, graph buckets)."""
+
+    max_model_len: int
+    max_num_batched_tokens: int
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """CLI flags for EngineConfig, spelled as vLLM spells them."""
     g = parser.add_argument_group("engine")

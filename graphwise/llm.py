@@ -8,12 +8,13 @@ from typing import Any
 from tqdm import tqdm
 
 from graphwise.config import EngineConfig
-from graphwise.distributed.dp import create_engine
+from graphwise.engine.client import EngineClient, create_engine_client
+from graphwise.executor.worker import is_torchrun_worker, run_torchrun_worker
 from graphwise.outputs import RequestOutput
 from graphwise.sampling_params import SamplingParams
+from graphwise.tokenizer import Message, apply_chat_template
 
 Prompt = str | dict[str, Any]
-Message = dict[str, str]
 
 
 class LLM:
@@ -36,13 +37,12 @@ class LLM:
             seed=seed,
             **engine_options,
         )
-        # An LLMEngine, or with data_parallel_size > 1 a front over several engine processes.
-        self.llm_engine = create_engine(config)
+        self.llm_engine = _engine_for(config)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLM:
         llm = cls.__new__(cls)
-        llm.llm_engine = create_engine(config)
+        llm.llm_engine = _engine_for(config)
         return llm
 
     def shutdown(self) -> None:
@@ -76,7 +76,7 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params, strict=True):
                 text, token_ids = _parse_prompt(prompt)
-                ids.append(engine.add_request(text, p, prompt_token_ids=token_ids).request_id)
+                ids.append(engine.add_request(text, p, prompt_token_ids=token_ids))
         except BaseException:
             for rid in ids:  # nothing half-submitted stays queued
                 engine.abort_request(rid)
@@ -126,22 +126,16 @@ class LLM:
         return apply_chat_template(self.get_tokenizer(), conversation, add_generation_prompt)
 
 
-def apply_chat_template(
-    tokenizer: Any, conversation: list[Message], add_generation_prompt: bool = True
-) -> list[int]:
-    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("the model has no chat template; use generate() with a plain prompt")
-    if not isinstance(conversation, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in conversation
-    ):
-        raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
-    ids = tokenizer.apply_chat_template(
-        conversation, add_generation_prompt=add_generation_prompt, tokenize=True
-    )
-    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+def _engine_for(config: EngineConfig) -> EngineClient:
+    """An LLMEngine, or with data_parallel_size > 1 a front over several engine processes.
+
+    Under torchrun every process runs the user's script: rank 0 builds the engine, and on the
+    other ranks this call serves as a model worker until rank 0 shuts down, then ends the
+    process (the script's code after `LLM(...)` is rank 0's alone)."""
+    if is_torchrun_worker():
+        run_torchrun_worker(config)
+        raise SystemExit(0)
+    return create_engine_client(config)
 
 
 def _parse_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:

@@ -10,7 +10,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or token that ended it
 
 
@@ -37,3 +37,5 @@ class RequestOutput:
     # Streaming: the text and tokens added since the previous output for this request.
     delta_text: str = field(default="", repr=False)
     delta_token_ids: list[int] = field(default_factory=list, repr=False)
+    # Why the request failed, when finish_reason is "error" (the engine kept serving the rest).
+    error: str | None = None

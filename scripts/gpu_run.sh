@@ -3,7 +3,8 @@
 # Used with the device tool (PYTHONPATH=. is the whole installation; missing pure-Python wheels
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
-#                      [capture] [moe] [kernels]
+#                      [capture] [moe] [kernels] [tp2]
+#   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
@@ -11,6 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
+TAG=${GPU_TAG:-h200}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -30,10 +32,10 @@ for step in "${steps[@]}"; do
     latency)
       timeout 420 python3 -m graphwise.cli bench latency --preset qwen2.5-7b \
         --batch-sizes "${LAT_BATCH:-1,8,32,64}" --input-len 32 --output-len "${LAT_OUT:-512}" \
-        --compare "${LAT_COMPARE:-eager,graph,hf}" --output "$OUT/latency-h100.json" \
+        --compare "${LAT_COMPARE:-eager,graph,hf}" --output "$OUT/latency-$TAG.json" \
         2>&1 | tee "$OUT/latency.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
     explain)
-      # this H100 as it is, then emulating a 1.0 TB/s card (4090-like memory) on it
+      # this GPU as it is, then emulating a 1.0 TB/s card (4090-like memory) on it
       timeout 300 python3 -m graphwise.cli explain --preset qwen2.5-7b \
         --batch-sizes "${EXPLAIN_BATCH:-1,8,32,128}" --output-dir "$OUT/explain" \
         2>&1 | tee "$OUT/explain.log" | grep -v "it/s\]" | tail -25 || status=1
@@ -48,7 +50,7 @@ for step in "${steps[@]}"; do
       # issue 9: decode at batch 64/128/256 with graphs, async scheduling on vs off, at a short
       # and a long context; then the offline workload both ways with its step-time breakdown.
       # benchmarks/throughput_report.py $OUT turns these into throughput-h100.json.
-      for spec in "128 throughput-decode-h100" "896 throughput-decode-long-h100"; do
+      for spec in "128 throughput-decode-$TAG" "896 throughput-decode-long-$TAG"; do
         set -- $spec
         timeout 240 python3 -m graphwise.cli bench latency --preset qwen2.5-7b \
           --batch-sizes "${TP_BATCH:-64,128,256}" --input-len "$1" --output-len 256 \
@@ -57,20 +59,30 @@ for step in "${steps[@]}"; do
       done
       timeout 400 python3 -m graphwise.cli bench offline --preset qwen2.5-7b --max-model-len 4096 \
         --compare-async-scheduling --disable-tqdm --save-step-records \
-        --output "$OUT/throughput-offline-h100.json" \
+        --output "$OUT/throughput-offline-$TAG.json" \
         2>&1 | tee "$OUT/throughput-offline.log" | tail -30 || status=1 ;;
     roofline)
-      timeout 120 python3 benchmarks/gemm_roofline.py --output "$OUT/gemm-roofline-h100.json" \
+      timeout 120 python3 benchmarks/gemm_roofline.py --output "$OUT/gemm-roofline-$TAG.json" \
         2>&1 | tee "$OUT/roofline.log" | tail -20 || status=1 ;;
     offline)
       timeout 300 python3 -m graphwise.cli bench offline --preset qwen2.5-7b --max-model-len 4096 \
-        --output "$OUT/offline-h100.json" 2>&1 | tee "$OUT/offline.log" | grep -v "it/s\]" | tail -15 || status=1 ;;
+        --output "$OUT/offline-$TAG.json" 2>&1 | tee "$OUT/offline.log" | grep -v "it/s\]" | tail -15 || status=1 ;;
     capture)
-      timeout 200 python3 benchmarks/capture_bench.py --output "$OUT/capture-h100.json" 2>&1 | tee "$OUT/capture.log" | tail -3 || status=1 ;;
+      timeout 200 python3 benchmarks/capture_bench.py --output "$OUT/capture-$TAG.json" 2>&1 | tee "$OUT/capture.log" | tail -3 || status=1 ;;
     moe)
-      timeout 200 python3 benchmarks/moe_bench.py --output "$OUT/moe-h100.json" 2>&1 | tee "$OUT/moe.log" | tail -10 || status=1 ;;
+      timeout 200 python3 benchmarks/moe_bench.py --output "$OUT/moe-$TAG.json" 2>&1 | tee "$OUT/moe.log" | tail -10 || status=1 ;;
     kernels)
       timeout 200 python3 benchmarks/kernels_bench.py 2>&1 | tee "$OUT/kernels.log" | tail -20 || status=1 ;;
+    tp2)
+      # two GPUs: Llama-3-8B shape decode at TP=2, graph vs eager in one engine (every rank
+      # switches), then the auto graph decision made under TP (the ranks agree on rank 0's
+      # timings) and a short generate through it.
+      timeout 300 python3 -m graphwise.cli bench latency --preset llama3-8b --tp 2 \
+        --batch-sizes "${TP_LAT_BATCH:-1,8,64}" --input-len 32 --output-len "${LAT_OUT:-256}" \
+        --compare graph,eager --output "$OUT/latency-tp2-${TAG}x2.json" \
+        2>&1 | tee "$OUT/latency-tp2.log" | grep -v "it/s\]" | tail -12 || status=1
+      timeout 300 python3 scripts/tp_auto_check.py --output "$OUT/auto-tp2-${TAG}x2.json" \
+        2>&1 | tee "$OUT/auto-tp2.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

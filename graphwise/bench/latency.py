@@ -70,41 +70,40 @@ def measure_graphwise(
     period; the prefill figure is the time until every sequence's first token is known."""
     from graphwise.sampling_params import SamplingParams
 
-    runner = engine.runner
     engine.drain()  # nothing in flight from an earlier run
-    saved, saved_async = runner.graph_runner, engine.async_scheduling
+    saved_async = engine.async_scheduling
     if async_scheduling is not None:
         engine.async_scheduling = async_scheduling
-    if not use_graph:
-        runner.graph_runner = None
+    engine.set_cuda_graphs_enabled(use_graph)
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    seqs = [
+    waiting_first = {
         engine.add_request(None, params, [rng.randrange(vocab) for _ in range(input_len)])
         for _ in range(batch)
-    ]
-    graph_steps = runner.steps_graph
+    }
+    graph_steps = engine.get_stats().steps_graph
     prefill_s, steps = 0.0, []
     try:
         _sync(engine.device)
         while engine.has_unfinished_requests():
-            prefilling = any(s.num_known_output_tokens == 0 for s in seqs)
+            prefilling = bool(waiting_first)
             t = time.perf_counter()
-            engine.step()  # ends in the host sync for a step's sampled tokens
+            outputs = engine.step()  # ends in the host sync for a step's sampled tokens
             dt = time.perf_counter() - t
+            waiting_first.difference_update(o.request_id for o in outputs)
             if prefilling:
                 prefill_s += dt
             else:
                 steps.append(dt)
     finally:
-        runner.graph_runner = saved
+        engine.set_cuda_graphs_enabled(True)
         used_async = engine.async_scheduling
         engine.async_scheduling = saved_async
     return {
         "prefill_s": prefill_s,
         "steps": steps,
-        "graph_replays": runner.steps_graph - graph_steps,
+        "graph_replays": engine.get_stats().steps_graph - graph_steps,
         "async_scheduling": used_async,
     }
 
@@ -127,7 +126,8 @@ def build_hf_model(engine: Any) -> Any:
     hf_config = AutoConfig.for_model(model_type, **raw)
     with torch.device(engine.device):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=engine.dtype)
-    missing, unexpected = model.load_state_dict(engine.runner.model.hf_state_dict(), strict=False)
+    ours = engine.executor.driver.model.hf_state_dict()
+    missing, unexpected = model.load_state_dict(ours, strict=False)
     missing = [m for m in missing if "rotary" not in m and not m.endswith("lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(
@@ -206,16 +206,9 @@ def run(args: argparse.Namespace) -> int:
         overrides["cuda_graph"] = "on" if want_graph and torch.cuda.is_available() else "off"
     if any(m.startswith("hf") for m in modes) and args.gpu_memory_utilization == 0.9:
         overrides["gpu_memory_utilization"] = 0.5  # leave room for HF's copy of the weights
-    parallel = args.tensor_parallel_size * args.pipeline_parallel_size > 1
-    if parallel and want_graph and any(m.startswith("eager") for m in modes):
-        # Switching graphs off for a run happens on rank 0 only; the workers would still replay.
-        raise ValueError(
-            "--compare cannot mix eager and graph modes under tensor/pipeline parallelism: "
-            "run eager with --cuda-graph off and graph with --cuda-graph on, separately"
-        )
     engine = LLMEngine(engine_config_from_args(args, **overrides))
     device = engine.device
-    has_graphs = engine.runner.graph_runner is not None
+    has_graphs = engine.capture_stats is not None
     if want_graph and not has_graphs:
         logger.warning("graph mode skipped: CUDA graphs are not available on %s", device)
         modes = [m for m in modes if not m.startswith("graph")]
@@ -266,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         "copy_bandwidth_bytes_per_s": bandwidth,
         "weights_bytes": weights_bytes,
         "kv_bytes_per_token": kv_per_token,
-        "cuda_graph_capture": (vars(engine.runner.graph_runner.stats) if has_graphs else None),
+        "cuda_graph_capture": vars(engine.capture_stats) if has_graphs else None,
         "rows": rows,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -174,7 +174,7 @@ def _floor_inputs(engine: Any) -> dict[str, Any]:
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     return {
         "weights": engine.memory_plan.weights_bytes,
-        "kv_per_token": engine.runner.kv_bytes_per_token(engine.dtype),
+        "kv_per_token": engine.executor.driver.kv_bytes_per_token(),
         "bandwidth": bandwidth,
     }
 

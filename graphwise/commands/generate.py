@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphwise.llm import LLM, apply_chat_template
+    from graphwise.llm import LLM
     from graphwise.sampling_params import SamplingParams
+    from graphwise.tokenizer import apply_chat_template
 
     params = SamplingParams(
         temperature=args.temperature,

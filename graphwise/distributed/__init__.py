@@ -1,8 +1,8 @@
-"""Tensor, pipeline and data parallelism (see docs/parallel.md).
+"""Tensor and pipeline parallelism plumbing (see docs/parallel.md).
 
-- parallel_state: ranks, process groups, the collectives layers call
-- launcher: start the ranks (spawned on one machine, or joined through torchrun's variables)
-- worker: a spawned rank's process
-- executor: ParallelModelRunner, the runner of every rank (rank 0's is LLMEngine.runner)
-- dp: DataParallelEngine, several engine replicas behind one front; create_engine
+- parallel_state: ranks, process groups, the collectives layers call, start-up agreement
+- launcher: start and watch the ranks' processes (spawned on one machine, or torchrun's)
+
+The executor that drives the ranks is graphwise/executor/; the data-parallel front over several
+engines is graphwise/engine/data_parallel.py.
 """

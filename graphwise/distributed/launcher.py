@@ -1,4 +1,4 @@
-"""Start the ranks of a tensor/pipeline-parallel engine.
+"""Start and watch the processes of a tensor/pipeline-parallel group (no model code here).
 
 Two ways in:
 - one machine (the default): the engine's process is rank 0; ranks 1.. are spawned processes
@@ -6,8 +6,9 @@ Two ways in:
   it, and the pipe's end-of-file tells it that the parent died (it also polls the parent's pid),
   so no worker outlives the engine.
 - torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set, WORLD_SIZE > 1): every
-  process of the job builds the engine; RANK 0 becomes the engine, the others serve as workers
-  and exit when rank 0 shuts down. This is how a group spans machines.
+  process of the job runs the same command; RANK 0 builds the engine, the others serve as
+  workers (executor/worker.py `run_torchrun_worker`) until rank 0 shuts down. This is how a
+  group spans machines.
 
 Collectives run with a bounded timeout (GRAPHWISE_DISTRIBUTED_TIMEOUT_S, default 300 s); the
 startup wait for the workers to load is GRAPHWISE_WORKER_START_TIMEOUT_S (default 1800 s).
@@ -19,15 +20,12 @@ import datetime
 import logging
 import multiprocessing.connection
 import os
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from graphwise.config import EngineConfig
-from graphwise.distributed import parallel_state
-from graphwise.distributed.parallel_state import ParallelContext
 from graphwise.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -104,13 +102,6 @@ def check_device_count(needed: int, device: torch.device, available: int | None 
         )
 
 
-def resolve_model_config(config: EngineConfig, source: Any) -> ModelConfig:
-    d = dict(source.config)
-    if config.num_layers is not None:
-        d["num_hidden_layers"] = config.num_layers
-    return ModelConfig.from_dict(d)
-
-
 def device_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -119,104 +110,6 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
     if device.type == "cuda":
         return torch.device("cuda", (device.index or 0) + local_rank)
     return device
-
-
-def build_shard(
-    config: EngineConfig, source: Any, ctx: ParallelContext, device: torch.device, dtype: Any
-) -> tuple[torch.nn.Module, ModelConfig]:
-    from graphwise.models.loader import build_model
-
-    with parallel_state.building(ctx):
-        return build_model(source, config, device, dtype)
-
-
-# ---- launch ----------------------------------------------------------------------------------
-def launch_parallel_runner(
-    config: EngineConfig, source: Any, device: torch.device, dtype: torch.dtype
-) -> Any:
-    """Start every rank and return rank 0's ParallelModelRunner (in torchrun mode, on the other
-    ranks: serve as a worker, then exit the process)."""
-    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-    world = tp * pp
-    check_parallel_config(resolve_model_config(config, source), tp, pp)
-    env = torchrun_env()
-    if env is not None:
-        return _launch_torchrun(config, source, device, dtype, env)
-    check_device_count(world, device)
-    return _launch_local(config, source, device, dtype)
-
-
-def _launch_local(
-    config: EngineConfig, source: Any, device: torch.device, dtype: torch.dtype
-) -> Any:
-    import torch.distributed as dist
-
-    from graphwise.distributed.executor import ParallelModelRunner
-
-    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-    world = tp * pp
-    ctx = ParallelContext.from_rank(0, tp, pp)
-    timeout = distributed_timeout()
-    if parallel_state.is_initialized() or dist.is_initialized():
-        raise RuntimeError(
-            "this process already runs a tensor/pipeline-parallel engine: shut it down first"
-        )
-    device = rank_device(device, 0)
-    store = dist.TCPStore(
-        "127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False
-    )
-    workers = LocalWorkers.spawn(config, world, store.port, device, dtype, timeout)
-    try:
-        start = time.perf_counter()
-        model, mc = build_shard(config, source, ctx, device, dtype)
-        workers.wait_ready(start_timeout_s())
-        parallel_state.initialize(ctx, device_backend(device), timeout, store=store, device=device)
-        logger.info(
-            "Parallel engine: tp=%d pp=%d, %d processes on %s, ready in %.1f s",
-            tp,
-            pp,
-            world,
-            device.type,
-            time.perf_counter() - start,
-        )
-    except BaseException:
-        workers.close(grace_s=0.0)
-        parallel_state.destroy()
-        raise
-    return ParallelModelRunner(config, model, mc, device, dtype, ctx, workers)
-
-
-def _launch_torchrun(
-    config: EngineConfig,
-    source: Any,
-    device: torch.device,
-    dtype: torch.dtype,
-    env: dict[str, int],
-) -> Any:
-    from graphwise.distributed.executor import ParallelModelRunner
-
-    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-    if env["world_size"] != tp * pp:
-        raise ValueError(
-            f"torchrun started {env['world_size']} processes, but tensor_parallel_size x "
-            f"pipeline_parallel_size = {tp * pp}"
-        )
-    if device.type == "cuda":
-        check_device_count(env["local_world_size"], torch.device("cuda", 0))
-        device = torch.device("cuda", env["local_rank"])
-        torch.cuda.set_device(device)
-    ctx = ParallelContext.from_rank(env["rank"], tp, pp)
-    parallel_state.initialize(ctx, device_backend(device), distributed_timeout(), device=device)
-    model, mc = build_shard(config, source, ctx, device, dtype)
-    runner = ParallelModelRunner(config, model, mc, device, dtype, ctx)
-    if ctx.rank == 0:
-        return runner
-    logger.info("rank %d: serving as a worker of rank 0 at %s", ctx.rank, os.environ["MASTER_ADDR"])
-    try:
-        runner.serve()
-    finally:
-        parallel_state.destroy()
-    sys.exit(0)
 
 
 class LocalWorkers:
@@ -229,37 +122,19 @@ class LocalWorkers:
 
     @classmethod
     def spawn(
-        cls,
-        config: EngineConfig,
-        world: int,
-        store_port: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        timeout: datetime.timedelta,
+        cls, target: Callable[..., None], world: int, kwargs_of: Callable[[int], dict[str, Any]]
     ) -> LocalWorkers:
+        """Start ranks 1..world-1 as `target(**kwargs_of(rank), conn=pipe)`."""
         import torch.multiprocessing as mp
-
-        from graphwise.distributed.worker import worker_main
 
         mpctx = mp.get_context("spawn")
         procs: dict[int, Any] = {}
         conns: dict[int, Any] = {}
-        threads = max(1, (os.cpu_count() or 1) // world) if device.type == "cpu" else 1
         for rank in range(1, world):
             parent_end, child_end = mpctx.Pipe(duplex=True)
             proc = mpctx.Process(
-                target=worker_main,
-                kwargs=dict(
-                    rank=rank,
-                    config=config,
-                    store_port=store_port,
-                    device=rank_device(device, rank),
-                    dtype=dtype,
-                    timeout_s=timeout.total_seconds(),
-                    parent_pid=os.getpid(),
-                    conn=child_end,
-                    num_threads=threads,
-                ),
+                target=target,
+                kwargs={**kwargs_of(rank), "conn": child_end},
                 name=f"graphwise-rank{rank}",
                 daemon=False,  # a DP replica's TP workers are grandchildren: not daemonic
             )

@@ -161,6 +161,25 @@ def control_group() -> Any:
     return _groups.control_group
 
 
+def agree(value: Any) -> Any:
+    """Rank 0's `value` on every rank (itself outside a parallel group). Start-up code that
+    branches on a measurement calls this so that every rank takes the same branch."""
+    if _groups is None or _groups.ctx.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_groups.control_group)
+    return box[0]
+
+
+def agree_all(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank ([value] outside a parallel group)."""
+    if _groups is None or _groups.ctx.world_size == 1:
+        return [value]
+    out: list[Any] = [None] * _groups.ctx.world_size
+    dist.all_gather_object(out, value, group=_groups.control_group)
+    return out
+
+
 # ---- collectives the layers call (only when their tp_size > 1) ----------------------------
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the TP group, in place; a no-op outside a TP group."""

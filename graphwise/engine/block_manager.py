@@ -123,6 +123,7 @@ class BlockManager:
                 del self.free[b]
             self.ref_counts[b] += 1
         seq.block_table = list(cached)
+        seq.num_blocks_sent = 0  # the runner gets the whole new table
         seq.num_registered_blocks = len(cached)  # found in the cache: registered already
         seq.num_computed_tokens = len(cached) * self.block_size
 
@@ -158,4 +159,5 @@ class BlockManager:
                 else:
                     self.free[block] = None
         seq.block_table = []
+        seq.num_blocks_sent = 0
         seq.num_registered_blocks = 0

@@ -1,6 +1,6 @@
 """Incremental detokenization that is right for characters split across tokens.
 
-Each step decodes a short window of tokens twice — with and without the newest tokens — and
+Each token decodes a short window of tokens twice — with and without the newest tokens — and
 emits the difference. A window that ends in an incomplete UTF-8 sequence (decoded as U+FFFD)
 emits nothing until the next token completes it. Both decodes start at the same token, so
 tokenizers that drop a leading space on the first token (SentencePiece) agree with themselves.
@@ -10,25 +10,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphwise.engine.sequence import Sequence
 
+class IncrementalDetokenizer:
+    """One request's output tokens, turned into text a token at a time."""
 
-def detokenize_incrementally(tokenizer: Any, seq: Sequence, skip_special_tokens: bool) -> str:
-    """Append the text of the newest output token(s) to seq.output_text; return what was added."""
-    if tokenizer is None:
-        return ""
-    # Only the window is sliced out (copying the whole output list per token per sequence
-    # costs O(length) each step at large batch).
-    start = seq.num_prompt_tokens
-    window = seq.token_ids[start + seq.prefix_offset :]
-    prefix_text = tokenizer.decode(
-        window[: seq.read_offset - seq.prefix_offset], skip_special_tokens=skip_special_tokens
-    )
-    full_text = tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
-    if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
-        return ""
-    delta = full_text[len(prefix_text) :]
-    seq.prefix_offset = seq.read_offset
-    seq.read_offset = len(seq.token_ids) - start
-    seq.output_text += delta
-    return delta
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self.prefix_offset = 0  # the window starts here
+        self.read_offset = 0  # text up to here has been emitted
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text it completes (often all of it, sometimes nothing yet)."""
+        self.token_ids.append(token_id)
+        if self.tokenizer is None:
+            return ""
+        # Only the window is decoded (the whole output per token costs O(length) each step).
+        window = self.token_ids[self.prefix_offset :]
+        prefix_text = self.tokenizer.decode(
+            window[: self.read_offset - self.prefix_offset],
+            skip_special_tokens=self.skip_special_tokens,
+        )
+        full_text = self.tokenizer.decode(window, skip_special_tokens=self.skip_special_tokens)
+        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        return full_text[len(prefix_text) :]

@@ -1,122 +1,66 @@
 """LLMEngine: requests in, one scheduling + model step at a time, outputs out.
 
-Used directly by the offline API (`LLM`) and, behind a thread, by the server.
+Used directly by the offline API (`LLM`) and, behind a thread, by the server. Its parts talk
+through data: the scheduler describes a step (`SchedulerOutput`), the executor runs it on the
+model runner(s) and answers with numbers (`ModelRunnerOutput`), the scheduler takes those back
+(`update_from_output`) and the output processor turns the updates into text and outputs.
+
+Start-up asks the runner(s) for numbers and hands them limits, in order: the CUDA-graph plan
+(measured), how many KV blocks fit (profiled; the smallest over the ranks), the allocation, the
+capture. Nothing below the engine is handed the engine.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from graphwise.config import EngineConfig
+from graphwise.config import EngineConfig, RunnerLimits
+from graphwise.core.device import resolve_device, resolve_dtype
+from graphwise.core.step import SchedulerOutput
+from graphwise.core.tracing import NULL_TRACER, Tracer
 from graphwise.engine.block_manager import BlockManager
-from graphwise.engine.detokenizer import detokenize_incrementally
-from graphwise.engine.scheduler import ScheduledBatch, Scheduler
-from graphwise.engine.sequence import Sequence, SequenceStatus
+from graphwise.engine.client import EngineStats
+from graphwise.engine.output_processor import OutputProcessor
+from graphwise.engine.scheduler import RequestUpdate, Scheduler
+from graphwise.engine.sequence import Sequence
+from graphwise.engine.validation import RequestLimits, normalize_request
+from graphwise.executor import create_executor
 from graphwise.insight.step_log import StepLog, StepRecord
-from graphwise.models.loader import build_model, load_tokenizer, resolve_source
-from graphwise.models.model_config import ModelConfig
-from graphwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from graphwise.runner.graph_policy import plan_cuda_graphs
-from graphwise.runner.memory import plan_kv_blocks
-from graphwise.runner.model_runner import ModelRunner, StepHandle
+from graphwise.models.loader import ModelSource, load_tokenizer, model_config_of, resolve_source
+from graphwise.outputs import RequestOutput
+from graphwise.runner.model_runner import StepHandle
 from graphwise.sampling_params import SamplingParams
+from graphwise.tokenizer import encode_prompt
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"device {name!r} is not a valid torch device") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device, config_dtype: torch.dtype | None) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32  # CPU: exact and fast enough; also what the HF oracle runs
-    if config_dtype in (torch.float16, torch.bfloat16):
-        return config_dtype
-    return torch.bfloat16
 
 
 @dataclass
 class _Launched:
-    batch: ScheduledBatch
+    step: SchedulerOutput
     handle: StepHandle
-    prefill_tokens: int
-    context_tokens: int  # KV positions the step reads, summed over its sequences
-
-
-def check_request(
-    front: Any,
-    prompt: str | None,
-    sampling_params: SamplingParams | None,
-    prompt_token_ids: list[int] | None,
-    request_id: str | None,
-) -> tuple[SamplingParams, list[int], str]:
-    """Validate a new request and fill in its defaults; shared by LLMEngine and the
-    data-parallel front (`front` has tokenize, validate_prompt, requests and _ids)."""
-    params = sampling_params or SamplingParams()
-    if not isinstance(params, SamplingParams):
-        raise ValueError("sampling_params must be a SamplingParams")
-    if prompt_token_ids is None:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        prompt_token_ids = front.tokenize(prompt)
-    front.validate_prompt(prompt_token_ids)
-    request_id = request_id if request_id is not None else str(next(front._ids))
-    if request_id in front.requests:
-        raise ValueError(f"request_id {request_id!r} is already in use")
-    return params, prompt_token_ids, request_id
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        self.device = resolve_device(config.device)
-        source = resolve_source(config)
-        self.model_name = source.name
-        declared = ModelConfig.from_dict(source.config)
-        self.dtype = resolve_dtype(config.dtype, self.device, declared.torch_dtype)
         if config.data_parallel_size > 1:
             raise ValueError(
                 "data_parallel_size > 1 runs several engines: build it with "
-                "graphwise.distributed.dp.create_engine(config) (LLM does)"
+                "graphwise.engine.client.create_engine_client(config) (LLM does)"
             )
-        self.tokenizer = load_tokenizer(source, config)
-        # Tensor/pipeline parallelism: this process is rank 0 and its runner drives the others.
-        parallel = None
-        if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
-            from graphwise.distributed.launcher import launch_parallel_runner
-
-            parallel = launch_parallel_runner(config, source, self.device, self.dtype)
-            model, self.model_config = parallel.model, parallel.full_model_config
-            self.device = parallel.device
-        else:
-            model, self.model_config = build_model(source, config, self.device, self.dtype)
+        self.config = config
+        source = resolve_source(config)
+        self.model_name = source.name
+        self.model_config = model_config_of(source, config)
         mc = self.model_config
+        device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
+        self.tokenizer = load_tokenizer(source, config)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(
@@ -124,92 +68,97 @@ class LLMEngine:
                 f"max_position_embeddings ({mc.max_position_embeddings})"
             )
         self.eos_token_ids = self._eos_ids(source)
-        self.max_num_batched_tokens = config.max_num_batched_tokens or max(
-            2048, config.max_num_seqs
-        )
+        budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
         if not config.enable_chunked_prefill:
-            self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
+            budget = max(budget, self.max_model_len)
+        self.max_num_batched_tokens = budget
+        self.request_limits = RequestLimits(mc.vocab_size, self.max_model_len)
 
-        self.runner = parallel or ModelRunner(config, model, mc, self.device, self.dtype)
+        vocab_limit = None
         if self.tokenizer is not None and len(self.tokenizer) < mc.vocab_size:
             # e.g. a preset (dummy weights) served with a small stand-in tokenizer
-            self.runner.vocab_limit = len(self.tokenizer)
+            vocab_limit = len(self.tokenizer)
             logger.info(
                 "tokenizer has %d ids, the model %d: sampling is limited to the tokenizer's",
-                len(self.tokenizer),
+                vocab_limit,
                 mc.vocab_size,
             )
-        # Graphs first: the auto policy times them and measures the kept graphs' pool, which the
-        # memory plan then holds back from the KV pool.
-        self.graph_plan = plan_cuda_graphs(self)
-        self.memory_plan = plan_kv_blocks(self, self.runner, self.graph_plan)
-        num_blocks = self.memory_plan.num_blocks
-        if num_blocks * config.block_size < self.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than "
-                f"max_model_len ({self.max_model_len}): raise gpu_memory_utilization / "
-                "kv_cache_memory or lower max_model_len"
-            )
-        self.runner.allocate_kv_cache(num_blocks)
+        self.executor = create_executor(config, source, device, self.dtype, vocab_limit)
+        try:
+            self._start_runners()
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
+            self.memory_plan.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
             self.max_num_batched_tokens,
             config.enable_chunked_prefill,
+            self.max_model_len,
         )
-        self.requests: dict[str, Sequence] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.async_scheduling = config.async_scheduling
         self._inflight: _Launched | None = None
         self.step_log: StepLog | None = None  # set to record where each step's time goes
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-        if parallel is not None:
-            parallel.setup_cuda_graphs(self.max_model_len)  # every rank captures
-        else:
-            self._setup_cuda_graphs()
+        self.tracer: Tracer = NULL_TRACER
+        self._counts = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self._counts.update(steps_graph=0, steps_eager=0)
 
-    def _setup_cuda_graphs(self) -> None:
-        mode = self.config.use_cuda_graph
-        if self.device.type != "cuda":
-            if mode == "on":
-                raise ValueError("cuda_graph='on' needs a CUDA device; use 'off' or 'auto'")
-            if mode == "auto":
-                logger.info("cuda_graph=auto: no CUDA device, decode runs eagerly")
-            return
-        if mode == "off":
-            logger.info("CUDA graphs off (enforce_eager or cuda_graph='off')")
-            return
-        from graphwise.runner.cuda_graph import CudaGraphRunner
-
-        plan = self.graph_plan  # None: capture every bucket (cuda_graph="on", KV size fixed)
-        if plan is not None and not plan.kept:
+    def _start_runners(self) -> None:
+        """Graphs first: the auto policy times them and measures the kept graphs' pool, which
+        the memory plan then holds back from the KV pool."""
+        limits = RunnerLimits(self.max_model_len, self.max_num_batched_tokens)
+        executor = self.executor
+        self.graph_plan = executor.collective_rpc("plan_graphs", limits)[0]
+        plans = executor.collective_rpc("profile_memory", limits)
+        num_blocks = min(p.num_blocks for p in plans)
+        self.memory_plan = plans[0]  # rank 0's numbers, with the pool every rank can hold
+        if num_blocks != self.memory_plan.num_blocks:
+            self.memory_plan.num_blocks = num_blocks
+            self.memory_plan.kv_bytes = num_blocks * self.memory_plan.block_bytes
+            self.memory_plan.kv_tokens = num_blocks * self.config.block_size
+        logger.info(self.memory_plan.summary_line())
+        if num_blocks * self.config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * self.config.block_size} tokens, fewer than "
+                f"max_model_len ({self.max_model_len}): raise gpu_memory_utilization / "
+                "kv_cache_memory or lower max_model_len"
+            )
+        executor.collective_rpc("allocate_kv_cache", num_blocks)
+        driver = executor.driver
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.1f MiB per rank), attention backend: %s",
+            num_blocks,
+            self.config.block_size,
+            num_blocks * driver.kv_bytes_per_token() * self.config.block_size / 2**20,
+            driver.backend.name,
+        )
+        self.capture_stats = executor.collective_rpc("capture_graphs", limits)[0]
+        if self.capture_stats is not None:
+            if self.graph_plan is not None:
+                self.graph_plan.record_capture(self.capture_stats)
+        elif self.graph_plan is not None and not self.graph_plan.kept:
             logger.info(
                 "CUDA graphs: no bucket is %.2fx faster as a graph: decode runs eagerly",
-                plan.min_speedup,
+                self.graph_plan.min_speedup,
             )
-            return
-        runner = CudaGraphRunner(
-            self.runner,
-            self.config,
-            self.max_model_len,
-            buckets=plan.kept if plan is not None else None,
-            eager_buckets=plan.eager_buckets if plan is not None else None,
-        )
-        stats = runner.capture_all()
-        if plan is not None:
-            plan.record_capture(stats)
-        self.runner.graph_runner = runner if runner.graphs else None
+        elif not driver.graphs_possible:
+            logger.info(
+                "cuda_graph=%s: %s, decode runs eagerly",
+                self.config.use_cuda_graph,
+                _why_no_graphs(driver),
+            )
 
-    def _eos_ids(self, source: Any) -> frozenset[int]:
+    def _eos_ids(self, source: ModelSource) -> frozenset[int]:
         ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         if source.kind == "hf":
-            import json
-
+            assert source.path is not None
             gen = source.path / "generation_config.json"
             if gen.is_file():
                 eos = json.loads(gen.read_text()).get("eos_token_id")
@@ -217,14 +166,13 @@ class LLMEngine:
                     ids.update([eos] if isinstance(eos, int) else eos)
         return frozenset(ids)
 
+    @property
+    def device(self) -> Any:
+        return self.executor.device
+
     # ---- requests ---------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError(
-                f"model {self.model_name!r} has no tokenizer (dummy weights): "
-                "pass prompt_token_ids instead of text"
-            )
-        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        return encode_prompt(self.tokenizer, prompt, self.model_name)
 
     def add_request(
         self,
@@ -232,42 +180,26 @@ class LLMEngine:
         sampling_params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
-    ) -> Sequence:
-        params, prompt_token_ids, request_id = check_request(
-            self, prompt, sampling_params, prompt_token_ids, request_id
+    ) -> str:
+        params, ids = normalize_request(
+            prompt, sampling_params, prompt_token_ids, self.tokenize, self.request_limits
         )
-        seq = Sequence(request_id, prompt, prompt_token_ids, params, self.eos_token_ids)
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self.scheduler.requests or rid in self.output_processor.requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        max_total = self.max_model_len
         if params.max_tokens is not None:
-            seq.max_total_tokens = min(
-                self.max_model_len, seq.num_prompt_tokens + params.max_tokens
-            )
-        else:
-            seq.max_total_tokens = self.max_model_len
-        self.requests[request_id] = seq
+            max_total = min(max_total, len(ids) + params.max_tokens)
+        seq = Sequence(rid, ids, params, self.eos_token_ids, max_total_tokens=max_total)
         self.scheduler.add(seq)
-        return seq
-
-    def validate_prompt(self, ids: list[int]) -> None:
-        if not isinstance(ids, list) or not ids:
-            raise ValueError("prompt_token_ids must be a non-empty list of token ids")
-        vocab = self.model_config.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids contains {t!r}, not a token id in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt is {len(ids)} tokens, too long for max_model_len={self.max_model_len} "
-                "(it must leave room for at least one generated token)"
-            )
+        self.output_processor.add_request(
+            rid, prompt, seq.prompt_token_ids, params, seq.arrival_time
+        )
+        return rid
 
     def abort_request(self, request_id: str) -> bool:
-        seq = self.requests.pop(request_id, None)
-        if seq is None or seq.is_finished:
-            return False
-        self.scheduler.abort(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "abort"
-        return True
+        known = self.output_processor.abort(request_id)
+        return self.scheduler.finish_request(request_id, "abort") and known
 
     def drain(self) -> list[RequestOutput]:
         """Resolve the step still in flight when no request is left to schedule (with async
@@ -281,6 +213,9 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.scheduler.requests)
+
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule and launch a step; return the outputs of the step that completed.
@@ -289,39 +224,48 @@ class LLMEngine:
         the previous one (waits for its tokens, detokenizes, checks stops) and, on the next
         call, schedules the one after: the host's per-step work hides behind the GPU's.
         Without it, the step launched here is resolved before returning."""
+        self.tracer.push("step")
         try:
             return self._step()
-        except BaseException:
-            # A failed step leaves the step in flight unknowable; callers abort its requests.
-            self._inflight = None
-            raise
+        finally:
+            self.tracer.pop()
 
     def _step(self) -> list[RequestOutput]:
-        log = self.step_log
+        trace = self.tracer
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
+        trace.push("schedule")
+        try:
+            step = self.scheduler.schedule()
+        finally:
+            trace.pop()
         t1 = time.perf_counter()
-        launched = self._launch(batch) if batch.seqs else None
+        launched, failed = self._launch(step) if step.rows else (None, [])
         t2 = time.perf_counter()
         if self.async_scheduling:
             previous, self._inflight = self._inflight, launched
         else:
             previous = launched
-        if previous is None:
-            if launched is None and self.scheduler.waiting and not self.scheduler.running:
+        updates: list[RequestUpdate] = failed
+        wait_s = 0.0
+        if previous is not None:
+            trace.push("resolve")
+            try:
+                resolved, wait_s = self._resolve(previous)
+            finally:
+                trace.pop()
+            updates = resolved + updates
+        elif launched is None and not failed and self.scheduler.waiting:
+            if not self.scheduler.running:
                 raise RuntimeError("scheduler cannot admit any waiting request (KV pool too small)")
-            outputs: list[RequestOutput] = []
-            wait_s = 0.0
-        else:
-            outputs, wait_s = self._resolve(previous)
-        if log is not None:
+        outputs = self._process(updates)
+        if self.step_log is not None:
             t3 = time.perf_counter()
-            log.add(
+            self.step_log.add(
                 StepRecord(
-                    seqs=len(batch.seqs),
-                    tokens=batch.num_tokens,
-                    prefill_tokens=launched.prefill_tokens if launched else 0,
-                    context_tokens=launched.context_tokens if launched else 0,
+                    seqs=len(step.rows) if launched else 0,
+                    tokens=step.num_tokens if launched else 0,
+                    prefill_tokens=step.num_prefill_tokens if launched else 0,
+                    context_tokens=step.num_context_tokens if launched else 0,
                     schedule_s=t1 - t0,
                     launch_s=t2 - t1,
                     wait_s=wait_s,
@@ -331,137 +275,110 @@ class LLMEngine:
             )
         return outputs
 
-    def _launch(self, batch: ScheduledBatch) -> _Launched:
-        prefill = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                prefill += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
-        self.stats["prompt_tokens"] += prefill
-        handle = self.runner.launch(batch)
-        self.stats["steps"] += 1
-        context = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
-            context += seq.num_computed_tokens
-        for row, seq in enumerate(handle.sample_seqs):
-            seq.num_placeholders += 1
-            seq.pending_row = row
-        return _Launched(batch, handle, prefill, context)
+    def _launch(self, step: SchedulerOutput) -> tuple[_Launched | None, list[RequestUpdate]]:
+        try:
+            handle = self.executor.execute_model(step)
+        except Exception as exc:
+            return None, self._isolate_failure(step, exc)
+        self._counts["prompt_tokens"] += step.num_prefill_tokens
+        self._counts["steps"] += 1
+        return _Launched(step, handle), []
 
-    def _resolve(self, step: _Launched) -> tuple[list[RequestOutput], float]:
-        """Wait for a launched step's tokens and turn them into outputs; also returns the
+    def _isolate_failure(self, step: SchedulerOutput, exc: Exception) -> list[RequestUpdate]:
+        """A step failed to launch. Fail the requests that caused it (the rows the runner cannot
+        build inputs for) and let the others recompute; a failure no row explains fails the
+        step's requests. Either way the engine serves on, unless its workers are gone."""
+        if not self.executor.alive:
+            self._inflight = None
+            raise exc
+        cause = f"{type(exc).__name__}: {exc}"
+        culprits = self.executor.driver.find_bad_rows(step)
+        if culprits:
+            logger.error(
+                "engine step failed (%s); failing %d request(s) it cannot run: %s; %d other(s) "
+                "recompute",
+                cause,
+                len(culprits),
+                "; ".join(f"{rid}: {why}" for rid, why in culprits.items()),
+                len(step.rows) - len(culprits),
+            )
+            self.scheduler.rollback(step)
+            return self.scheduler.fail_requests(culprits)
+        logger.error(
+            "engine step failed (%s); no single request explains it: failing the step's %d",
+            cause,
+            len(step.rows),
+        )
+        message = f"engine step failed: {cause}"
+        return self.scheduler.fail_requests({r.request_id: message for r in step.rows})
+
+    def _resolve(self, launched: _Launched) -> tuple[list[RequestUpdate], float]:
+        """Wait for a launched step's tokens and hand them to the scheduler; also returns the
         seconds spent waiting for the GPU."""
         t = time.perf_counter()
-        tokens = step.handle.result()  # waits for this step only
+        try:
+            output = launched.handle.result()  # waits for this step only
+        except Exception as exc:
+            if not self.executor.alive:
+                raise
+            logger.error("engine step failed on the device (%s: %s)", type(exc).__name__, exc)
+            message = f"engine step failed: {type(exc).__name__}: {exc}"
+            rows = launched.step.rows
+            return self.scheduler.fail_requests({r.request_id: message for r in rows}), 0.0
         wait_s = time.perf_counter() - t
-        live: list[tuple[Sequence, int]] = []
-        for seq, token in zip(step.handle.sample_seqs, tokens, strict=True):
-            if seq.is_finished:  # finished or aborted while this step ran: nothing to add
-                continue
-            seq.num_placeholders -= 1
-            seq.append_token(token)
-            live.append((seq, token))
-        for seq in step.batch.seqs:
-            if not seq.is_finished:
-                self.block_manager.cache_full_blocks(seq)
-        outputs = []
-        now = time.monotonic()
-        for seq, token in live:
-            self.stats["generation_tokens"] += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            delta_text = self._process_token(seq, token)
-            if seq.is_finished:
-                # A token the next step is already sampling for it is dropped with its KV.
-                seq.num_placeholders = 0
-                seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids))
-                self.scheduler.finish(seq)
-                self.requests.pop(seq.request_id, None)
-            outputs.append(self._make_output(seq, delta_text, [token]))
-        return outputs, wait_s
+        self._counts["steps_graph" if output.used_cuda_graph else "steps_eager"] += 1
+        updates = self.scheduler.update_from_output(launched.step, output)
+        self._counts["generation_tokens"] += sum(len(u.new_token_ids) for u in updates)
+        return updates, wait_s
 
-    def _process_token(self, seq: Sequence, token: int) -> str:
-        """Detokenize, then apply stop conditions. Returns the text to stream for this step."""
-        p = seq.sampling_params
-        before = len(seq.output_text)
-        detokenize_incrementally(self.tokenizer, seq, p.skip_special_tokens)
-        n_out = seq.num_known_output_tokens
-        if n_out >= p.min_tokens:
-            if token in (p.stop_token_ids or ()):
-                seq.finish_reason, seq.stop_reason = "stop", token
-            elif not p.ignore_eos and token in seq.eos_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", None
-            elif p.stop_strings:
-                self._check_stop_strings(seq, before)
-        if seq.finish_reason is None and (
-            (p.max_tokens is not None and n_out >= p.max_tokens)
-            or len(seq.token_ids) >= self.max_model_len
-        ):
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            seq.status = SequenceStatus.FINISHED
-        # Hold back text that could still turn out to start a stop string.
-        hold = 0 if seq.is_finished else max((len(s) for s in p.stop_strings), default=1) - 1
-        visible = max(seq.reported_text_len, len(seq.output_text) - hold)
-        delta = seq.output_text[seq.reported_text_len : visible]
-        seq.reported_text_len = visible
-        return delta
+    def _process(self, updates: list[RequestUpdate]) -> list[RequestOutput]:
+        if not updates:
+            return []
+        outputs, stopped = self.output_processor.process(updates)
+        for rid, stop in stopped:  # a stop string ended it: its blocks are freed now
+            self.scheduler.finish_request(rid, "stop", stop)
+        return outputs
 
-    @staticmethod
-    def _check_stop_strings(seq: Sequence, before: int) -> None:
-        text = seq.output_text
-        for stop in seq.sampling_params.stop_strings:
-            idx = text.find(stop, max(0, before - len(stop) + 1))
-            if idx != -1:
-                seq.output_text = text[:idx]
-                seq.finish_reason, seq.stop_reason = "stop", stop
-                return
-
-    def _make_output(self, seq: Sequence, delta_text: str, delta_ids: list[int]) -> RequestOutput:
-        # Like vLLM's DELTA output kind: a running request's output carries only what this step
-        # added (copying the whole text and token list every step would cost O(length^2) per
-        # request); the final output carries everything.
-        done = seq.is_finished
-        completion = CompletionOutput(
-            index=0,
-            text=seq.output_text if done else delta_text,
-            token_ids=seq.output_token_ids if done else delta_ids,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
+    # ---- state and lifecycle ----------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        bm, sched, c = self.block_manager, self.scheduler, self._counts
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            prompt_tokens=c["prompt_tokens"],
+            generation_tokens=c["generation_tokens"],
+            steps=c["steps"],
+            steps_graph=c["steps_graph"],
+            steps_eager=c["steps_eager"],
+            num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
         )
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.prompt_token_ids,
-            outputs=[completion],
-            finished=done,
-            num_cached_tokens=seq.num_cached_tokens,
-            metrics=RequestMetrics(
-                arrival_time=seq.arrival_time,
-                first_scheduled_time=seq.first_scheduled_time,
-                first_token_time=seq.first_token_time,
-                finished_time=seq.finished_time,
-            ),
-            delta_text=delta_text,
-            delta_token_ids=delta_ids,
-        )
+
+    def set_tracer(self, tracer: Tracer) -> None:
+        """Spans around each step's phases (schedule, launch and the runner's, resolve)."""
+        self.tracer = tracer
+        self.executor.driver.tracer = tracer
+
+    def set_cuda_graphs_enabled(self, enabled: bool) -> None:
+        """Replay captured graphs (the default) or run every step eagerly; benchmarks compare
+        both in one engine. Every rank follows."""
+        self.executor.collective_rpc("set_graphs_enabled", enabled)
 
     def shutdown(self) -> None:
         """Stop the tensor/pipeline-parallel workers, if any (also done at exit)."""
-        close = getattr(self.runner, "shutdown", None)
-        if close is not None:
-            close()
+        self.executor.shutdown()
 
     def reset_prefix_cache(self) -> int:
         """Drop the prefix cache's unreferenced blocks (vLLM's `reset_prefix_cache`)."""
         return self.block_manager.reset_prefix_cache()
 
-    # ---- introspection ----------------------------------------------------------------
-    def kv_usage(self) -> float:
-        return self.block_manager.usage
 
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+def _why_no_graphs(driver: Any) -> str:
+    if driver.device.type != "cuda":
+        return "no CUDA device"
+    if driver.parallel.pp_size > 1:
+        return "pipeline parallelism runs eagerly"
+    return "graphs turned off (enforce_eager or cuda_graph='off')"

@@ -1,5 +1,13 @@
 """Scheduler: continuous batching with chunked prefill, a token budget and preemption.
 
+The scheduler owns every request's state. `schedule()` picks the step and advances the state as
+if it had run (computed tokens, a placeholder for each token being sampled); it describes the
+step as data (`SchedulerOutput`). `update_from_output()` takes the runner's numbers back: it
+appends the sampled tokens, registers full blocks with the prefix cache, applies the stop
+conditions that tokens decide (stop token ids, EOS, max_tokens, max_model_len) and frees what
+finished. Text-level stops (stop strings) are found by the output processor, which then calls
+`finish_request`.
+
 Every step each sequence gets some number of new tokens to compute: 1 for a sequence that is
 decoding, a chunk of its prompt for one that is prefilling. Running sequences go first (oldest
 first); waiting ones are admitted while the token budget, `max_num_seqs` and the KV pool allow.
@@ -10,32 +18,28 @@ will usually still be in the cache).
 
 from __future__ import annotations
 
+import itertools
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from graphwise.core.step import ModelRunnerOutput, NewRequest, ScheduledRow, SchedulerOutput
 from graphwise.engine.block_manager import BlockManager
 from graphwise.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
-class ScheduledBatch:
-    seqs: list[Sequence] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+@dataclass(slots=True)
+class RequestUpdate:
+    """What one step did to one request (what the output processor turns into output)."""
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    @property
-    def is_decode_only(self) -> bool:
-        return all(n == 1 for n in self.num_new_tokens) and all(
-            s.num_computed_tokens + 1 == s.num_tokens for s in self.seqs
-        )
-
-    def __len__(self) -> int:
-        return len(self.seqs)
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
 
 
 class Scheduler:
@@ -45,29 +49,59 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        max_model_len: int = sys.maxsize,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Sequence] = {}  # every unfinished request
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._step_ids = itertools.count()
+        self._known_to_runner: set[str] = set()
+        self._finished_ids: list[str] = []  # since the last step, for the runner to forget
 
+    # ---- requests ---------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request_id {seq.request_id!r} is already in use")
         seq.status = SequenceStatus.WAITING
+        self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, seq: Sequence) -> None:
-        """Remove a sequence wherever it is and free its blocks at once."""
+    def finish_request(
+        self, request_id: str, reason: str, stop_reason: int | str | None = None
+    ) -> bool:
+        """End a request now (abort, a stop string, a failure): its blocks are freed at once.
+        A token a step in flight is still sampling for it is dropped with its KV. False if it
+        is not (or no longer) here."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, reason, stop_reason)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.release(seq)
+        seq.num_placeholders = 0
+        seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids))
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.finished_time = time.monotonic()
+        del self.requests[seq.request_id]
+        if seq.request_id in self._known_to_runner:
+            self._known_to_runner.discard(seq.request_id)
+            self._finished_ids.append(seq.request_id)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.release(seq)
@@ -77,8 +111,10 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+    # ---- one step ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        picked: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
@@ -94,21 +130,17 @@ class Scheduler:
             while not bm.allocate_slots(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
-                batch.preempted.append(victim)
+                preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(n)
+                picked.append((seq, n))
                 budget -= n
                 i += 1
 
         # 2. Waiting sequences, in arrival order, unless this step already had to preempt.
         while (
-            self.waiting
-            and not batch.preempted
-            and budget > 0
-            and len(self.running) < self.max_num_seqs
+            self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
             cached = bm.find_cached_prefix(seq)
@@ -128,14 +160,146 @@ class Scheduler:
                 seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
+            picked.append((seq, n))
             budget -= n
-        return batch
+        return self._describe(picked, preempted)
 
-    def finish(self, seq: Sequence) -> None:
-        """A sequence is done: free its blocks (it may have been preempted while its last token
-        was being sampled, so it can be in either queue)."""
-        self.abort(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finished_time = time.monotonic()
+    def _describe(
+        self, picked: list[tuple[Sequence, int]], preempted: list[Sequence]
+    ) -> SchedulerOutput:
+        """The step as data, then the state advanced as if it ran."""
+        out = SchedulerOutput(
+            step_id=next(self._step_ids),
+            finished_request_ids=self._finished_ids,
+            preempted_request_ids=[s.request_id for s in preempted],
+        )
+        self._finished_ids = []
+        sampled: list[Sequence] = []
+        for seq, n in picked:
+            c, known = seq.num_computed_tokens, len(seq.token_ids)
+            if c + n <= known:
+                ids, pending = seq.token_ids[c : c + n], -1
+            else:  # the last input is being sampled by the step launched before this one
+                if c + n != known + 1 or seq.num_placeholders != 1:
+                    raise RuntimeError(f"{seq!r}: only its newest token may be pending")
+                ids, pending = seq.token_ids[c:known], seq.pending_row
+            sample = c + n == seq.num_tokens
+            p = seq.sampling_params
+            if seq.request_id not in self._known_to_runner:
+                banned: tuple[int, ...] = ()
+                if p.min_tokens:
+                    banned = tuple(sorted(set(p.stop_token_ids or ()) | seq.eos_token_ids))
+                out.new_requests.append(NewRequest(seq.request_id, p, banned))
+                self._known_to_runner.add(seq.request_id)
+            out.rows.append(
+                ScheduledRow(
+                    request_id=seq.request_id,
+                    num_computed_tokens=c,
+                    num_new_tokens=n,
+                    token_ids=ids,
+                    pending_row=pending,
+                    new_block_ids=seq.block_table[seq.num_blocks_sent :],
+                    reset_block_table=seq.num_blocks_sent == 0,
+                    sample=sample,
+                    ban_stop_tokens=sample and seq.num_output_tokens < p.min_tokens,
+                )
+            )
+            seq.num_blocks_sent = len(seq.block_table)
+            out.num_prefill_tokens += max(0, min(n, seq.num_prompt_tokens - c))
+            if sample:
+                sampled.append(seq)
+        for seq, n in picked:
+            seq.num_computed_tokens += n
+            out.num_context_tokens += seq.num_computed_tokens
+        for row, seq in enumerate(sampled):
+            seq.num_placeholders += 1
+            seq.pending_row = row
+        return out
+
+    def update_from_output(
+        self, step: SchedulerOutput, output: ModelRunnerOutput
+    ) -> list[RequestUpdate]:
+        """Take a step's sampled tokens: append, cache full blocks, apply the token-decided stop
+        conditions, free what finished. Returns one update per request that got a token or
+        failed (a request finished or aborted while the step ran gets nothing)."""
+        updates: list[RequestUpdate] = []
+        got: list[tuple[Sequence, int]] = []
+        for rid, token in zip(output.req_ids, output.sampled_token_ids, strict=True):
+            seq = self.requests.get(rid)
+            if seq is None or rid in output.errors:
+                continue
+            seq.num_placeholders -= 1
+            seq.token_ids.append(token)
+            got.append((seq, token))
+        for row in step.rows:  # their KV is written now: the prefix cache may hand it out
+            seq = self.requests.get(row.request_id)
+            if seq is not None:
+                self.block_manager.cache_full_blocks(seq)
+        for rid, message in output.errors.items():
+            seq = self.requests.get(rid)
+            if seq is not None:
+                updates.append(self._fail(seq, message))
+        for seq, token in got:
+            if seq.request_id not in self.requests:
+                continue
+            reason, stop = self._check_stop(seq, token)
+            update = RequestUpdate(
+                seq.request_id,
+                [token],
+                reason,
+                stop,
+                seq.num_cached_tokens,
+                seq.first_scheduled_time,
+            )
+            if reason is not None:
+                self._finish(seq, reason, stop)
+            updates.append(update)
+        return updates
+
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+        p = seq.sampling_params
+        if seq.num_known_output_tokens >= p.min_tokens:
+            if token in (p.stop_token_ids or ()):
+                return "stop", token
+            if not p.ignore_eos and token in seq.eos_token_ids:
+                return "stop", None
+        if (p.max_tokens is not None and seq.num_known_output_tokens >= p.max_tokens) or len(
+            seq.token_ids
+        ) >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _fail(self, seq: Sequence, message: str) -> RequestUpdate:
+        self._finish(seq, "error")
+        return RequestUpdate(
+            seq.request_id,
+            [],
+            "error",
+            None,
+            seq.num_cached_tokens,
+            seq.first_scheduled_time,
+            error=message,
+        )
+
+    def fail_requests(self, errors: dict[str, str]) -> list[RequestUpdate]:
+        """End requests that cannot run (a step failed because of them)."""
+        return [
+            self._fail(self.requests[rid], message)
+            for rid, message in errors.items()
+            if rid in self.requests
+        ]
+
+    def rollback(self, step: SchedulerOutput) -> None:
+        """A step that failed before it ran: its requests go back to waiting and recompute their
+        KV (their known tokens are intact; a token an earlier step is still sampling arrives as
+        usual). Their runner state is sent again, in case the failure left it half-made."""
+        for row in step.rows:
+            seq = self.requests.get(row.request_id)
+            if seq is None:
+                continue
+            if row.sample:
+                seq.num_placeholders -= 1
+            if seq in self.running:
+                self.running.remove(seq)
+                self._preempt(seq)
+            self._known_to_runner.discard(seq.request_id)

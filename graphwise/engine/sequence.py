@@ -1,12 +1,15 @@
-"""Sequence: one request's tokens, KV blocks and progress through the engine."""
+"""Sequence: one request's tokens, KV blocks and progress through the scheduler.
+
+Only the scheduler (and the block manager it drives) changes a Sequence. The text, the
+detokenizer's offsets and the output bookkeeping live in the output processor; the runner sees
+rows of a `SchedulerOutput`, never a Sequence.
+"""
 
 from __future__ import annotations
 
 import enum
 import sys
 import time
-
-import torch
 
 from graphwise.sampling_params import SamplingParams
 
@@ -21,24 +24,23 @@ class Sequence:
     def __init__(
         self,
         request_id: str,
-        prompt: str | None,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         eos_token_ids: frozenset[int] = frozenset(),
         arrival_time: float | None = None,
+        max_total_tokens: int = sys.maxsize,
     ) -> None:
         self.request_id = request_id
-        self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt followed by the outputs known so far
         # Async scheduling: tokens sampled by a step still running on the GPU. They count in
         # num_tokens (the scheduler plans around them) but are not in token_ids yet; the newest
-        # is row `pending_row` of the last launched step's sampled-token tensor.
+        # is row `pending_row` of the last launched step's sampled tokens.
         self.num_placeholders = 0
         self.pending_row = -1
         # Length at which the sequence stops for sure (max_tokens, max_model_len): the scheduler
         # does not give a step to a sequence whose pending token already reaches it.
-        self.max_total_tokens = sys.maxsize
+        self.max_total_tokens = max_total_tokens
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
@@ -48,21 +50,14 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit at first admission
         self.block_table: list[int] = []
+        self.num_blocks_sent = 0  # leading entries of block_table the runner already holds
         self.block_hashes: list[int] = []  # hashes of this sequence's full blocks, in order
         self.num_registered_blocks = 0  # leading blocks the prefix cache has already seen
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
-        self.first_token_time: float | None = None
         self.finished_time: float | None = None
-        # Per-request RNG, so a seeded request samples the same tokens in any batch.
-        self.generator: torch.Generator | None = None
-        # Detokenizer state (see engine/detokenizer.py).
-        self.output_text = ""
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.reported_text_len = 0  # characters of output_text already streamed out
 
     @property
     def num_tokens(self) -> int:
@@ -75,7 +70,7 @@ class Sequence:
 
     @property
     def num_known_output_tokens(self) -> int:
-        """Output tokens whose ids the host has (stop conditions and detokenizing use these)."""
+        """Output tokens whose ids the host has (stop conditions use these)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -85,9 +80,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
-
-    def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
 
     def __repr__(self) -> str:
         return (

@@ -22,7 +22,6 @@ NVTX ranges for Nsight Systems, by wrapping the bound methods of one engine inst
 
 from __future__ import annotations
 
-import functools
 import logging
 import statistics
 from collections.abc import Callable
@@ -185,78 +184,30 @@ class BandwidthEmulator:
 
 
 # ---- NVTX ranges -------------------------------------------------------------------------
+class _RangeTracer:
+    def __init__(self, push: Callable[[str], object], pop: Callable[[], object]) -> None:
+        self.push_range, self.pop_range = push, pop
+
+    def push(self, name: str) -> None:
+        self.push_range(name)
+
+    def pop(self) -> None:
+        self.pop_range()
+
+
 def install_nvtx(
     engine: Any,
     push: Callable[[str], object] | None = None,
     pop: Callable[[], object] | None = None,
 ) -> Callable[[], None]:
-    """Wrap one engine's phases in NVTX ranges: step > schedule, launch > prepare, forward,
-    logits, sample; then step > resolve (the wait for a step's tokens and their processing:
-    with async scheduling, the previous step's). Returns a function that removes the wrappers. `push`/`pop` default to
-    torch.cuda.nvtx (tests pass recorders)."""
-    push = push or torch.cuda.nvtx.range_push
-    pop = pop or torch.cuda.nvtx.range_pop
-    runner = engine.runner
-    model = runner.model
-    state = {"in_execute": 0, "sample_open": False}
-    installed: list[tuple[Any, str]] = []
+    """NVTX ranges around one engine's phases, through the spans it offers (core/tracing.py):
+    step > schedule, launch > prepare, forward, logits, sample; then step > resolve (the wait
+    for a step's tokens and their processing: with async scheduling, the previous step's).
+    Returns a function that removes them. `push`/`pop` default to torch.cuda.nvtx (tests pass
+    recorders)."""
+    from graphwise.core.tracing import NULL_TRACER
 
-    def ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            push(name)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                pop()
-
-        return wrapped
-
-    def wrap(obj: Any, attr: str, wrapper: Callable[..., Any]) -> None:
-        object.__setattr__(obj, attr, wrapper)  # instance attribute shadows the method
-        installed.append((obj, attr))
-
-    launch = runner.launch
-
-    @functools.wraps(launch)
-    def launch_ranged(*args: Any, **kwargs: Any) -> Any:
-        push("launch")
-        state["in_execute"] += 1
-        try:
-            return launch(*args, **kwargs)
-        finally:
-            state["in_execute"] -= 1
-            if state["sample_open"]:
-                pop()
-                state["sample_open"] = False
-            pop()
-
-    compute_logits = model.compute_logits
-
-    @functools.wraps(compute_logits)
-    def logits_ranged(*args: Any, **kwargs: Any) -> Any:
-        push("logits")
-        try:
-            out = compute_logits(*args, **kwargs)
-        finally:
-            pop()
-        if state["in_execute"] and not state["sample_open"]:
-            push("sample")  # closed when launch returns: everything after the logits
-            state["sample_open"] = True
-        return out
-
-    wrap(engine, "step", ranged("step", engine.step))
-    wrap(engine.scheduler, "schedule", ranged("schedule", engine.scheduler.schedule))
-    wrap(engine, "_resolve", ranged("resolve", engine._resolve))
-    wrap(runner, "launch", launch_ranged)
-    wrap(runner, "prepare", ranged("prepare", runner.prepare))
-    wrap(runner, "forward", ranged("forward", runner.forward))
-    wrap(model, "compute_logits", logits_ranged)
-
-    def remove() -> None:
-        for obj, attr in reversed(installed):
-            if attr in obj.__dict__:
-                del obj.__dict__[attr]
-        installed.clear()
-
-    return remove
+    engine.set_tracer(
+        _RangeTracer(push or torch.cuda.nvtx.range_push, pop or torch.cuda.nvtx.range_pop)
+    )
+    return lambda: engine.set_tracer(NULL_TRACER)

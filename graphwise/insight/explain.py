@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from graphwise.runner.graph_policy import decode_step, synthetic_decode_inputs, time_steps
+from graphwise.runner.step_timing import decode_step, synthetic_decode_inputs, time_steps
 
 logger = logging.getLogger(__name__)
 
@@ -452,20 +452,20 @@ def measure_engine_steps(
     their prefill; the graph runner is `graphs` (None: eager) for the duration."""
     from graphwise.sampling_params import SamplingParams
 
-    runner = engine.runner
+    runner = engine.executor.driver
     rng = random.Random(batch_size)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
-    seqs = [
+    waiting_first = {
         engine.add_request(None, params, [rng.randrange(vocab) for _ in range(context_len - 1)])
         for _ in range(batch_size)
-    ]
-    saved = runner.graph_runner
-    runner.graph_runner = graphs
+    }
+    rids = set(waiting_first)
+    saved = runner.use_graph_runner(graphs)
     times = []
     try:
-        while any(s.num_known_output_tokens == 0 for s in seqs):
-            engine.step()
+        while waiting_first:
+            waiting_first.difference_update(o.request_id for o in engine.step())
         for _ in range(steps):
             # No sync between calls: with async scheduling a call launches one step and waits
             # for the one before, so its duration is the engine's period per step.
@@ -473,10 +473,10 @@ def measure_engine_steps(
             engine.step()
             times.append((time.perf_counter() - t) * 1e3)
     finally:
-        for s in seqs:
-            engine.abort_request(s.request_id)
+        for rid in rids:
+            engine.abort_request(rid)
         engine.drain()  # resolve the step still in flight
-        runner.graph_runner = saved
+        runner.use_graph_runner(saved)
     return statistics.median(times)
 
 
@@ -523,7 +523,7 @@ def explain_batch(
     unavailable: str | None,
     nvtx: tuple[Callable[[str], object], Callable[[], object]] | None = None,
 ) -> dict[str, Any]:
-    runner = engine.runner
+    runner = engine.executor.driver
     device = engine.device
     cuda = device.type == "cuda"
     ctx_len = settings.context_len
@@ -632,7 +632,7 @@ def run_explain(engine: Any, settings: ExplainSettings) -> dict[str, Any]:
     from graphwise.runner.cuda_graph import CudaGraphRunner
 
     device = engine.device
-    runner = engine.runner
+    runner = engine.executor.driver
     cuda = device.type == "cuda"
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -691,7 +691,7 @@ def run_explain(engine: Any, settings: ExplainSettings) -> dict[str, Any]:
                     )
                 )
     finally:
-        runner.graph_runner = None
+        runner.use_graph_runner(None)
         if emulator is not None:
             emulator.remove()
         if remove_nvtx is not None:

@@ -6,24 +6,33 @@ outputs token-identical to HF); the Triton versions are checked against them in 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 
-_use_triton = False
+# Whether ops on CUDA tensors take the Triton kernels: set for the span of a forward by whoever
+# runs the model (the runner, with its attention backend's choice), never left switched on.
+_use_triton: ContextVar[bool] = ContextVar("graphwise_triton_ops", default=False)
 
 
-def enable_triton(flag: bool) -> None:
-    """Route ops on CUDA tensors to the Triton kernels (set by the model runner)."""
-    global _use_triton
-    _use_triton = flag
+@contextlib.contextmanager
+def triton_ops(enabled: bool) -> Iterator[None]:
+    token = _use_triton.set(enabled)
+    try:
+        yield
+    finally:
+        _use_triton.reset(token)
 
 
 def triton_enabled() -> bool:
-    return _use_triton
+    return _use_triton.get()
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _use_triton and x.is_cuda:
+    if _use_triton.get() and x.is_cuda:
         from graphwise.kernels.rmsnorm import rmsnorm as triton_rmsnorm
 
         return triton_rmsnorm(x, weight, eps)
@@ -36,7 +45,7 @@ def add_rmsnorm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rmsnorm(x + residual), x + residual)."""
-    if _use_triton and x.is_cuda:
+    if _use_triton.get() and x.is_cuda:
         from graphwise.kernels.rmsnorm import fused_add_rmsnorm
 
         fused_add_rmsnorm(x, residual, weight, eps)  # in place: x <- norm, residual <- sum
@@ -46,7 +55,7 @@ def add_rmsnorm(
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if _use_triton and x.is_cuda:
+    if _use_triton.get() and x.is_cuda:
         from graphwise.kernels.activation import silu_and_mul as triton_silu_and_mul
 
         return triton_silu_and_mul(x)
@@ -66,7 +75,7 @@ def rope_qkv(
     [T, heads, D] (views into qkv on the Triton path, which rotates in place)."""
     T = qkv.shape[0]
     sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
-    if _use_triton and qkv.is_cuda:
+    if _use_triton.get() and qkv.is_cuda:
         from graphwise.kernels.rope import rope_qkv_
 
         rope_qkv_(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim)

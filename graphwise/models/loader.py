@@ -106,13 +106,19 @@ def _dummy_init(model: nn.Module, seed: int) -> None:
             p.data.uniform_(-0.02, 0.02, generator=gen)
 
 
-def build_model(
-    source: ModelSource, cfg: EngineConfig, device: torch.device, dtype: torch.dtype
-) -> tuple[nn.Module, ModelConfig]:
+def model_config_of(source: ModelSource, cfg: EngineConfig) -> ModelConfig:
+    """The model's config as the engine runs it (`num_layers` cuts a large model down)."""
     config_dict = dict(source.config)
     if cfg.num_layers is not None:
         config_dict["num_hidden_layers"] = cfg.num_layers
-    model_config = ModelConfig.from_dict(config_dict)
+    return ModelConfig.from_dict(config_dict)
+
+
+def build_model(
+    source: ModelSource, cfg: EngineConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, ModelConfig]:
+    model_config = model_config_of(source, cfg)
+    config_dict = model_config.raw
     cls = resolve_model_class(model_config.architecture)
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from graphwise.config import EngineConfig
-from graphwise.layers.attention import ForwardContext
 
 if TYPE_CHECKING:
-    from graphwise.runner.model_runner import ModelRunner, StepInputs
+    from graphwise.runner.inputs import StepInputs
+    from graphwise.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 # One side stream per device for every capture of every runner (the auto policy builds several
@@ -98,7 +98,6 @@ class CudaGraphRunner:
     def capture(self, bs: int, warmup: int = 2) -> None:
         runner = self.runner
         meta = runner.backend.capture_metadata(bs)
-        ctx = ForwardContext(meta, runner.backend, runner.kv_caches)
         ids, pos = self.input_ids[:bs], self.positions[:bs]
         if self._stream is None:  # one side stream for every capture (one cuBLAS workspace)
             if runner.device not in _CAPTURE_STREAMS:
@@ -108,11 +107,11 @@ class CudaGraphRunner:
         stream.wait_stream(torch.cuda.current_stream(runner.device))
         with torch.cuda.stream(stream):
             for _ in range(warmup):  # autotuning and lazy init happen outside the graph
-                runner.model(ids, pos, ctx)
+                runner.run_model(ids, pos, meta)
         torch.cuda.current_stream(runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = runner.model(ids, pos, ctx)
+            out = runner.run_model(ids, pos, meta)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[bs] = graph

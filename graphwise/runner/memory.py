@@ -5,6 +5,9 @@ resident (weights, plus "other": the CUDA context, cuBLAS workspaces, anything e
 the activation peak of a worst-case prefill (profiled), the CUDA-graph pool (measured by capturing
 the buckets that will be kept, see runner/graph_policy.py), and the rest is the KV pool.
 `kv_cache_memory` (bytes) or `num_gpu_blocks_override` fix the KV pool instead.
+
+Each rank plans with its own numbers (its shard's weights and KV heads, its own card); the
+engine allocates the smallest pool any rank can hold.
 """
 
 from __future__ import annotations
@@ -15,12 +18,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from graphwise.engine.scheduler import ScheduledBatch
-from graphwise.engine.sequence import Sequence
+from graphwise.core.step import NewRequest, ScheduledRow, SchedulerOutput
 from graphwise.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from graphwise.engine.engine import LLMEngine
+    from graphwise.config import RunnerLimits
     from graphwise.runner.graph_policy import GraphPlan
     from graphwise.runner.model_runner import ModelRunner
 
@@ -118,31 +120,38 @@ def profile_peak_activation(runner: ModelRunner, num_tokens: int, max_seq_len: i
         lengths.append(num_tokens % max_seq_len)
     blocks = [-(-n // bs) for n in lengths]
     runner.allocate_kv_cache(sum(blocks))
-    seqs, first = [], 0
+    step = SchedulerOutput()
+    first = 0
+    params = SamplingParams(temperature=0, max_tokens=1)
     for i, (n, b) in enumerate(zip(lengths, blocks, strict=True)):
-        seq = Sequence(f"profile-{i}", None, [0] * n, SamplingParams(max_tokens=1))
-        seq.block_table = list(range(first, first + b))
+        rid = f"profile-{i}"
+        step.new_requests.append(NewRequest(rid, params))
+        step.rows.append(
+            ScheduledRow(
+                rid, 0, n, [0] * n, new_block_ids=list(range(first, first + b)), sample=True
+            )
+        )
         first += b
-        seqs.append(seq)
     torch.cuda.synchronize(runner.device)
     torch.cuda.reset_peak_memory_stats(runner.device)
     base = torch.cuda.memory_allocated(runner.device)
-    runner.execute(ScheduledBatch(seqs=seqs, num_new_tokens=lengths))
+    runner.execute_model(step).result()
     torch.cuda.synchronize(runner.device)
     peak = torch.cuda.max_memory_allocated(runner.device) - base
-    runner.kv_caches = []
+    runner.forget_requests([r.request_id for r in step.rows])
+    runner.release_kv_cache()
     torch.cuda.empty_cache()
     return peak
 
 
 def plan_kv_blocks(
-    engine: LLMEngine, runner: ModelRunner, graphs: GraphPlan | None = None
+    runner: ModelRunner, limits: RunnerLimits, graphs: GraphPlan | None = None
 ) -> MemoryPlan:
-    """Size the KV pool. `graphs` is the CUDA-graph plan made before (the auto decision, or the
+    """Size this rank's KV pool. `graphs` is its CUDA-graph plan (the auto decision, or the
     measured pool of capturing everything); without one, graphs get a fixed reserve."""
-    cfg = engine.config
+    cfg = runner.config
     # Per device: under tensor/pipeline parallelism a rank holds only its KV heads and layers.
-    per_token = runner.kv_bytes_per_token(engine.dtype)
+    per_token = runner.kv_bytes_per_token()
     block_bytes = per_token * cfg.block_size
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     plan = MemoryPlan(
@@ -152,17 +161,18 @@ def plan_kv_blocks(
         weights_bytes=weights,
         block_size=cfg.block_size,
     )
+    cuda = runner.device.type == "cuda"
     if cfg.num_gpu_blocks_override is not None:
         plan.num_blocks = cfg.num_gpu_blocks_override
         plan.kv_source = "num_gpu_blocks_override"
     elif cfg.kv_cache_memory is not None:
         plan.num_blocks = cfg.kv_cache_memory // block_bytes
         plan.kv_source = "kv_cache_memory"
-    elif engine.device.type != "cuda":
+    elif not cuda:
         # CPU: enough for every sequence at full length, capped, but never below one full-length
         # sequence (plus a block of slack).
-        want = cfg.max_num_seqs * engine.max_model_len * per_token
-        floor = (engine.max_model_len + cfg.block_size) * per_token
+        want = cfg.max_num_seqs * limits.max_model_len * per_token
+        floor = (limits.max_model_len + cfg.block_size) * per_token
         plan.num_blocks = max(min(want, CPU_DEFAULT_KV_BYTES), floor) // block_bytes
         plan.kv_source = "cpu_default"
     else:
@@ -174,13 +184,13 @@ def plan_kv_blocks(
             plan.graph_pool_all_bytes = graphs.pool_all_bytes
         elif graphs is not None and not graphs.kept:
             plan.graph_pool_source = "none"
-        elif cfg.use_cuda_graph != "off":
+        elif runner.graphs_possible:
             plan.graph_pool_bytes = GRAPH_RESERVE_BYTES
             plan.graph_pool_source = "reserve"
         plan.activation_peak_bytes = profile_peak_activation(
-            runner, engine.max_num_batched_tokens, engine.max_model_len - 1
+            runner, limits.max_num_batched_tokens, limits.max_model_len - 1
         )
-        free, total = torch.cuda.mem_get_info(engine.device)
+        free, total = torch.cuda.mem_get_info(runner.device)
         used = total - free  # weights + CUDA context + anything else on the card
         plan.total_bytes = total
         plan.budget_bytes = int(total * cfg.gpu_memory_utilization)
@@ -201,11 +211,10 @@ def plan_kv_blocks(
                 block_bytes,
                 cfg.block_size,
             )
-    if plan.kv_source != "utilization" and engine.device.type == "cuda":
-        plan.graph_pool_source = "none" if cfg.use_cuda_graph == "off" else "unbudgeted"
+    if plan.kv_source != "utilization" and cuda:
+        plan.graph_pool_source = "unbudgeted" if runner.graphs_possible else "none"
     plan.kv_bytes = plan.num_blocks * block_bytes
     plan.kv_tokens = plan.num_blocks * cfg.block_size
-    logger.info(plan.summary_line())
     if plan.num_blocks < 1:
         raise ValueError(
             "no memory is left for the KV cache: raise gpu_memory_utilization or kv_cache_memory"

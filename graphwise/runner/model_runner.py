@@ -1,56 +1,70 @@
-"""ModelRunner: turns a scheduled batch into tensors, runs the model (eagerly or by replaying a
-captured CUDA graph) and samples the next tokens."""
+"""ModelRunner: one rank's model, KV cache and CUDA graphs; steps in, sampled tokens out.
+
+It owns its start-up and answers with numbers (nano-vllm's order: warm up, size, allocate,
+capture): `plan_graphs` (the measured CUDA-graph decision), `profile_memory` (how many KV
+blocks fit here), `allocate_kv_cache(n)`, `capture_graphs`. Then `execute_model` turns a
+`SchedulerOutput` into tensors, runs the model (eagerly, as a graph replay, or as one stage of
+a pipeline) and samples; its handle's `result()` is the step's `ModelRunnerOutput`.
+
+Under tensor/pipeline parallelism every rank runs one of these on its shard, fed the same
+`SchedulerOutput`s; rank 0 (the driver) samples and broadcasts the tokens device to device, so
+every rank has them for the next step's pending inputs (async scheduling).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from graphwise.config import EngineConfig
-from graphwise.engine.scheduler import ScheduledBatch
-from graphwise.engine.sequence import Sequence
+from graphwise.config import EngineConfig, RunnerLimits
+from graphwise.core.step import ModelRunnerOutput, SchedulerOutput
+from graphwise.core.tracing import NULL_TRACER, Tracer
+from graphwise.distributed import parallel_state
+from graphwise.distributed.parallel_state import SINGLE, ParallelContext
 from graphwise.layers import ops
 from graphwise.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from graphwise.layers.attention.torch_backend import TorchAttentionBackend
 from graphwise.layers.sampler import SamplingTensors, sample
 from graphwise.models.model_config import ModelConfig
+from graphwise.runner.inputs import (
+    RequestStates,
+    StepInputs,
+    Uploader,
+    build_step_inputs,
+    find_bad_rows,
+)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [N] rows of the hidden states that are sampled
-    sample_seqs: list[Sequence]
-
-
 class StepHandle:
-    """A launched step's sampled tokens: on the host (pinned) once `event` has passed."""
+    """A launched step's output; `result()` waits for its sampled tokens (the step's one host
+    sync: a pinned copy and an event on CUDA)."""
 
     def __init__(
         self,
-        sample_seqs: list[Sequence],
+        req_ids: list[str],
         tokens: torch.Tensor | None,
+        used_cuda_graph: bool,
         event: torch.cuda.Event | None = None,
     ) -> None:
-        self.sample_seqs = sample_seqs
+        self._req_ids = req_ids
         self._tokens = tokens
+        self._used_graph = used_cuda_graph
         self._event = event
 
-    def result(self) -> list[int]:
-        """The sampled token of each sequence in `sample_seqs`; the step's one host sync."""
-        if self._tokens is None:
-            return []
-        if self._event is not None:
-            self._event.synchronize()
-        return self._tokens.tolist()
+    def result(self) -> ModelRunnerOutput:
+        tokens: list[int] = []
+        if self._tokens is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            tokens = self._tokens.tolist()
+        return ModelRunnerOutput(self._req_ids, tokens, self._used_graph)
 
 
 def select_attention_backend(
@@ -70,35 +84,15 @@ def select_attention_backend(
     return TorchAttentionBackend(scratch_slot)
 
 
-class BlockTableRows:
-    """Builds the step's [B, max blocks] int32 block table, zero-padded.
-
-    Each sequence's row is kept as an array between steps and extended when its list grows:
-    converting every table from Python ints each step costs milliseconds at large batch and long
-    context. A block table only grows by appends or is replaced by a new list (admission,
-    release), so a cached row is valid while it was made from the same list object (held here,
-    so its id cannot be reused by another list)."""
-
-    def __init__(self) -> None:
-        self._rows: dict[str, tuple[list[int], np.ndarray]] = {}
-
-    def build(self, seqs: list[Sequence]) -> np.ndarray:
-        width = max(len(s.block_table) for s in seqs)
-        out = np.zeros((len(seqs), width), dtype=np.int32)
-        rows: dict[str, tuple[list[int], np.ndarray]] = {}
-        for i, seq in enumerate(seqs):
-            table = seq.block_table
-            entry = self._rows.get(seq.request_id)
-            if entry is None or entry[0] is not table or entry[1].size > len(table):
-                row = np.asarray(table, dtype=np.int32)
-            elif entry[1].size < len(table):
-                row = np.concatenate([entry[1], np.asarray(table[entry[1].size :], np.int32)])
-            else:
-                row = entry[1]
-            rows[seq.request_id] = (table, row)
-            out[i, : row.size] = row
-        self._rows = rows  # sequences that left the batch drop out
-        return out
+def local_model_config(mc: ModelConfig, ctx: ParallelContext) -> ModelConfig:
+    """The attention shapes one rank sees: its query heads and KV heads (layer indices stay
+    global, so a pipeline stage's caches are indexed like the full model's)."""
+    kv_count = parallel_state.kv_head_part(mc.num_key_value_heads, ctx.tp_rank, ctx.tp_size)[1]
+    return dataclasses.replace(
+        mc,
+        num_attention_heads=mc.num_attention_heads // ctx.tp_size,
+        num_key_value_heads=mc.num_key_value_heads // kv_count,
+    )
 
 
 class ModelRunner:
@@ -109,184 +103,270 @@ class ModelRunner:
         model_config: ModelConfig,
         device: torch.device,
         dtype: torch.dtype,
+        parallel: ParallelContext = SINGLE,
+        vocab_limit: int | None = None,
     ) -> None:
         self.config = config
         self.model = model
-        self.model_config = model_config
+        self.full_model_config = model_config
+        self.model_config = local_model_config(model_config, parallel)
         self.device = device
         self.dtype = dtype
+        self.parallel = parallel
+        self.is_driver = parallel.rank == 0
+        self.layer_range = parallel_state.stage_layers(
+            model_config.num_hidden_layers, parallel.pp_rank, parallel.pp_size
+        )
         self.block_size = config.block_size
+        self.vocab_limit = vocab_limit  # the tokenizer knows fewer ids than the model
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.backend: AttentionBackend = TorchAttentionBackend(scratch_slot=0)
-        self.graph_runner = None  # set by the engine when CUDA graphs are on
-        self.vocab_limit: int | None = None  # set when the tokenizer knows fewer ids than the model
+        self.use_triton_ops = False
+        self.graph_runner = None  # a CudaGraphRunner once graphs are captured
+        self.graphs_enabled = True  # benchmarks compare eager and graph in one engine
+        self.graph_plan = None  # this rank's GraphPlan, once planned
         self.default_generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.steps_graph = 0
-        self.steps_eager = 0
-        self._pin = device.type == "cuda"
-        self._block_tables = BlockTableRows()
+        self.requests = RequestStates()
+        self.upload = Uploader(device)
+        self.tracer: Tracer = NULL_TRACER  # spans around the step's phases (explain --nvtx)
         # The last launched step's sampled tokens, on the device: the next step's inputs for
-        # sequences whose newest token the host does not know yet (async scheduling).
+        # requests whose newest token the host does not know yet (async scheduling).
         self._last_tokens: torch.Tensor | None = None
 
-    # ---- KV cache ---------------------------------------------------------------------
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """KV bytes of one token on this device (the parallel runner counts its shard only)."""
-        return self.model_config.kv_bytes_per_token(dtype)
+    # ---- start-up -----------------------------------------------------------------------
+    @property
+    def graphs_possible(self) -> bool:
+        """CUDA graphs can run here: CUDA, not turned off, no pipeline (which runs eagerly)."""
+        return (
+            self.device.type == "cuda"
+            and self.config.use_cuda_graph != "off"
+            and self.parallel.pp_size == 1
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token takes on this rank: its KV heads, its stage's layers."""
+        mc = self.model_config
+        start, end = self.layer_range
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * (end - start) * mc.num_key_value_heads * mc.head_dim * elem
+
+    def plan_graphs(self, limits: RunnerLimits):  # -> GraphPlan | None
+        """The measured decision of which batch sizes replay a graph (runner/graph_policy.py);
+        kept for `profile_memory` and `capture_graphs`."""
+        from graphwise.runner.graph_policy import plan_cuda_graphs
+
+        self.graph_plan = plan_cuda_graphs(self, limits)
+        return self.graph_plan
+
+    def profile_memory(self, limits: RunnerLimits):  # -> MemoryPlan
+        """How many KV blocks this rank can hold (runner/memory.py)."""
+        from graphwise.runner.memory import plan_kv_blocks
+
+        return plan_kv_blocks(self, limits, self.graph_plan)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """One (k, v) pair per layer, plus one scratch block that padding lanes write into."""
+        """One (k, v) pair per layer of this stage, plus one scratch block that padding lanes
+        write into."""
+        self.release_kv_cache()  # drop a previous (profiling) cache before allocating
         mc = self.model_config
         shape = (num_blocks + 1, self.block_size, mc.num_key_value_heads, mc.head_dim)
-        self.kv_caches = [
-            (
+        start, end = self.layer_range
+        none = torch.empty(0, dtype=self.dtype, device=self.device)
+
+        def pair() -> tuple[torch.Tensor, torch.Tensor]:
+            return (
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
             )
-            for _ in range(mc.num_hidden_layers)
+
+        self.kv_caches = [
+            pair() if start <= i < end else (none, none) for i in range(mc.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
         self.backend = select_attention_backend(
             self.config, self.device, scratch_slot=num_blocks * self.block_size
         )
-        ops.enable_triton(self.backend.name == "triton")
-        logger.info(
-            "KV cache: %d blocks x %d tokens (%.1f MiB), attention backend: %s",
-            num_blocks,
-            self.block_size,
-            2 * sum(k.numel() * k.element_size() for k, _ in self.kv_caches) / 2**20,
-            self.backend.name,
+        self.use_triton_ops = self.backend.name == "triton"
+
+    def release_kv_cache(self) -> None:
+        self.kv_caches = []
+        self.num_blocks = 0
+        self.backend = TorchAttentionBackend(scratch_slot=0)  # drops graph buffers, workspace
+
+    def capture_graphs(self, limits: RunnerLimits):  # -> CaptureStats | None
+        """Capture the planned buckets on the real KV cache; what the capture took (None when
+        no graph runs here)."""
+        plan = self.graph_plan
+        mode = self.config.use_cuda_graph
+        if self.device.type != "cuda":
+            if mode == "on":
+                raise ValueError("cuda_graph='on' needs a CUDA device; use 'off' or 'auto'")
+            return None
+        if not self.graphs_possible or (plan is not None and not plan.kept):
+            return None
+        from graphwise.runner.cuda_graph import CudaGraphRunner
+
+        graphs = CudaGraphRunner(
+            self,
+            self.config,
+            limits.max_model_len,
+            buckets=plan.kept if plan is not None else None,
+            eager_buckets=plan.eager_buckets if plan is not None else None,
         )
+        stats = graphs.capture_all()
+        # A bucket one rank could not capture replays nowhere (the ranks' steps pair up).
+        keep = set.intersection(*(set(b) for b in parallel_state.agree_all(graphs.buckets)))
+        graphs.release(keep)
+        self.graph_runner = graphs if graphs.graphs else None
+        return stats
 
-    # ---- inputs -----------------------------------------------------------------------
-    def _upload(
-        self, dtype: torch.dtype, *parts: list[int] | list[float] | np.ndarray
-    ) -> list[torch.Tensor]:
-        """Copy several lists / arrays to the device in one transfer (pinned and asynchronous on
-        CUDA: each separate small copy costs tens of microseconds of host time)."""
-        with torch.inference_mode():  # also when called outside a step (tests, profiling)
-            return self._upload_inner(dtype, parts)
+    def release_graphs(self) -> None:
+        """Drop captured graphs (they hold NCCL work: before a process group goes)."""
+        if self.graph_runner is not None:
+            self.graph_runner.release(set())
+            self.graph_runner = None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
 
-    def _upload_inner(
-        self, dtype: torch.dtype, parts: tuple[list[int] | list[float] | np.ndarray, ...]
-    ) -> list[torch.Tensor]:
-        # Each part starts on a 16-byte boundary of the flat buffer. Triton specializes kernels
-        # on pointer alignment: views at offsets that depend on the batch size would compile a
-        # new variant (a ~1 s stall) whenever a batch shifts an alignment for the first time.
-        align = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
-        if all(isinstance(x, list) for x in parts):  # small lists: cheapest straight to torch
-            sizes = [len(x) for x in parts]
-            values: list[int | float] = []
-            for x in parts:
-                values.extend(x)
-                values.extend([0] * (-len(x) % align))
-            flat = torch.tensor(values, dtype=dtype)
+    def set_graphs_enabled(self, enabled: bool) -> None:
+        self.graphs_enabled = enabled
+
+    def use_graph_runner(self, graphs: Any) -> Any:
+        """Replay `graphs` (a CudaGraphRunner, or None for eager) from now on; returns the one
+        it replaces. `graphwise explain` times its own captures through the engine this way."""
+        previous, self.graph_runner = self.graph_runner, graphs
+        return previous
+
+    def forget_requests(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.requests.pop(rid, None)
+
+    # ---- one step -----------------------------------------------------------------------
+    def run_model(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):  # -> torch.Tensor, or (hidden, residual) on a pipeline stage that is not the last
+        """The model's forward on this runner's KV cache and backend (every eager forward, and
+        every graph capture, goes through here)."""
+        ctx = ForwardContext(meta, self.backend, self.kv_caches)
+        with ops.triton_ops(self.use_triton_ops):
+            if intermediate is None:
+                return self.model(input_ids, positions, ctx)
+            return self.model(input_ids, positions, ctx, intermediate=intermediate)
+
+    def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, bool]:
+        """Hidden states [T, H] for the step's tokens, and whether a graph replayed them."""
+        if self.parallel.pp_size > 1:
+            from graphwise.runner.pipeline import pipeline_forward
+
+            return pipeline_forward(self, inputs), False
+        graphs = self.graph_runner
+        if graphs is not None and self.graphs_enabled and graphs.can_replay(inputs):
+            return graphs.replay(inputs), True
+        return self.run_model(inputs.input_ids, inputs.positions, inputs.meta), False
+
+    @torch.inference_mode()
+    def execute_model(self, step: SchedulerOutput) -> StepHandle:
+        """Enqueue one step (inputs, forward, sampling) without waiting for the device."""
+        self.tracer.push("launch")
+        try:
+            return self._execute(step)
+        finally:
+            self.tracer.pop()
+
+    def _execute(self, step: SchedulerOutput) -> StepHandle:
+        trace = self.tracer
+        trace.push("prepare")
+        try:
+            self.requests.update(step)
+            inputs = build_step_inputs(
+                step, self.requests, self.upload, self.block_size, self._last_tokens
+            )
+        finally:
+            trace.pop()
+        trace.push("forward")
+        try:
+            hidden, used_graph = self.forward(inputs)
+        finally:
+            trace.pop()
+        req_ids = [r.request_id for r in inputs.sampled]
+        if not req_ids:
+            return StepHandle([], None, used_graph)
+        logits = None
+        if self.parallel.is_first_stage:  # with TP every rank of stage 0 joins the gather
+            trace.push("logits")
+            try:
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
+            finally:
+                trace.pop()
+        trace.push("sample")  # everything after the logits
+        try:
+            return self._sample_and_share(logits, inputs, req_ids, used_graph)
+        finally:
+            trace.pop()
+
+    def _sample_and_share(
+        self,
+        logits: torch.Tensor | None,
+        inputs: StepInputs,
+        req_ids: list[str],
+        used_graph: bool,
+    ) -> StepHandle:
+        if self.is_driver:
+            assert logits is not None
+            tokens = self._sample(logits, inputs)
         else:
-            np_dtype = np.int64 if dtype == torch.int64 else np.int32
-            arrays = [np.asarray(x, dtype=np_dtype).ravel() for x in parts]
-            sizes = [a.size for a in arrays]
-            padded = np.zeros(sum(n + (-n % align) for n in sizes), dtype=np_dtype)
-            at = 0
-            for a in arrays:
-                padded[at : at + a.size] = a
-                at += a.size + (-a.size % align)
-            flat = torch.from_numpy(padded)
-        if self._pin:
-            # A pinned copy from torch's caching host allocator: it recycles a buffer only after
-            # the copy that read it has run, so the host never waits here for the GPU (a pageable
-            # copy, or reusing one buffer, would wait for the step that is still running).
-            dev = flat.pin_memory().to(self.device, non_blocking=True)
-        else:
-            dev = flat.to(self.device)
-        out, at = [], 0
-        for n in sizes:
-            out.append(dev[at : at + n])
-            at += n + (-n % align)
-        return out
+            tokens = torch.empty(len(req_ids), dtype=torch.int64, device=self.device)
+        if self.parallel.world_size > 1:
+            # Every rank needs the tokens for the next step's pending inputs: rank 0 sends them
+            # device to device (one small collective, no host sync).
+            dist.broadcast(tokens, src=0)
+        self._last_tokens = tokens
+        if not self.is_driver:
+            return StepHandle([], None, used_graph)
+        if self.device.type != "cuda":
+            return StepHandle(req_ids, tokens, used_graph)
+        # Copy to pinned memory behind the step and mark it: result() waits for this step only.
+        # The caching host allocator does not hand the buffer out again before the copy ran.
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StepHandle(req_ids, host, used_graph, event)
 
-    @torch.inference_mode()  # also when called outside a step (tests, profiling)
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        q_lens: list[int] = []
-        seq_lens: list[int] = []
-        cu = [0]
-        logits_indices: list[int] = []
-        sample_seqs: list[Sequence] = []
-        fill_dst: list[int] = []  # rows of input_ids that take a token still on the device
-        fill_src: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            c = seq.num_computed_tokens
-            known = len(seq.token_ids)
-            if c + n <= known:
-                ids.extend(seq.token_ids[c : c + n])
-            else:  # the last token is being sampled by the step launched before this one
-                if c + n != known + 1 or seq.num_placeholders != 1:
-                    raise RuntimeError(f"{seq!r}: only its newest token may be pending")
-                ids.extend(seq.token_ids[c:known])
-                fill_dst.append(len(ids))
-                fill_src.append(seq.pending_row)
-                ids.append(0)
-            positions.extend(range(c, c + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(c, c + n))
-            q_lens.append(n)
-            seq_lens.append(c + n)
-            cu.append(cu[-1] + n)
-            if c + n == seq.num_tokens:  # all known tokens computed: sample the next one
-                logits_indices.append(len(ids) - 1)
-                sample_seqs.append(seq)
-        tables = self._block_tables.build(batch.seqs)
-        width = tables.shape[1]
-        ids_t, pos_t, slots_t, logits_t, dst_t, src_t = self._upload(
-            torch.int64, ids, positions, slots, logits_indices, fill_dst, fill_src
-        )
-        if fill_dst:
-            if self._last_tokens is None:
-                raise RuntimeError("a pending token but no step was launched before")
-            ids_t.index_copy_(0, dst_t, self._last_tokens.index_select(0, src_t))
-        seq_lens_t, tables_t, cu_t = self._upload(torch.int32, seq_lens, tables, cu)
-        meta = AttentionMetadata(
-            slot_mapping=slots_t,
-            seq_lens=seq_lens_t,
-            block_tables=tables_t.view(len(batch.seqs), width),
-            cu_seqlens_q=cu_t,
-            is_decode=all(n == 1 for n in q_lens),
-            max_q_len=max(q_lens),
-            max_seq_len=max(seq_lens),
-            q_lens_cpu=q_lens,
-            seq_lens_cpu=seq_lens,
-        )
-        return StepInputs(
-            input_ids=ids_t,
-            positions=pos_t,
-            meta=meta,
-            logits_indices=logits_t,
-            sample_seqs=sample_seqs,
-        )
+    def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        if self.vocab_limit is not None:  # ids past the tokenizer's vocabulary cannot be decoded
+            logits[:, self.vocab_limit :] = float("-inf")
+        self._mask_min_tokens(logits, inputs)
+        params = self.sampling_tensors(inputs)
+        if params is None:
+            return logits.argmax(dim=-1)
+        return sample(logits, params, self.default_generator)
 
-    def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors | None:
+    def sampling_tensors(self, inputs: StepInputs) -> SamplingTensors | None:
         """Per-row sampling parameters on the device; None when every row is greedy."""
-        if all(s.sampling_params.temperature == 0 for s in seqs):
+        states = [self.requests[r.request_id] for r in inputs.sampled]
+        if all(s.params.temperature == 0 for s in states):
             return None
         vocab = self.model_config.vocab_size
         temps: list[float] = []
         top_ks: list[int] = []
         top_ps: list[float] = []
         gens: list[torch.Generator | None] = []
-        for seq in seqs:
-            p = seq.sampling_params
+        for state in states:
+            p = state.params
             temps.append(float(p.temperature))
             top_ks.append(vocab if p.top_k < 0 else min(p.top_k, vocab))
             top_ps.append(float(p.top_p))
-            if p.seed is not None and p.temperature > 0 and seq.generator is None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(p.seed)
-            gens.append(seq.generator)
-        (top_k,) = self._upload(torch.int64, top_ks)
-        temperature, top_p = self._upload(torch.float32, temps, top_ps)
+            if p.seed is not None and p.temperature > 0 and state.generator is None:
+                state.generator = torch.Generator(device=self.device).manual_seed(p.seed)
+            gens.append(state.generator)
+        (top_k,) = self.upload(torch.int64, top_ks)
+        temperature, top_p = self.upload(torch.float32, temps, top_ps)
         return SamplingTensors(
             temperature=temperature,
             top_k=top_k,
@@ -296,66 +376,40 @@ class ModelRunner:
             generators=gens,
         )
 
-    # ---- execution --------------------------------------------------------------------
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states [T, H] for the step's tokens."""
-        if self.graph_runner is not None and self.graph_runner.can_replay(inputs):
-            self.steps_graph += 1
-            return self.graph_runner.replay(inputs)
-        self.steps_eager += 1
-        ctx = ForwardContext(inputs.meta, self.backend, self.kv_caches)
-        return self.model(inputs.input_ids, inputs.positions, ctx)
-
-    @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> StepHandle:
-        """Enqueue one step (inputs, forward, sampling) without waiting for the device; the
-        handle's `result()` waits for the sampled tokens."""
-        inputs = self.prepare(batch)
-        hidden = self.forward(inputs)
-        if not inputs.sample_seqs:
-            return StepHandle([], None)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
-        if self.vocab_limit is not None:  # ids past the tokenizer's vocabulary cannot be decoded
-            logits[:, self.vocab_limit :] = float("-inf")
-        self._mask_min_tokens(logits, inputs.sample_seqs)
-        params = self.sampling_tensors(inputs.sample_seqs)
-        tokens = (
-            logits.argmax(dim=-1)
-            if params is None
-            else sample(logits, params, self.default_generator)
-        )
-        self._last_tokens = tokens
-        if not self._pin:
-            return StepHandle(inputs.sample_seqs, tokens)
-        # Copy to pinned memory behind the step and mark it: result() waits for this step only.
-        # The caching host allocator does not hand the buffer out again before the copy ran.
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return StepHandle(inputs.sample_seqs, host, event)
-
-    def execute(self, batch: ScheduledBatch) -> list[int]:
-        """Run one step; returns the sampled token of each sequence that samples, in order."""
-        return self.launch(batch).result()
-
-    def _mask_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _mask_min_tokens(self, logits: torch.Tensor, inputs: StepInputs) -> None:
         rows: list[int] = []
         cols: list[int] = []
-        for row, seq in enumerate(seqs):
-            p = seq.sampling_params
-            if seq.num_output_tokens < p.min_tokens:
-                banned = sorted(set(p.stop_token_ids or []) | set(seq.eos_token_ids))
-                rows.extend([row] * len(banned))
+        for i, row in enumerate(inputs.sampled):
+            if row.ban_stop_tokens:
+                banned = self.requests[row.request_id].banned
+                rows.extend([i] * len(banned))
                 cols.extend(banned)
         if rows:  # one upload (indexing with a Python list would copy synchronously)
-            rows_t, cols_t = self._upload(torch.int64, rows, cols)
+            rows_t, cols_t = self.upload(torch.int64, rows, cols)
             logits.index_put_((rows_t, cols_t), logits.new_full((len(rows),), float("-inf")))
 
+    def find_bad_rows(self, step: SchedulerOutput) -> dict[str, str]:
+        """The rows of a failed step this runner cannot run, with why (see runner/inputs.py)."""
+        return find_bad_rows(
+            step,
+            self.requests,
+            self.full_model_config.vocab_size,
+            self.num_blocks,
+            self.model_config.max_position_embeddings,
+        )
+
     @torch.inference_mode()
-    def prompt_logits(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits at every new position of a batch (tests compare them with HF)."""
-        inputs = self.prepare(batch)
-        ctx = ForwardContext(inputs.meta, self.backend, self.kv_caches)
-        hidden = self.model(inputs.input_ids, inputs.positions, ctx)
-        return self.model.compute_logits(hidden)  # type: ignore[operator]
+    def prompt_logits(self, step: SchedulerOutput) -> torch.Tensor | None:
+        """Logits at every new position of a step (tests compare them with HF); the driver's
+        are the whole vocabulary, other ranks return None."""
+        self.requests.update(step)
+        inputs = build_step_inputs(
+            step, self.requests, self.upload, self.block_size, self._last_tokens
+        )
+        inputs.logits_indices = torch.arange(
+            inputs.input_ids.shape[0], dtype=torch.int64, device=self.device
+        )
+        hidden, _ = self.forward(inputs)
+        if not self.parallel.is_first_stage:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]

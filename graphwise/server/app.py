@@ -55,6 +55,7 @@ from graphwise.server.protocol import (
     new_id,
     validation_error,
 )
+from graphwise.tokenizer import apply_chat_template
 
 logger = logging.getLogger(__name__)
 Req = TypeVar("Req", bound=BaseModel)
@@ -423,8 +424,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         req = await parse_body(request, ChatCompletionRequest, settings.max_body_bytes)
         model = state.resolve_model(req.model)
         req.check_supported()
-        from graphwise.llm import apply_chat_template
-
         conversation = [m.template_dict() for m in req.messages]
         ids = await state.run_tokenizer(
             lambda tok: apply_chat_template(tok, conversation, req.add_generation_prompt),

@@ -1,6 +1,7 @@
 """The engine thread and its asyncio bridge.
 
-`LLMEngine` is not thread-safe, so one thread owns it. That thread runs a loop: drain the inbox
+An engine (`EngineClient`: one LLMEngine, or the data-parallel front) is not thread-safe, so one
+thread owns it. That thread runs a loop: drain the inbox
 (new requests, aborts, stop), run one `step()` while there is work, and block on the inbox when
 there is none (no busy spinning). Each step's outputs go back to the event loop in one
 `call_soon_threadsafe` call, which puts them on the per-request asyncio queues; one hand-off per
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from graphwise.engine.engine import LLMEngine
+from graphwise.engine.client import EngineClient
 from graphwise.outputs import RequestOutput
 from graphwise.sampling_params import SamplingParams
 from graphwise.server.metrics import EngineSnapshot, ServerMetrics
@@ -111,7 +112,7 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 4096) -> None:
+    def __init__(self, engine: EngineClient, max_waiting_requests: int = 4096) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.error: str | None = None  # why the engine thread died, if it did
@@ -214,6 +215,7 @@ class AsyncEngine:
             return
         except Exception as exc:
             logger.exception("add_request failed for %s", cmd.request_id)
+            self.metrics.request_success.labels(finished_reason="error").inc()
             self._deliver([(cmd.sink, EngineStepError(f"{type(exc).__name__}: {exc}"))])
             return
         self._sinks[cmd.request_id] = cmd.sink
@@ -222,9 +224,15 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except Exception as exc:
-            # The batch's state is unknown now: fail every request the engine holds, so that
-            # the engine starts clean, and keep serving new ones.
-            logger.exception("engine step failed; aborting %d request(s)", len(self._sinks))
+            # The engine isolates what it can (a request that breaks a step fails alone, as an
+            # "error" output below); what reaches here left its state unknown: fail every
+            # request it holds, so that it starts clean, and keep serving new ones.
+            logger.error(
+                "engine step failed (%s: %s); aborting %d request(s)",
+                type(exc).__name__,
+                exc,
+                len(self._sinks),
+            )
             self._fail_all(EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}"))
             return
         now = time.monotonic()
@@ -235,11 +243,17 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._sinks[out.request_id]
-            items.append((sink, (out, now)))
+            if out.error is not None:  # this request alone failed; the others run on
+                self.metrics.request_success.labels(finished_reason="error").inc()
+                items.append((sink, EngineStepError(out.error)))
+            else:
+                items.append((sink, (out, now)))
         self._deliver(items)
 
     def _fail_all(self, exc: BaseException) -> None:
         items = []
+        if self._sinks and not isinstance(exc, ShutdownError):
+            self.metrics.request_success.labels(finished_reason="error").inc(len(self._sinks))
         for request_id, sink in list(self._sinks.items()):
             try:
                 self.engine.abort_request(request_id)
@@ -258,18 +272,17 @@ class AsyncEngine:
             pass
 
     def _take_snapshot(self) -> EngineSnapshot:
-        e = self.engine
-        runner = getattr(e, "runner", None)
+        s = self.engine.get_stats()
         return EngineSnapshot(
-            running=e.num_running(),
-            waiting=e.num_waiting(),
-            kv_usage=float(e.kv_usage()),
-            kv_blocks_used=e.block_manager.num_used_blocks,
-            kv_blocks_total=e.block_manager.num_blocks,
-            prompt_tokens=int(e.stats.get("prompt_tokens", 0)),
-            generation_tokens=int(e.stats.get("generation_tokens", 0)),
-            steps_graph=int(getattr(runner, "steps_graph", 0)),
-            steps_eager=int(getattr(runner, "steps_eager", 0)),
+            running=s.num_running,
+            waiting=s.num_waiting,
+            kv_usage=s.kv_usage,
+            kv_blocks_used=s.kv_blocks_used,
+            kv_blocks_total=s.kv_blocks_total,
+            prompt_tokens=s.prompt_tokens,
+            generation_tokens=s.generation_tokens,
+            steps_graph=s.steps_graph,
+            steps_eager=s.steps_eager,
         )
 
     def _publish(self) -> None:

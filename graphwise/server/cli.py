@@ -82,24 +82,21 @@ def run(args: argparse.Namespace) -> int:
     if args.shutdown_timeout <= 0:
         raise ValueError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
     config = engine_config_from_args(args)  # bad engine options fail before anything else
-    from graphwise.distributed.launcher import torchrun_env
+    from graphwise.executor.worker import is_torchrun_worker, run_torchrun_worker
 
-    env = torchrun_env()
-    if env is not None and env["rank"] != 0:
+    if is_torchrun_worker():
         # A torchrun job runs this command on every rank: the others serve as model workers
-        # inside the engine's constructor and never bind the HTTP port.
-        from graphwise.engine.engine import LLMEngine
-
-        LLMEngine(config)
+        # and never bind the HTTP port.
+        run_torchrun_worker(config)
         return 0
     sock = _bind(args.host, args.port)
 
-    from graphwise.distributed.dp import create_engine
+    from graphwise.engine.client import create_engine_client
     from graphwise.server.app import ServerSettings, build_app
     from graphwise.server.async_engine import AsyncEngine
 
     try:
-        engine = create_engine(config)  # an LLMEngine, or a data-parallel front
+        engine = create_engine_client(config)  # an LLMEngine, or a data-parallel front
     except BaseException:
         sock.close()
         raise

@@ -110,11 +110,17 @@ class ServerMetrics:
         )
         self.request_success = Counter(
             PREFIX + "request_success",
-            "Requests that ended, by finish reason (stop, length, abort).",
+            "Requests that ended, by finish reason: stop, length, abort (cancelled or the client "
+            "left), error (failed by an engine error; the server kept serving the others).",
             labelnames=["finished_reason"],
             registry=self.registry,
         )
-        for reason in ("stop", "length", "abort"):  # exported as 0 before the first request
+        for reason in (
+            "stop",
+            "length",
+            "abort",
+            "error",
+        ):  # exported as 0 before the first request
             self.request_success.labels(finished_reason=reason)
 
     def render(self) -> tuple[bytes, str]:

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from graphwise import LLM, SamplingParams
-from graphwise.engine.detokenizer import detokenize_incrementally
-from graphwise.engine.sequence import Sequence
+from graphwise.engine.detokenizer import IncrementalDetokenizer
 
 
 @pytest.mark.parametrize(
@@ -131,12 +130,9 @@ def test_incremental_detokenizer_handles_multibyte_characters(default_llm):
     tok = default_llm.get_tokenizer()
     text = "Café ☕ 日本語 🙂 ok"
     ids = tok.encode(text, add_special_tokens=False)
-    seq = Sequence("d", None, [], SamplingParams())
-    pieces = []
-    for t in ids:
-        seq.append_token(t)
-        pieces.append(detokenize_incrementally(tok, seq, True))
-    assert "".join(pieces) == text == seq.output_text
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=True)
+    pieces = [detok.push(t) for t in ids]
+    assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
 
 

@@ -40,8 +40,7 @@ def alive(pid: int) -> bool:
 
 
 def worker_pids(llm: LLM) -> list[int]:
-    workers = llm.llm_engine.runner._cluster.workers
-    return workers.pids if workers is not None else []
+    return llm.llm_engine.executor.worker_pids
 
 
 @pytest.fixture
@@ -78,4 +77,6 @@ def tiny_single_kv_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _no_leftover_failure_injection(monkeypatch):
     for name in ("GRAPHWISE_TEST_FAIL_RANK", "GRAPHWISE_TEST_FAIL_MODE"):
         monkeypatch.delenv(name, raising=False)
+    # Spawned workers call tests/distributed/faults.py, which injects only when the above are set.
+    monkeypatch.setenv("GRAPHWISE_TEST_WORKER_HOOK", "tests.distributed.faults:inject")
     monkeypatch.setenv("GRAPHWISE_DISTRIBUTED_TIMEOUT_S", os.environ.get("GW_TEST_TIMEOUT", "60"))

@@ -40,7 +40,7 @@ if __name__ == "__main__":
     if hasattr(engine, "replicas"):
         pids = [r.proc.pid for r in engine.replicas]
     else:
-        pids = engine.runner._cluster.workers.pids
+        pids = engine.executor.worker_pids
     out = llm.generate({{"prompt_token_ids": [1, 2, 3]}}, SamplingParams(max_tokens=4), use_tqdm=False)
     print(json.dumps({{"pids": pids, "tokens": out[0].outputs[0].token_ids}}), flush=True)
     if {linger!r}:
@@ -179,20 +179,19 @@ def test_torchrun_environment_joins_the_group(tiny_model_dir, tmp_path):
 def test_cluster_close_releases_graphs_before_destroying_the_group(monkeypatch):
     """Captured graphs hold NCCL work; destroying the group while they live hangs on GPUs
     (pytorch#115388). Order: graphs released, then the group destroyed."""
-    from graphwise.distributed import executor, parallel_state
+    from graphwise.distributed import parallel_state
+    from graphwise.executor import multiproc
 
     events: list[str] = []
 
-    class FakeGraphs:
-        def release(self, keep: set[int]) -> None:
-            events.append(f"release {sorted(keep)}")
+    class FakeDriver:
+        def release_graphs(self) -> None:
+            events.append("release graphs")
 
     monkeypatch.setattr(parallel_state, "is_initialized", lambda: False)
     monkeypatch.setattr(parallel_state, "destroy", lambda: events.append("destroy"))
-    cluster = executor._Cluster(None)
-    cluster.graphs = FakeGraphs()
+    cluster = multiproc._Cluster(FakeDriver(), None)  # type: ignore[arg-type]
     cluster.close()
-    assert events == ["release []", "destroy"]
-    assert cluster.graphs is None
+    assert events == ["release graphs", "destroy"]
     cluster.close()  # idempotent
-    assert events == ["release []", "destroy"]
+    assert events == ["release graphs", "destroy"]

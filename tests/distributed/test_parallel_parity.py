@@ -39,7 +39,7 @@ def test_tp_pp_greedy_tokens_match_hf(arch, tp, pp, tiny_model_dir, expected, ma
     engine = llm.llm_engine
     # Each rank holds its KV heads of its stage's layers, and the pool is sized by that share.
     full = engine.model_config.kv_bytes_per_token(engine.dtype)
-    assert engine.runner.kv_bytes_per_token(engine.dtype) * tp * pp == full
+    assert engine.executor.driver.kv_bytes_per_token() * tp * pp == full
     assert engine.memory_plan.block_bytes * tp * pp == full * engine.config.block_size
     assert engine.async_scheduling  # tokens reach the workers device to device
     assert generate(llm, prompts()) == expected(arch)
@@ -49,7 +49,7 @@ def test_tp_pp_greedy_tokens_match_hf(arch, tp, pp, tiny_model_dir, expected, ma
 def test_tp_replicated_kv_head_matches_hf(tiny_single_kv_dir, make_llm):
     ps = [[t % 509 for t in p] for p in prompts(5)]
     llm = make_llm(tiny_single_kv_dir, tensor_parallel_size=2)
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.driver
     assert runner.model_config.num_key_value_heads == 1  # one head, on both ranks
     assert runner.kv_caches[0][0].shape[2] == 1
     assert generate(llm, ps) == hf_greedy(tiny_single_kv_dir, ps, GREEDY.max_tokens)
@@ -82,9 +82,11 @@ def test_tp_prompt_logits_and_seeded_sampling_match_single_device(tiny_model_dir
     logits = []
     for llm in (single, tp):
         engine = llm.llm_engine
-        seq = engine.add_request(None, GREEDY, prompt_token_ids=ids)
-        logits.append(engine.runner.prompt_logits(engine.scheduler.schedule()))
-        engine.abort_request(seq.request_id)
+        rid = engine.add_request(None, GREEDY, prompt_token_ids=ids)
+        logits.append(
+            engine.executor.collective_rpc("prompt_logits", engine.scheduler.schedule())[0]
+        )
+        engine.abort_request(rid)
     assert logits[1].shape == logits[0].shape == (len(ids), 512)
     assert (logits[1] - logits[0]).abs().max().item() < 1e-4
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True)
@@ -98,17 +100,18 @@ def test_dp_splits_the_batch_and_matches_hf(tiny_model_dir, expected, make_llm):
     assert generate(llm, prompts()) == expected("qwen2")
     assert [r.requests_routed for r in engine.replicas] == [3, 2]
     assert not engine.has_unfinished_requests()
-    assert engine.stats["generation_tokens"] == 5 * GREEDY.max_tokens
-    assert engine.block_manager.num_blocks > 0 and engine.kv_usage() == 0.0
+    stats = engine.get_stats()
+    assert stats.generation_tokens == 5 * GREEDY.max_tokens
+    assert stats.kv_blocks_total > 0 and stats.kv_usage == 0.0
     # Streaming-style use, as the server drives an engine: deltas, abort, load counts.
     a = engine.add_request(None, GREEDY, prompt_token_ids=prompts()[0])
     b = engine.add_request(None, GREEDY, prompt_token_ids=prompts()[1])
-    assert (a.replica, b.replica) == (0, 1)
-    assert engine.abort_request(b.request_id) and not engine.abort_request(b.request_id)
+    assert (engine.requests[a].replica, engine.requests[b].replica) == (0, 1)
+    assert engine.abort_request(b) and not engine.abort_request(b)
     seen: list[int] = []
     while engine.has_unfinished_requests():
         for out in engine.step():
-            assert out.request_id == a.request_id
+            assert out.request_id == a
             seen.extend(out.delta_token_ids)
             assert out.outputs[0].token_ids == seen
             assert out.prompt_token_ids == prompts()[0]

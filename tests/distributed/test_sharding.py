@@ -1,4 +1,4 @@
-"""Single-process pieces of TP/PP: layer sharding, checkpoint slicing, step messages, checks."""
+"""Single-process pieces of TP/PP: layer sharding, checkpoint slicing, checks."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ import pytest
 import torch
 
 from graphwise.distributed import parallel_state
-from graphwise.distributed.executor import StepDecoder, StepEncoder, local_model_config
 from graphwise.distributed.launcher import check_device_count, check_parallel_config
 from graphwise.distributed.parallel_state import ParallelContext, kv_head_part
-from graphwise.engine.scheduler import ScheduledBatch
-from graphwise.engine.sequence import Sequence
 from graphwise.layers.linear import (
     ColumnParallelLinear,
     PackedLinear,
@@ -18,7 +15,7 @@ from graphwise.layers.linear import (
     VocabParallelEmbedding,
 )
 from graphwise.models.model_config import ModelConfig
-from graphwise.sampling_params import SamplingParams
+from graphwise.runner.model_runner import local_model_config
 
 
 def _ctx(tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1) -> ParallelContext:
@@ -149,43 +146,3 @@ def test_device_count_check():
         check_device_count(2, torch.device("cuda"), available=1)
     with pytest.raises(ValueError, match="from cuda:1"):
         check_device_count(2, torch.device("cuda", 1), available=2)
-
-
-def _seq(rid: str, prompt: list[int], table: list[int], computed: int) -> Sequence:
-    seq = Sequence(rid, None, prompt, SamplingParams())
-    seq.block_table = table
-    seq.num_computed_tokens = computed
-    return seq
-
-
-def test_step_messages_send_block_tables_incrementally():
-    enc, dec = StepEncoder(), StepDecoder()
-
-    def roundtrip(batch: ScheduledBatch) -> list:
-        records = enc.encode(batch)
-        views = dec.decode(records).seqs
-        for seq, view in zip(batch.seqs, views, strict=True):
-            assert view.block_table == seq.block_table
-            assert view.num_tokens == seq.num_tokens
-            n = batch.num_new_tokens[batch.seqs.index(seq)]
-            c = seq.num_computed_tokens
-            assert view.token_ids[c : c + n] == seq.token_ids[c : c + n]
-        return records
-
-    a = _seq("a", list(range(20)), [7, 3], computed=0)
-    b = _seq("b", list(range(5)), [4], computed=0)
-    r = roundtrip(ScheduledBatch([a, b], [16, 5]))
-    assert [x[5] for x in r] == [0, 0] and r[0][6] == [7, 3]
-    a.num_computed_tokens = 16
-    a.block_table.append(9)  # grows in place
-    r = roundtrip(ScheduledBatch([a, b], [4, 1]))
-    assert (r[0][5], r[0][6]) == (2, [9]) and (r[1][5], r[1][6]) == (1, [])
-    # b preempted and readmitted with other blocks; a skipped this step (forgotten).
-    b.block_table = [11, 12]
-    b.num_computed_tokens = 0
-    r = roundtrip(ScheduledBatch([b], [5]))
-    assert (r[0][5], r[0][6]) == (0, [11, 12])
-    r = roundtrip(ScheduledBatch([a], [1]))
-    assert (r[0][5], r[0][6]) == (0, [7, 3, 9])
-    with pytest.raises(IndexError):
-        dec.decode(r).seqs[0].token_ids[0:1]

@@ -85,7 +85,7 @@ def test_async_and_sync_scheduling_give_identical_outputs(tiny_model_dir, engine
         _drain(engine)
         bm = engine.block_manager
         assert bm.num_free_blocks == bm.num_blocks, "KV blocks leaked"
-        assert not engine.requests and not engine.scheduler.running
+        assert not engine.scheduler.requests and not engine.output_processor.requests
 
 
 def _drain(engine: LLMEngine) -> None:
@@ -98,9 +98,10 @@ def test_async_engine_launches_before_it_resolves(tiny_model_dir):
     """The first step only launches (its tokens are resolved by the next call); a sequence's
     pending token counts for scheduling but is not in its token ids."""
     engine = LLM(model=str(tiny_model_dir("llama")), max_num_seqs=4).llm_engine
-    seq = engine.add_request(
+    rid = engine.add_request(
         None, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), [5, 6, 7]
     )
+    seq = engine.scheduler.requests[rid]
     assert engine.step() == []
     assert seq.num_placeholders == 1 and seq.num_tokens == 4 and len(seq.token_ids) == 3
     out = engine.step()  # launches the decode of the pending token, resolves the prefill
@@ -109,8 +110,8 @@ def test_async_engine_launches_before_it_resolves(tiny_model_dir):
     out = engine.step()
     assert len(seq.token_ids) == 5 and not out[0].finished
     # The third token is the last (max_tokens): it is not given another step while pending.
-    batch = engine.scheduler.schedule()
-    assert seq.num_tokens == seq.max_total_tokens and batch.seqs == []
+    step = engine.scheduler.schedule()
+    assert seq.num_tokens == seq.max_total_tokens and step.rows == []
     out = engine.step()
     assert out[0].finished and len(out[0].outputs[0].token_ids) == 3
     _drain(engine)
@@ -124,12 +125,12 @@ def test_abort_while_a_step_is_in_flight_frees_everything(tiny_model_dir):
     b = engine.add_request(None, params, [9, 8, 7])
     for _ in range(3):
         engine.step()
-    assert a.num_placeholders == 1  # a step sampling for it is in flight
-    assert engine.abort_request(a.request_id)
+    assert engine.scheduler.requests[a].num_placeholders == 1  # a step sampling for it is in flight
+    assert engine.abort_request(a)
     outs = []
     while engine.has_unfinished_requests():
         outs.extend(engine.step())
-    assert {o.request_id for o in outs} == {b.request_id}  # nothing more for the aborted one
+    assert {o.request_id for o in outs} == {b}  # nothing more for the aborted one
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 20
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 

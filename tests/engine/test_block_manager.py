@@ -8,7 +8,7 @@ from graphwise.sampling_params import SamplingParams
 
 
 def seq(tokens: list[int], rid: str = "r") -> Sequence:
-    return Sequence(rid, None, tokens, SamplingParams())
+    return Sequence(rid, tokens, SamplingParams())
 
 
 def test_allocate_and_release_returns_every_block():

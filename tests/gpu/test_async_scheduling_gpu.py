@@ -46,11 +46,8 @@ def _workload(vocab: int) -> tuple[list[dict], list[SamplingParams]]:
 @pytest.mark.parametrize("graphs", [True, False], ids=["graph", "eager"])
 def test_async_and_sync_outputs_are_identical(llm, graphs):
     engine = llm.llm_engine
-    runner = engine.runner
     prompts, params = _workload(engine.model_config.vocab_size)
-    saved = runner.graph_runner
-    if not graphs:
-        runner.graph_runner = None
+    engine.set_cuda_graphs_enabled(graphs)
     results = {}
     try:
         for mode in (True, False):
@@ -61,7 +58,7 @@ def test_async_and_sync_outputs_are_identical(llm, graphs):
                 engine.step()
             assert engine.block_manager.num_used_blocks == 0
     finally:
-        runner.graph_runner = saved
+        engine.set_cuda_graphs_enabled(True)
         engine.async_scheduling = True
     assert results[True] == results[False]
     assert {r for _, r in results[True]} == {"length", "stop"}

@@ -55,19 +55,18 @@ def test_auto_keeps_the_graphs_that_are_faster():
     # an 8-layer 7B-shaped bf16 decode at batch 1 is launch-bound on an H100: its graph pays
     assert 1 in plan.kept, plan.decisions
     assert plan.pool_bytes is None  # the KV size was fixed: nothing to measure
-    runner = engine.runner
-    graphs = runner.graph_runner
+    graphs = engine.executor.driver.graph_runner
     assert graphs is not None and sorted(graphs.graphs) == plan.kept
     assert set(plan.eager_buckets) <= set(graphs.eager_buckets)
-    before = runner.steps_graph
+    before = engine.get_stats().steps_graph
     outs = llm.generate(
         _prompts(1, engine.model_config.vocab_size),
         SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
         use_tqdm=False,
     )
     assert len(outs[0].outputs[0].token_ids) == 8
-    assert runner.steps_graph - before >= 6  # batch 1 decodes by replay
-    del llm, engine, runner, graphs
+    assert engine.get_stats().steps_graph - before >= 6  # batch 1 decodes by replay
+    del llm, engine, graphs
 
 
 def test_released_graph_memory_goes_to_the_kv_pool():
@@ -96,7 +95,7 @@ def test_released_graph_memory_goes_to_the_kv_pool():
 
     auto = build(cuda_graph="auto", cuda_graph_min_speedup=1000.0)  # no graph is that much faster
     engine = auto.llm_engine
-    assert engine.graph_plan.kept == [] and engine.runner.graph_runner is None
+    assert engine.graph_plan.kept == [] and engine.executor.driver.graph_runner is None
     plan = engine.memory_plan
     assert plan.graph_pool_bytes == 0 and plan.graph_pool_source == "measured"
     assert plan.graph_pool_all_bytes > 0 and plan.kv_tokens_gained > 0
@@ -129,7 +128,7 @@ def test_a_failed_capture_falls_back_to_eager(monkeypatch):
     by_bs = {d.batch_size: d for d in engine.graph_plan.decisions}
     assert by_bs[4].source == "failed" and not by_bs[4].keep
     assert "out of memory" in by_bs[4].reason
-    graphs = engine.runner.graph_runner
+    graphs = engine.executor.driver.graph_runner
     assert graphs is not None and 4 not in graphs.graphs
     assert graphs.bucket_for(3) is None and graphs.bucket_for(4) is None  # eager, not padded to 8
     assert graphs.bucket_for(1) == 1 and graphs.bucket_for(8) == 8

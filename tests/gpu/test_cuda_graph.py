@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from graphwise import LLM, SamplingParams
+from graphwise.runner.inputs import build_step_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -39,24 +40,23 @@ def graph_llm():
 @pytest.mark.parametrize("n", [1, 5, 13, 16])
 def test_graph_and_eager_greedy_tokens_are_identical(graph_llm, n):
     engine = graph_llm.llm_engine
-    runner = engine.runner
-    assert runner.graph_runner is not None
+    assert engine.executor.driver.graph_runner is not None
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = _prompts(n, engine.model_config.vocab_size, seed=n)
-    before = runner.steps_graph
+    before = engine.get_stats().steps_graph
     with_graph = graph_llm.generate(prompts, params, use_tqdm=False)
-    assert runner.steps_graph - before >= 20  # decode really replayed graphs
-    saved, runner.graph_runner = runner.graph_runner, None
+    assert engine.get_stats().steps_graph - before >= 20  # decode really replayed graphs
+    engine.set_cuda_graphs_enabled(False)
     try:
         eager = graph_llm.generate(prompts, params, use_tqdm=False)
     finally:
-        runner.graph_runner = saved
+        engine.set_cuda_graphs_enabled(True)
     assert [o.outputs[0].token_ids for o in with_graph] == [o.outputs[0].token_ids for o in eager]
     assert engine.block_manager.num_used_blocks == 0
 
 
 def test_capture_stats_are_recorded(graph_llm):
-    stats = graph_llm.llm_engine.runner.graph_runner.stats
+    stats = graph_llm.llm_engine.capture_stats
     assert stats.buckets[-1] == 16 and 1 in stats.buckets
     assert stats.seconds > 0 and not stats.failed
 
@@ -80,9 +80,9 @@ def test_triton_and_torch_backends_agree(preset):
         prompts = _prompts(6, engine.model_config.vocab_size, seed=7)
         for p in prompts:
             engine.add_request(None, SamplingParams(max_tokens=1), p["prompt_token_ids"])
-        batch = engine.scheduler.schedule()
-        outs[backend] = engine.runner.prompt_logits(batch).float()
-        for rid in list(engine.requests):
+        step = engine.scheduler.schedule()
+        outs[backend] = engine.executor.collective_rpc("prompt_logits", step)[0].float()
+        for rid in engine.unfinished_request_ids():
             engine.abort_request(rid)
         del llm, engine
         torch.cuda.empty_cache()
@@ -101,19 +101,19 @@ def test_bf16_graph_logits_match_eager():
         kv_cache_memory=1 << 30,
     )
     engine = llm.llm_engine
-    runner = engine.runner
+    runner = engine.executor.driver
     for p in _prompts(5, engine.model_config.vocab_size, seed=3):
         engine.add_request(None, SamplingParams(temperature=0, max_tokens=4), p["prompt_token_ids"])
+    engine.async_scheduling = False
     engine.step()  # prefill; every sequence now decodes
-    batch = engine.scheduler.schedule()
-    assert batch.is_decode_only
-    inputs = runner.prepare(batch)
+    step = engine.scheduler.schedule()
+    assert step.is_decode_only
+    runner.requests.update(step)
+    inputs = build_step_inputs(step, runner.requests, runner.upload, runner.block_size, None)
     with torch.inference_mode():
         graph_hidden = runner.graph_runner.replay(inputs).clone()
-        saved, runner.graph_runner = runner.graph_runner, None
-        eager_hidden = runner.forward(inputs)
-        runner.graph_runner = saved
+        eager_hidden = runner.run_model(inputs.input_ids, inputs.positions, inputs.meta)
     rel = (graph_hidden.float() - eager_hidden.float()).norm() / eager_hidden.float().norm()
     assert rel < 1e-2, rel
-    for rid in list(engine.requests):
+    for rid in engine.unfinished_request_ids():
         engine.abort_request(rid)

@@ -80,10 +80,10 @@ def test_prompt_logits_match_hf(arch, tiny_model_dir):
         ref = hf(torch.tensor([ids])).logits[0]
     llm = LLM(model=str(path), block_size=8)
     engine = llm.llm_engine
-    seq = engine.add_request(None, GREEDY, prompt_token_ids=ids)
-    batch = engine.scheduler.schedule()
-    logits = engine.runner.prompt_logits(batch)
-    engine.abort_request(seq.request_id)
+    rid = engine.add_request(None, GREEDY, prompt_token_ids=ids)
+    step = engine.scheduler.schedule()
+    logits = engine.executor.collective_rpc("prompt_logits", step)[0]
+    engine.abort_request(rid)
     assert logits.shape == ref.shape
     assert (logits - ref).abs().max().item() < 1e-4
 
@@ -109,7 +109,7 @@ def test_hf_state_dict_round_trips(arch, tiny_model_dir):
     path = tiny_model_dir(arch)
     ckpt = load_file(str(path / "model.safetensors"))
     llm = LLM(model=str(path), block_size=8)
-    exported = llm.llm_engine.runner.model.hf_state_dict()
+    exported = llm.llm_engine.executor.driver.model.hf_state_dict()
     ckpt.pop("lm_head.weight", None) if "lm_head.weight" not in exported else None
     assert set(exported) == set(ckpt)
     for name, tensor in ckpt.items():

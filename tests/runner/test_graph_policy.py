@@ -10,18 +10,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from graphwise.config import RunnerLimits
 from graphwise.runner.cuda_graph import CudaGraphRunner, capture_sizes
-from graphwise.runner.graph_policy import (
+from graphwise.runner.graph_decision import (
     BucketDecision,
     BucketTiming,
-    GraphPlan,
     decide_buckets,
     format_decision_table,
     initial_probes,
     next_refinement,
-    plan_cuda_graphs,
     run_policy,
 )
+from graphwise.runner.graph_policy import GraphPlan, plan_cuda_graphs
 
 T = BucketTiming
 
@@ -294,17 +294,19 @@ def test_auto_on_cpu_falls_back_to_eager(tiny_model_dir, caplog):
             EngineConfig(model=str(tiny_model_dir("llama")), device="cpu", max_num_seqs=4)
         )
     assert engine.config.cuda_graph == "auto"
-    assert engine.graph_plan is None and engine.runner.graph_runner is None
+    assert engine.graph_plan is None and engine.executor.driver.graph_runner is None
     said = [r.getMessage() for r in caplog.records if "cuda_graph=auto" in r.getMessage()]
     assert len(said) == 1 and "eager" in said[0]
     engine.add_request(None, SamplingParams(temperature=0, max_tokens=3), [1, 2, 3])
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.runner.steps_graph == 0 and engine.runner.steps_eager >= 3
+    stats = engine.get_stats()
+    assert stats.steps_graph == 0 and stats.steps_eager >= 3
 
 
 def test_plan_cuda_graphs_is_none_without_cuda(cpu_engine):
-    assert plan_cuda_graphs(cpu_engine) is None
+    limits = RunnerLimits(cpu_engine.max_model_len, cpu_engine.max_num_batched_tokens)
+    assert plan_cuda_graphs(cpu_engine.executor.driver, limits) is None
 
 
 def test_graph_plan_as_dict_is_json_ready():

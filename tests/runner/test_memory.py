@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from graphwise.config import EngineConfig
+from graphwise.config import EngineConfig, RunnerLimits
 from graphwise.runner import memory
 from graphwise.runner.graph_policy import GraphPlan
 from graphwise.runner.memory import (
@@ -60,30 +60,30 @@ class _MC:
         return 4 * 2 * 2 * 8 * 4
 
 
-def _engine(device="cpu", **cfg):
+LIMITS = RunnerLimits(max_model_len=64, max_num_batched_tokens=128)
+
+
+def _runner(device="cpu", **cfg):
+    """What plan_kv_blocks reads of a runner: its config, device, weights (1 KiB) and the KV
+    bytes of a token on it."""
     cfg.setdefault("max_num_seqs", 4)
     config = EngineConfig(**cfg)
     return SimpleNamespace(
         config=config,
-        model_config=_MC(),
-        dtype=torch.float32,
         device=torch.device(device),
-        max_model_len=64,
-        max_num_batched_tokens=128,
+        model=nn.Linear(16, 16, bias=False),
+        kv_bytes_per_token=lambda: _MC().kv_bytes_per_token(torch.float32),
+        graphs_possible=device == "cuda" and config.use_cuda_graph != "off",
     )
 
 
-RUNNER = SimpleNamespace(  # 1 KiB of weights
-    model=nn.Linear(16, 16, bias=False),
-    kv_bytes_per_token=lambda dtype: _MC().kv_bytes_per_token(dtype),
-)
 WEIGHTS = 16 * 16 * 4
 PER_TOKEN = 4 * 2 * 2 * 8 * 4  # bytes of KV per token (_MC)
 BLOCK_BYTES = PER_TOKEN * 16
 
 
 def test_cpu_default_plan():
-    plan = plan_kv_blocks(_engine(), RUNNER)
+    plan = plan_kv_blocks(_runner(), LIMITS)
     # min(4 seqs x 64 tokens, 512 MiB) but at least 64 + 16 tokens
     assert plan.num_blocks == 4 * 64 * PER_TOKEN // BLOCK_BYTES
     assert plan.kv_tokens == plan.num_blocks * 16
@@ -99,7 +99,7 @@ def test_cpu_default_plan():
     ],
 )
 def test_user_fixed_kv_size(cfg, blocks, source):
-    plan = plan_kv_blocks(_engine(**cfg), RUNNER)
+    plan = plan_kv_blocks(_runner(**cfg), LIMITS)
     assert (plan.num_blocks, plan.kv_source) == (blocks, source)
     assert plan.kv_bytes == blocks * BLOCK_BYTES
     assert "set by " + source in plan.summary_line()
@@ -122,7 +122,7 @@ def test_cuda_plan_with_measured_graph_pool(fake_cuda):
     graphs = GraphPlan(
         mode="auto", candidates=[1, 2, 4], kept=[1, 2], pool_bytes=8 * MiB, pool_all_bytes=40 * MiB
     )
-    plan = plan_kv_blocks(_engine("cuda"), RUNNER, graphs)
+    plan = plan_kv_blocks(_runner("cuda"), LIMITS, graphs)
     assert plan.num_blocks == _expected_blocks(8 * MiB)
     assert plan.graph_pool_bytes == 8 * MiB and plan.graph_pool_source == "measured"
     assert plan.kv_tokens_gained == (_expected_blocks(8 * MiB) - _expected_blocks(40 * MiB)) * 16
@@ -144,21 +144,21 @@ def test_cuda_plan_releasing_every_graph_gains_the_whole_pool(fake_cuda):
     graphs = GraphPlan(
         mode="auto", candidates=[1, 2], kept=[], pool_bytes=0, pool_all_bytes=32 * MiB
     )
-    plan = plan_kv_blocks(_engine("cuda"), RUNNER, graphs)
+    plan = plan_kv_blocks(_runner("cuda"), LIMITS, graphs)
     assert plan.graph_pool_bytes == 0
     assert plan.num_blocks == _expected_blocks(0)
     assert plan.kv_tokens_gained == 32 * MiB // BLOCK_BYTES * 16
 
 
 def test_cuda_plan_without_a_measurement_reserves(fake_cuda):
-    plan = plan_kv_blocks(_engine("cuda", cuda_graph="on"), RUNNER, None)
+    plan = plan_kv_blocks(_runner("cuda", cuda_graph="on"), LIMITS, None)
     assert plan.graph_pool_source == "reserve"
     assert plan.num_blocks == _expected_blocks(GRAPH_RESERVE_BYTES)
     assert plan.kv_tokens_gained is None
 
 
 def test_cuda_plan_with_graphs_off(fake_cuda):
-    plan = plan_kv_blocks(_engine("cuda", cuda_graph="off"), RUNNER, None)
+    plan = plan_kv_blocks(_runner("cuda", cuda_graph="off"), LIMITS, None)
     assert plan.graph_pool_source == "none" and plan.num_blocks == _expected_blocks(0)
 
 
@@ -166,7 +166,7 @@ def test_cuda_plan_with_no_room_raises(monkeypatch):
     monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device=None: (0, GiB))
     monkeypatch.setattr(memory, "profile_peak_activation", lambda runner, n, max_len: 0)
     with pytest.raises(ValueError, match="no memory is left"):
-        plan_kv_blocks(_engine("cuda"), RUNNER, None)
+        plan_kv_blocks(_runner("cuda"), LIMITS, None)
 
 
 def test_memory_plan_dict_has_every_component():
@@ -203,16 +203,24 @@ def test_activation_profile_keeps_positions_within_the_model(monkeypatch):
         def allocate_kv_cache(self, n: int) -> None:
             self.blocks = n
 
-        def execute(self, batch) -> list[int]:
-            self.batch = batch
-            return []
+        def execute_model(self, step):
+            self.step = step
+            return SimpleNamespace(result=lambda: None)
+
+        def forget_requests(self, rids):
+            self.forgotten = rids
+
+        def release_kv_cache(self):
+            self.released = True
 
     runner = FakeRunner()
     assert memory.profile_peak_activation(runner, 2500, 1000) == 7 * MiB
-    batch = runner.batch
-    assert batch.num_new_tokens == [1000, 1000, 500]
-    assert [s.num_tokens for s in batch.seqs] == [1000, 1000, 500]
-    tables = [s.block_table for s in batch.seqs]
+    step = runner.step
+    assert [r.num_new_tokens for r in step.rows] == [1000, 1000, 500]
+    assert [r.num_tokens_after for r in step.rows] == [1000, 1000, 500]
+    assert all(r.sample and r.num_computed_tokens == 0 for r in step.rows)
+    tables = [r.new_block_ids for r in step.rows]
     assert [len(t) for t in tables] == [63, 63, 32] and runner.blocks == 158
     flat = [b for t in tables for b in t]
     assert sorted(flat) == list(range(158))  # no block shared between sequences
+    assert runner.forgotten == [r.request_id for r in step.rows] and runner.released

@@ -1,4 +1,4 @@
-"""ModelRunner._upload: one transfer, parts intact and each on a 16-byte boundary (Triton
+"""Uploader: one transfer, parts intact and each on a 16-byte boundary (Triton
 specializes on pointer alignment; batch-dependent offsets would recompile kernels mid-run)."""
 
 from __future__ import annotations
@@ -7,15 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from graphwise.config import EngineConfig
-from graphwise.runner.model_runner import ModelRunner
-
-
-@pytest.fixture()
-def runner():
-    return ModelRunner(
-        EngineConfig(device="cpu"), torch.nn.Identity(), None, torch.device("cpu"), torch.float32
-    )  # type: ignore[arg-type]
+from graphwise.runner.inputs import Uploader
 
 
 @pytest.mark.parametrize(
@@ -23,12 +15,12 @@ def runner():
     [(torch.int64, False), (torch.int32, False), (torch.float32, False)]
     + [(torch.int64, True), (torch.int32, True)],  # arrays: the int paths (block tables)
 )
-def test_parts_round_trip_and_are_aligned(runner, dtype, as_array):
+def test_parts_round_trip_and_are_aligned(dtype, as_array):
     parts = [[1, 2, 3], [], [4], list(range(5, 12)), [7, 7]]
     given = [np.array(p) for p in parts] if as_array else parts
     if as_array:
         given[1] = given[1].astype(np.int64)
-    out = runner._upload(dtype, *given)
+    out = Uploader(torch.device("cpu"))(dtype, *given)
     assert [t.tolist() for t in out] == [
         [float(v) for v in p] if dtype == torch.float32 else p for p in parts
     ]

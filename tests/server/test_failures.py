@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from graphwise.engine.client import EngineStats
 from graphwise.outputs import CompletionOutput, RequestOutput
 from graphwise.server.app import ServerSettings, build_app
 from graphwise.server.async_engine import AsyncEngine
@@ -31,9 +32,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.model_config = SimpleNamespace(vocab_size=100)
-        self.block_manager = SimpleNamespace(num_used_blocks=0, num_blocks=8)
-        self.runner = SimpleNamespace(steps_graph=0, steps_eager=0)
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.steps = 0
         self.requests: dict[str, tuple[list[int], Any, list[int]]] = {}
         self.fail_next: BaseException | None = None
         self.gate = threading.Event()  # steps wait for it: lets tests keep requests queued
@@ -53,7 +52,7 @@ class FakeEngine:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
-        self.runner.steps_eager += 1
+        self.steps += 1
         outs = []
         for rid, (prompt, params, tokens) in list(self.requests.items()):
             tokens.append(7)
@@ -67,14 +66,11 @@ class FakeEngine:
             outs.append(out)
         return outs
 
-    def num_running(self) -> int:
-        return 0  # everything counts as waiting, so the queue limit is easy to reach
-
-    def num_waiting(self) -> int:
-        return len(self.requests)
-
-    def kv_usage(self) -> float:
-        return 0.0
+    def get_stats(self) -> EngineStats:
+        # Everything counts as waiting, so the queue limit is easy to reach.
+        return EngineStats(
+            num_waiting=len(self.requests), kv_blocks_total=8, steps_eager=self.steps
+        )
 
 
 BODY = {"prompt": [1, 2, 3], "max_tokens": 3}

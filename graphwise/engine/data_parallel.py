@@ -2,10 +2,9 @@
 
 Each replica is a full LLMEngine (itself tensor/pipeline parallel if asked) in its own process,
 on its own GPUs (CUDA_VISIBLE_DEVICES is narrowed to its slice). The front, DataParallelEngine,
-has the LLMEngine interface the offline API and the server use (add_request, step,
-abort_request, has_unfinished_requests, num_running/num_waiting, kv_usage, block_manager, stats,
-tokenizer, max_model_len, model_config) and routes each new request to the replica with the
-fewest unfinished requests (running + waiting, as the front counts them).
+is an `EngineClient` like LLMEngine (what the offline API and the server use) and routes each
+new request to the replica with the fewest unfinished requests (running + waiting, as the front
+counts them). Requests are checked here, before routing, with the engine's own check.
 
 Replicas run freely: each steps whenever it has work and sends its outputs back; the front's
 step() returns whatever outputs have arrived (waiting for at least one). Replicas share nothing,
@@ -32,18 +31,15 @@ from typing import Any
 import torch
 
 from graphwise.config import EngineConfig
-from graphwise.engine.engine import LLMEngine, check_request, resolve_device
+from graphwise.core.device import resolve_device
+from graphwise.engine.client import EngineStats
+from graphwise.engine.engine import LLMEngine
+from graphwise.engine.validation import RequestLimits, normalize_request
 from graphwise.outputs import CompletionOutput, RequestOutput
 from graphwise.sampling_params import SamplingParams
+from graphwise.tokenizer import encode_prompt
 
 logger = logging.getLogger(__name__)
-
-
-def create_engine(config: EngineConfig) -> Any:
-    """An LLMEngine, or a DataParallelEngine front when data_parallel_size > 1."""
-    if config.data_parallel_size > 1:
-        return DataParallelEngine(config)
-    return LLMEngine(config)
 
 
 # ---- replica process -------------------------------------------------------------------------
@@ -52,27 +48,6 @@ def _watch_parent_pid(parent_pid: int) -> None:
         time.sleep(1.0)
         if os.getppid() != parent_pid:
             os._exit(1)
-
-
-@dataclass
-class _Load:
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    used_blocks: int = 0
-    total_blocks: int = 0
-    stats: dict[str, int] = field(default_factory=dict)
-
-
-def _load(engine: LLMEngine) -> _Load:
-    return _Load(
-        engine.num_running(),
-        engine.num_waiting(),
-        float(engine.kv_usage()),
-        engine.block_manager.num_used_blocks,
-        engine.block_manager.num_blocks,
-        dict(engine.stats),
-    )
 
 
 def _slim(out: RequestOutput) -> RequestOutput:
@@ -99,7 +74,7 @@ def replica_main(
     threading.Thread(target=_watch_parent_pid, args=(parent_pid,), daemon=True).start()
     try:
         engine = LLMEngine(config)
-        conn.send(("ready", {"max_model_len": engine.max_model_len}))
+        conn.send(("ready", {"max_model_len": engine.max_model_len}, engine.get_stats()))
     except BaseException:
         _report_and_exit(conn)
     try:
@@ -133,6 +108,8 @@ def _serve_replica(engine: LLMEngine, conn: Any) -> None:
                 return
             if kind == "abort":
                 engine.abort_request(cmd[1])
+            elif kind == "reset_prefix_cache":
+                conn.send(("reset_done", engine.reset_prefix_cache()))
             elif kind == "add":
                 _, rid, prompt, ids, params = cmd
                 try:
@@ -144,13 +121,13 @@ def _serve_replica(engine: LLMEngine, conn: Any) -> None:
         try:
             outputs = engine.step()
         except Exception as exc:
-            # Like the server does with one engine: fail what this replica holds, keep going.
-            rids = list(engine.requests)
+            # The engine could not isolate it (its workers died): fail what this replica holds.
+            rids = engine.unfinished_request_ids()
             for rid in rids:
                 engine.abort_request(rid)
-            conn.send(("step_failed", f"{type(exc).__name__}: {exc}", rids, _load(engine)))
+            conn.send(("step_failed", f"{type(exc).__name__}: {exc}", rids, engine.get_stats()))
             continue
-        conn.send(("outputs", [_slim(o) for o in outputs], _load(engine)))
+        conn.send(("outputs", [_slim(o) for o in outputs], engine.get_stats()))
 
 
 # ---- the front -------------------------------------------------------------------------------
@@ -163,21 +140,11 @@ class DPRequest:
     text: str = ""
 
 
-@dataclass
-class _Blocks:
-    num_used_blocks: int
-    num_blocks: int
-
-    @property
-    def usage(self) -> float:
-        return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
-
-
 class _Replica:
     def __init__(self, index: int, proc: Any, conn: Any) -> None:
         self.index, self.proc, self.conn = index, proc, conn
         self.unfinished = 0
-        self.load = _Load()
+        self.stats = EngineStats()  # as of the replica's last message
         self.requests_routed = 0
 
 
@@ -234,19 +201,15 @@ def _replica_envs(config: EngineConfig) -> list[dict[str, str]]:
 
 class DataParallelEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from graphwise.distributed.launcher import (
-            check_parallel_config,
-            resolve_model_config,
-            torchrun_env,
-        )
-        from graphwise.models.loader import load_tokenizer, resolve_source
+        from graphwise.distributed.launcher import check_parallel_config, torchrun_env
+        from graphwise.models.loader import load_tokenizer, model_config_of, resolve_source
 
         if torchrun_env() is not None:
             raise ValueError("data_parallel_size > 1 is not supported under torchrun")
         self.config = config
         source = resolve_source(config)
         self.model_name = source.name
-        self.model_config = resolve_model_config(config, source)
+        self.model_config = model_config_of(source, config)
         check_parallel_config(
             self.model_config, config.tensor_parallel_size, config.pipeline_parallel_size
         )
@@ -287,6 +250,7 @@ class DataParallelEngine:
             self._pool.close(grace_s=0.0)
             raise
         self.max_model_len = infos[0]["max_model_len"]
+        self.request_limits = RequestLimits(self.model_config.vocab_size, self.max_model_len)
         logger.info(
             "Data parallel: %d replicas (tp=%d, pp=%d each) ready in %.1f s",
             n,
@@ -299,6 +263,7 @@ class DataParallelEngine:
         msg = self._recv(r)
         if msg[0] != "ready":
             raise RuntimeError(f"data-parallel replica {r.index} failed to start:\n{msg[1]}")
+        r.stats = msg[2]
         return msg[1]
 
     def _recv(self, r: _Replica) -> Any:
@@ -310,11 +275,7 @@ class DataParallelEngine:
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
-        return LLMEngine.tokenize(self, prompt)  # type: ignore[arg-type]
-
-    def validate_prompt(self, ids: list[int]) -> None:
-        # The same checks as one engine's (they read model_config and max_model_len only).
-        LLMEngine.validate_prompt(self, ids)  # type: ignore[arg-type]
+        return encode_prompt(self.tokenizer, prompt, self.model_name)
 
     def add_request(
         self,
@@ -322,18 +283,20 @@ class DataParallelEngine:
         sampling_params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
-    ) -> DPRequest:
+    ) -> str:
         self._check_open()
-        params, prompt_token_ids, request_id = check_request(
-            self, prompt, sampling_params, prompt_token_ids, request_id
+        params, prompt_token_ids = normalize_request(
+            prompt, sampling_params, prompt_token_ids, self.tokenize, self.request_limits
         )
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
         replica = min(self.replicas, key=lambda r: r.unfinished)  # least loaded, lowest index
         replica.conn.send(("add", request_id, prompt, prompt_token_ids, params))
         replica.unfinished += 1
         replica.requests_routed += 1
-        req = DPRequest(request_id, replica.index, list(prompt_token_ids))
-        self.requests[request_id] = req
-        return req
+        self.requests[request_id] = DPRequest(request_id, replica.index, list(prompt_token_ids))
+        return request_id
 
     def abort_request(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
@@ -378,13 +341,13 @@ class DataParallelEngine:
                 msg = self._recv(r)
                 kind = msg[0]
                 if kind == "outputs":
-                    r.load = msg[2]
+                    r.stats = msg[2]
                     for out in msg[1]:
                         restored = self._restore(out)
                         if restored is not None:
                             outputs.append(restored)
                 elif kind == "step_failed":
-                    r.load = msg[3]
+                    r.stats = msg[3]
                     for rid in msg[2]:
                         if self.requests.pop(rid, None) is not None:
                             r.unfinished -= 1
@@ -423,28 +386,24 @@ class DataParallelEngine:
     def shutdown(self) -> None:
         self._pool.close()
 
-    def num_running(self) -> int:
-        return sum(r.load.running for r in self.replicas)
-
-    def num_waiting(self) -> int:
-        counted = sum(r.load.running + r.load.waiting for r in self.replicas)
+    def get_stats(self) -> EngineStats:
+        total = EngineStats.total([r.stats for r in self.replicas])
         # Requests the replicas have not reported yet count as waiting.
-        return sum(r.load.waiting for r in self.replicas) + max(0, len(self.requests) - counted)
+        unseen = len(self.requests) - total.num_running - total.num_waiting
+        return dataclasses.replace(total, num_waiting=total.num_waiting + max(0, unseen))
 
-    def kv_usage(self) -> float:
-        return self.block_manager.usage
-
-    @property
-    def block_manager(self) -> _Blocks:
-        return _Blocks(
-            sum(r.load.used_blocks for r in self.replicas),
-            sum(r.load.total_blocks for r in self.replicas),
-        )
-
-    @property
-    def stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+    def reset_prefix_cache(self) -> int:
+        """Every replica's; like vLLM, only while no request is in flight."""
+        self._check_open()
+        if self.requests:
+            raise RuntimeError("reset_prefix_cache needs an idle engine (requests are in flight)")
         for r in self.replicas:
-            for k, v in r.load.stats.items():
-                total[k] = total.get(k, 0) + v
+            r.conn.send(("reset_prefix_cache",))
+        total = 0
+        for r in self.replicas:
+            msg = self._recv(r)
+            if msg[0] != "reset_done":
+                self._pool.close(grace_s=0.0)
+                raise RuntimeError(f"data-parallel replica {r.index} failed:\n{msg[1]}")
+            total += msg[1]
         return total

@@ -1,0 +1,89 @@
+"""The step contract between the scheduler and the model runner: plain data, by row.
+
+The scheduler decides what a step runs (`SchedulerOutput`); the runner computes it and answers
+with numbers (`ModelRunnerOutput`). Neither sees the other's objects: the runner never holds a
+`Sequence`, the scheduler never a tensor. Under tensor/pipeline parallelism the very same
+dataclasses are what crosses the process boundary (pickled over the control group), so every
+rank builds identical inputs from identical data and there is no second type for the wire.
+
+What the runner must remember between steps (a request's sampling parameters, its block table,
+its seeded generator) it is told once: a request's parameters arrive in `new_requests` the first
+time it is scheduled, its block table grows by the `new_block_ids` of each row, and
+`finished_request_ids` tells it whose state to drop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from graphwise.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequest:
+    """What the runner keeps for a request across steps (sent the first time it is scheduled)."""
+
+    request_id: str
+    sampling_params: SamplingParams
+    # Token ids masked while the request has fewer than min_tokens outputs: its stop token ids
+    # and the model's EOS ids (empty when min_tokens is 0).
+    min_tokens_banned: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class ScheduledRow:
+    """One request's share of a step: `num_new_tokens` positions starting at
+    `num_computed_tokens` (a prefill chunk, or one decode token)."""
+
+    request_id: str
+    num_computed_tokens: int  # KV positions already in the cache before this step
+    num_new_tokens: int
+    # The input ids of the step's positions that the host knows. With async scheduling the
+    # last input may still be on the device: then `token_ids` is one shorter and `pending_row`
+    # is the row of the previous step's sampled tokens that holds it.
+    token_ids: list[int]
+    pending_row: int = -1
+    new_block_ids: list[int] = field(default_factory=list)  # appended to the block table
+    reset_block_table: bool = False  # the table is `new_block_ids` alone (new or resumed)
+    sample: bool = False  # this step samples the request's next token
+    ban_stop_tokens: bool = False  # below min_tokens: mask NewRequest.min_tokens_banned
+
+    @property
+    def num_tokens_after(self) -> int:
+        """The request's KV length once this step has run."""
+        return self.num_computed_tokens + self.num_new_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    step_id: int = 0
+    rows: list[ScheduledRow] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
+    # Requests that finished or were aborted since the last step: the runner drops their state.
+    finished_request_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
+    num_prefill_tokens: int = 0  # prompt tokens computed by this step
+    num_context_tokens: int = 0  # KV positions the step reads, summed over its rows
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.num_new_tokens for r in self.rows)
+
+    @property
+    def is_decode_only(self) -> bool:
+        """Every row adds one token and samples (what a decode CUDA graph can replay)."""
+        return all(r.num_new_tokens == 1 and r.sample for r in self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """A step's numbers: the sampled token of each row that samples, in row order."""
+
+    req_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    used_cuda_graph: bool = False
+    # Requests the runner found it could not run (a row it cannot build inputs for), with why.
+    errors: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,145 @@
+"""OutputProcessor: a request's updates become text and `RequestOutput`s.
+
+It owns what the user sees of a request: the detokenized text (incrementally, see
+detokenizer.py), the stop strings (text-level stops: the engine then tells the scheduler to
+finish the request), the text held back while it may still become a stop string, and the
+timing metrics. The scheduler owns everything the model needs; neither reads the other's state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphwise.engine.detokenizer import IncrementalDetokenizer
+from graphwise.engine.scheduler import RequestUpdate
+from graphwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from graphwise.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    reported_text_len: int = 0  # characters of text already streamed out
+    first_token_time: float | None = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.requests: dict[str, RequestState] = {}
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+    ) -> None:
+        self.requests[request_id] = RequestState(
+            request_id,
+            prompt,
+            prompt_token_ids,
+            params,
+            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+            arrival_time,
+        )
+
+    def abort(self, request_id: str) -> bool:
+        return self.requests.pop(request_id, None) is not None
+
+    def process(
+        self, updates: list[RequestUpdate]
+    ) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
+        """Outputs for a step's updates, and the requests a stop string ended that the
+        scheduler still runs (request id, stop string): the engine finishes those."""
+        outputs: list[RequestOutput] = []
+        stopped: list[tuple[str, str]] = []
+        now = time.monotonic()
+        for update in updates:
+            state = self.requests.get(update.request_id)
+            if state is None:
+                continue
+            reason, stop_reason = update.finish_reason, update.stop_reason
+            before = len(state.text)
+            for token in update.new_token_ids:
+                state.output_token_ids.append(token)
+                state.text += state.detokenizer.push(token)
+            if update.new_token_ids and state.first_token_time is None:
+                state.first_token_time = now
+            p = state.params
+            if (
+                p.stop_strings
+                and reason in (None, "length")
+                and len(state.output_token_ids) >= p.min_tokens
+            ):
+                found = self._find_stop_string(state, before)
+                if found is not None:
+                    if reason is None:
+                        stopped.append((state.request_id, found))
+                    reason, stop_reason = "stop", found
+            outputs.append(self._make_output(state, update, reason, stop_reason, now))
+            if reason is not None:
+                del self.requests[state.request_id]
+        return outputs, stopped
+
+    @staticmethod
+    def _find_stop_string(state: RequestState, before: int) -> str | None:
+        text = state.text
+        for stop in state.params.stop_strings:
+            idx = text.find(stop, max(0, before - len(stop) + 1))
+            if idx != -1:
+                state.text = text[:idx]
+                return stop
+        return None
+
+    def _make_output(
+        self,
+        state: RequestState,
+        update: RequestUpdate,
+        reason: str | None,
+        stop_reason: int | str | None,
+        now: float,
+    ) -> RequestOutput:
+        # Like vLLM's DELTA output kind: a running request's output carries only what this step
+        # added (copying the whole text and token list every step would cost O(length^2) per
+        # request); the final output carries everything.
+        done = reason is not None
+        # Hold back text that could still turn out to start a stop string.
+        hold = 0 if done else max((len(s) for s in state.params.stop_strings), default=1) - 1
+        visible = max(state.reported_text_len, len(state.text) - hold)
+        delta_text = state.text[state.reported_text_len : visible]
+        state.reported_text_len = visible
+        completion = CompletionOutput(
+            index=0,
+            text=state.text if done else delta_text,
+            token_ids=list(state.output_token_ids) if done else list(update.new_token_ids),
+            finish_reason=reason,
+            stop_reason=stop_reason,
+        )
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=[completion],
+            finished=done,
+            num_cached_tokens=update.num_cached_tokens,
+            metrics=RequestMetrics(
+                arrival_time=state.arrival_time,
+                first_scheduled_time=update.first_scheduled_time,
+                first_token_time=state.first_token_time,
+                finished_time=now if done else None,
+            ),
+            delta_text=delta_text,
+            delta_token_ids=list(update.new_token_ids),
+            error=update.error,
+        )

@@ -1,0 +1,73 @@
+"""The one check every new request passes, wherever it comes from (`LLM.generate`, the server,
+the data-parallel front): its prompt and every token id it carries must fit the model.
+
+A bad id must be refused here, at admission, with the field named: inside a step it would fail
+(or silently corrupt) every request batched with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from graphwise.sampling_params import SamplingParams
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot run; `param` names the offending field (OpenAI's `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    vocab_size: int
+    max_model_len: int
+
+
+def check_token_ids(ids: Iterable[object], param: str, vocab_size: int) -> None:
+    """Every id an int in [0, vocab_size); raises InvalidRequest naming `param`."""
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise InvalidRequest(
+                f"{param} contains {t!r}, not a token id in [0, {vocab_size})", param
+            )
+
+
+def check_prompt_ids(ids: object, limits: RequestLimits, param: str = "prompt_token_ids") -> None:
+    if not isinstance(ids, list) or not ids:
+        raise InvalidRequest(f"{param} must be a non-empty list of token ids", param)
+    check_token_ids(ids, param, limits.vocab_size)
+    if len(ids) >= limits.max_model_len:
+        raise InvalidRequest(
+            f"prompt is {len(ids)} tokens, too long for max_model_len={limits.max_model_len} "
+            "(it must leave room for at least one generated token)",
+            param,
+        )
+
+
+def check_sampling_ids(params: SamplingParams, limits: RequestLimits) -> None:
+    """The token ids a request's sampling parameters carry."""
+    check_token_ids(params.stop_token_ids or (), "stop_token_ids", limits.vocab_size)
+
+
+def normalize_request(
+    prompt: str | None,
+    sampling_params: SamplingParams | None,
+    prompt_token_ids: list[int] | None,
+    tokenize: Callable[[str], list[int]],
+    limits: RequestLimits,
+) -> tuple[SamplingParams, list[int]]:
+    """A new request's parameters (defaults filled in) and prompt ids, checked."""
+    params = sampling_params or SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequest("sampling_params must be a SamplingParams", "sampling_params")
+    if prompt_token_ids is None:
+        if not isinstance(prompt, str):
+            raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
+        prompt_token_ids = tokenize(prompt)
+    check_prompt_ids(prompt_token_ids, limits)
+    check_sampling_ids(params, limits)
+    return params, prompt_token_ids

@@ -1,0 +1,216 @@
+"""A step's rows become device tensors: ids, positions, KV slots, block tables, sampling rows.
+
+The runner keeps, per request, what the scheduler told it once (`RequestStates`): its sampling
+parameters, its seeded generator and its block table as an array that grows by the blocks each
+row adds (rebuilding every table from Python lists each step costs milliseconds at large batch
+and long context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from graphwise.core.step import ScheduledRow, SchedulerOutput
+from graphwise.layers.attention import AttentionMetadata
+from graphwise.sampling_params import SamplingParams
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] rows of the hidden states that are sampled
+    sampled: list[ScheduledRow]  # the rows that sample, in the order of logits_indices
+
+
+class RunnerRequest:
+    """What the runner holds for one request between steps."""
+
+    __slots__ = ("params", "banned", "table", "num_blocks", "generator")
+
+    def __init__(self, params: SamplingParams, banned: tuple[int, ...]) -> None:
+        self.params = params
+        self.banned = banned
+        self.table = np.zeros(16, dtype=np.int32)
+        self.num_blocks = 0
+        self.generator: torch.Generator | None = None
+
+    def extend(self, block_ids: list[int], reset: bool) -> None:
+        if reset:
+            self.num_blocks = 0
+        end = self.num_blocks + len(block_ids)
+        if end > self.table.size:
+            grown = np.zeros(max(end, 2 * self.table.size), dtype=np.int32)
+            grown[: self.num_blocks] = self.table[: self.num_blocks]
+            self.table = grown
+        self.table[self.num_blocks : end] = block_ids
+        self.num_blocks = end
+
+
+class RequestStates(dict[str, RunnerRequest]):
+    def update(self, step: SchedulerOutput) -> None:
+        """Forget finished requests, learn new ones, grow the block tables of this step's rows."""
+        for rid in step.finished_request_ids:
+            self.pop(rid, None)
+        for new in step.new_requests:
+            self[new.request_id] = RunnerRequest(new.sampling_params, new.min_tokens_banned)
+        for row in step.rows:
+            self[row.request_id].extend(row.new_block_ids, row.reset_block_table)
+
+    def block_tables(self, rows: list[ScheduledRow]) -> np.ndarray:
+        """The step's [B, max blocks] int32 block table, zero-padded."""
+        states = [self[r.request_id] for r in rows]
+        out = np.zeros((len(rows), max(s.num_blocks for s in states)), dtype=np.int32)
+        for i, s in enumerate(states):
+            out[i, : s.num_blocks] = s.table[: s.num_blocks]
+        return out
+
+
+class Uploader:
+    """Copies several host lists / arrays to the device in one transfer (pinned and asynchronous
+    on CUDA: each separate small copy costs tens of microseconds of host time)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pin = device.type == "cuda"
+
+    def __call__(
+        self, dtype: torch.dtype, *parts: list[int] | list[float] | np.ndarray
+    ) -> list[torch.Tensor]:
+        with torch.inference_mode():  # also when called outside a step (tests, profiling)
+            return self._upload(dtype, parts)
+
+    def _upload(
+        self, dtype: torch.dtype, parts: tuple[list[int] | list[float] | np.ndarray, ...]
+    ) -> list[torch.Tensor]:
+        # Each part starts on a 16-byte boundary of the flat buffer. Triton specializes kernels
+        # on pointer alignment: views at offsets that depend on the batch size would compile a
+        # new variant (a ~1 s stall) whenever a batch shifts an alignment for the first time.
+        align = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+        if all(isinstance(x, list) for x in parts):  # small lists: cheapest straight to torch
+            sizes = [len(x) for x in parts]
+            values: list[int | float] = []
+            for x in parts:
+                values.extend(x)
+                values.extend([0] * (-len(x) % align))
+            flat = torch.tensor(values, dtype=dtype)
+        else:
+            np_dtype = np.int64 if dtype == torch.int64 else np.int32
+            arrays = [np.asarray(x, dtype=np_dtype).ravel() for x in parts]
+            sizes = [a.size for a in arrays]
+            padded = np.zeros(sum(n + (-n % align) for n in sizes), dtype=np_dtype)
+            at = 0
+            for a in arrays:
+                padded[at : at + a.size] = a
+                at += a.size + (-a.size % align)
+            flat = torch.from_numpy(padded)
+        if self.pin:
+            # A pinned copy from torch's caching host allocator: it recycles a buffer only after
+            # the copy that read it has run, so the host never waits here for the GPU (a pageable
+            # copy, or reusing one buffer, would wait for the step that is still running).
+            dev = flat.pin_memory().to(self.device, non_blocking=True)
+        else:
+            dev = flat.to(self.device)
+        out, at = [], 0
+        for n in sizes:
+            out.append(dev[at : at + n])
+            at += n + (-n % align)
+        return out
+
+
+@torch.inference_mode()
+def build_step_inputs(
+    step: SchedulerOutput,
+    states: RequestStates,
+    upload: Uploader,
+    block_size: int,
+    last_tokens: torch.Tensor | None,
+) -> StepInputs:
+    """The step's tensors. `last_tokens` are the previous launched step's sampled tokens, on the
+    device: the inputs of rows whose newest token the host does not know yet."""
+    bs = block_size
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    q_lens: list[int] = []
+    seq_lens: list[int] = []
+    cu = [0]
+    logits_indices: list[int] = []
+    sampled: list[ScheduledRow] = []
+    fill_dst: list[int] = []  # rows of input_ids that take a token still on the device
+    fill_src: list[int] = []
+    for row in step.rows:
+        c, n = row.num_computed_tokens, row.num_new_tokens
+        ids.extend(row.token_ids)
+        if row.pending_row >= 0:
+            fill_dst.append(len(ids))
+            fill_src.append(row.pending_row)
+            ids.append(0)
+        if len(row.token_ids) + (row.pending_row >= 0) != n:
+            raise ValueError(f"row {row.request_id!r}: {n} new tokens but {len(row.token_ids)} ids")
+        positions.extend(range(c, c + n))
+        state = states[row.request_id]
+        table = state.table
+        slots.extend(int(table[p // bs]) * bs + p % bs for p in range(c, c + n))
+        q_lens.append(n)
+        seq_lens.append(c + n)
+        cu.append(cu[-1] + n)
+        if row.sample:
+            logits_indices.append(len(ids) - 1)
+            sampled.append(row)
+    tables = states.block_tables(step.rows)
+    width = tables.shape[1]
+    ids_t, pos_t, slots_t, logits_t, dst_t, src_t = upload(
+        torch.int64, ids, positions, slots, logits_indices, fill_dst, fill_src
+    )
+    if fill_dst:
+        if last_tokens is None:
+            raise RuntimeError("a pending token but no step was launched before")
+        ids_t.index_copy_(0, dst_t, last_tokens.index_select(0, src_t))
+    seq_lens_t, tables_t, cu_t = upload(torch.int32, seq_lens, tables, cu)
+    meta = AttentionMetadata(
+        slot_mapping=slots_t,
+        seq_lens=seq_lens_t,
+        block_tables=tables_t.view(len(step.rows), width),
+        cu_seqlens_q=cu_t,
+        is_decode=all(n == 1 for n in q_lens),
+        max_q_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        q_lens_cpu=q_lens,
+        seq_lens_cpu=seq_lens,
+    )
+    return StepInputs(ids_t, pos_t, meta, logits_t, sampled)
+
+
+def find_bad_rows(
+    step: SchedulerOutput,
+    states: RequestStates,
+    vocab_size: int,
+    num_blocks: int,
+    max_positions: int,
+) -> dict[str, str]:
+    """Rows this runner cannot build inputs for, with why: checked one by one on the host (what
+    the engine asks when a step failed, to fail only the requests that caused it)."""
+    banned = {rid: s.banned for rid, s in states.items()}
+    banned.update((r.request_id, r.min_tokens_banned) for r in step.new_requests)
+    bad: dict[str, str] = {}
+    for row in step.rows:
+        rid = row.request_id
+        if rid not in banned:
+            bad[rid] = "the runner holds no state for this request"
+            continue
+        ids = [*row.token_ids, *(banned[rid] if row.ban_stop_tokens else ())]
+        wrong = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if wrong is not None:
+            bad[rid] = f"token id {wrong} is outside the vocabulary [0, {vocab_size})"
+        elif any(not 0 <= b < num_blocks for b in row.new_block_ids):
+            bad[rid] = f"a KV block id outside [0, {num_blocks})"
+        elif row.num_tokens_after > max_positions:
+            bad[rid] = f"position {row.num_tokens_after - 1} is past the model's {max_positions}"
+        elif len(row.token_ids) + (row.pending_row >= 0) != row.num_new_tokens:
+            bad[rid] = "the row's token ids do not match its token count"
+    return bad
