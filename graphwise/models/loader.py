@@ -99,7 +99,9 @@ def _dummy_init(model: nn.Module, seed: int) -> None:
     sharded = parallel_state.current() != parallel_state.SINGLE
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or "layernorm" in name:
-            p.data.fill_(1.0)
+            # Unit scale: weight 1, or 0 for Gemma's norms, which scale by (1 + weight).
+            owner = model.get_submodule(name.rpartition(".")[0])
+            p.data.fill_(0.0 if getattr(owner, "gemma", False) else 1.0)
         else:
             if sharded:
                 gen.manual_seed(seed + zlib.crc32(name.encode()))
