@@ -130,8 +130,8 @@ def _rope_by_layer_type(
             original = original or d.get("original_max_position_embeddings")
             scaling = {**scaling, "original_max_position_embeddings": original}
         check_rope_scaling(scaling)
-        factor = float((scaling or {}).get("partial_rotary_factor", 1.0) or 1.0)
-        if factor != 1.0:
+        factor = (scaling or {}).get("partial_rotary_factor") or params.get("partial_rotary_factor")
+        if factor is not None and float(factor) != 1.0:
             raise ValueError(f"partial_rotary_factor={factor} (partial RoPE) is not supported")
         return theta, scaling
 
