@@ -18,7 +18,7 @@ from tqdm import tqdm
 from graphwise.config import EngineConfig
 from graphwise.distributed import parallel_state
 from graphwise.models.default import DEFAULT_MODEL_NAME, default_model_path
-from graphwise.models.gguf_loader import gguf_config, gguf_weights
+from graphwise.models.gguf_loader import gguf_config, gguf_has_tokenizer, gguf_weights
 from graphwise.models.model_config import ModelConfig
 from graphwise.models.registry import resolve_model_class
 
@@ -171,6 +171,9 @@ def load_tokenizer(source: ModelSource, cfg: EngineConfig) -> Any | None:
         return None
     assert source.path is not None
     if source.kind == "gguf":
+        if not gguf_has_tokenizer(source.path):
+            logger.warning("%s has no tokenizer: only prompt_token_ids are accepted", source.path)
+            return None
         return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
     if not any((source.path / f).is_file() for f in _TOKENIZER_FILES):
         logger.warning("%s has no tokenizer files: only prompt_token_ids are accepted", source.path)
