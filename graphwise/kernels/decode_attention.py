@@ -38,6 +38,17 @@ def _tanh(x):
 
 
 @triton.jit
+def _dim_mask(rows_mask, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``rows_mask [R, 1]`` and, only when head_dim was padded to BLOCK_D, the head_dim bound:
+    a power-of-2 head_dim compiles to exactly the unpadded kernel."""
+    if BLOCK_D != HEAD_DIM:
+        mask = rows_mask & (offs_d[None, :] < HEAD_DIM)
+    else:
+        mask = rows_mask
+    return mask
+
+
+@triton.jit
 def _scores(q, k, qk_scale, softcap_scale, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Base-2 attention scores of q against k: ``s * log2(e)`` with ``s = scale * q.k``, or
     with a soft-cap ``c``: ``c * tanh(s / c) * log2(e)`` (then qk_scale = scale / c and
@@ -103,10 +114,9 @@ def _decode_split_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_h
     h_mask = offs_h < GROUP
-    hd_mask = h_mask[:, None] & d_mask[None, :]
+    hd_mask = _dim_mask(h_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=hd_mask,
@@ -127,7 +137,7 @@ def _decode_split_kernel(
         # Gather: token n lives in block block_tables[seq, n // PAGE_SIZE] at n % PAGE_SIZE.
         block_ids = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
         tok = block_ids * stride_cache_block + (offs_n % PAGE_SIZE) * stride_cache_tok + kv_base
-        kv_mask = n_mask[:, None] & d_mask[None, :]
+        kv_mask = _dim_mask(n_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = _scores(q, k, qk_scale, softcap_scale, SOFTCAP, DOT_PRECISION)
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
@@ -173,7 +183,6 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P2)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
     s_mask = offs_s < NUM_SPLITS
     lse = tl.load(
         part_lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf")
@@ -189,13 +198,16 @@ def _decode_reduce_kernel(
         + head * stride_ph
         + offs_s[:, None] * stride_ps
         + offs_d[None, :],
-        mask=used[:, None] & d_mask[None, :],
+        mask=_dim_mask(used[:, None], offs_d, HEAD_DIM, BLOCK_D),
         other=0.0,
     )
     den = tl.sum(w, 0)
     o = tl.sum(part * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
     dst = out_ptr + seq * stride_ob + head * stride_oh + offs_d
-    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+    if BLOCK_D != HEAD_DIM:
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    else:
+        tl.store(dst, o.to(out_ptr.dtype.element_ty))
 
 
 def head_dim_block(head_dim: int) -> int:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from graphwise.kernels.decode_attention import _scores, head_dim_block
+from graphwise.kernels.decode_attention import _dim_mask, _scores, head_dim_block
 
 _LOG2E = 1.4426950408889634
 
@@ -55,13 +55,12 @@ def _attend_tiles(
     Without ``CAUSAL_MASK`` the caller guarantees whole tiles that every row may see; with it
     and ``WINDOW``, keys at or below ``q_pos - window`` are masked too."""
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
     for tile_start in range(key_start, key_end, BLOCK_N):
         offs_n = tile_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < key_end
         block_ids = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
         tok = block_ids * stride_cache_block + (offs_n % PAGE_SIZE) * stride_cache_tok + kv_base
-        kv_mask = n_mask[:, None] & d_mask[None, :]
+        kv_mask = _dim_mask(n_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = _scores(q, k, qk_scale, softcap_scale, SOFTCAP, DOT_PRECISION)
         if CAUSAL_MASK:
@@ -133,7 +132,7 @@ def _extend_kernel(
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < q_len
-    md_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    md_mask = _dim_mask(m_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
     q_rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(
         q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],

@@ -32,7 +32,9 @@ def _store_kv_kernel(
     # A negative slot is a padding lane: mask every access so nothing is read or written.
     # (Folded into the head bound: `tensor_mask & scalar_bool` trips Triton's interpreter.)
     num_heads = tl.where(slot >= 0, NUM_KV_HEADS, 0)
-    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HEAD_DIM)
+    mask = offs_h[:, None] < num_heads
+    if BLOCK_D != HEAD_DIM:  # padded head_dim only: a power of 2 compiles as before
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
     src_k = k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
     src_v = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
     dst = slot * stride_cache_slot + offs_h[:, None] * stride_cache_h + offs_d[None, :]

@@ -23,12 +23,17 @@ def _rope_kernel(
     head_block = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2
     offs_j = tl.arange(0, BLOCK_HALF)
-    j_mask = offs_j < half
     pos = tl.load(pos_ptr + token)
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_j, mask=j_mask, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + half + offs_j, mask=j_mask, other=0.0)
     heads = head_block * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
-    mask = (heads[:, None] < NUM_ROT_HEADS) & j_mask[None, :]
+    mask = heads[:, None] < NUM_ROT_HEADS
+    if BLOCK_HALF != half:  # padded (e.g. head_dim 96); a power of 2 compiles as before
+        j_mask = offs_j < half
+        cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_j, mask=j_mask, other=0.0)
+        sin = tl.load(cos_sin_ptr + pos * stride_cs + half + offs_j, mask=j_mask, other=0.0)
+        mask = mask & j_mask[None, :]
+    else:
+        cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_j)
+        sin = tl.load(cos_sin_ptr + pos * stride_cs + half + offs_j)
     # q heads and k heads are adjacent in the packed row, so they rotate as one range.
     first = qkv_ptr + token * stride_t + heads[:, None] * HEAD_DIM + offs_j[None, :]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
