@@ -35,8 +35,9 @@ _DEFAULT_WINDOW = {
     "Gemma2ForCausalLM": 4096,
     "Gemma3ForCausalLM": 4096,
 }
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # Families whose HF config ties the LM head to the embedding unless it says otherwise.
-_TIED_BY_DEFAULT = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+_TIED_BY_DEFAULT = _GEMMA
 _QWEN_WINDOWED = (
     "Qwen2ForCausalLM",
     "Qwen2MoeForCausalLM",
@@ -164,6 +165,14 @@ def _check_supported(arch: str, d: dict[str, Any]) -> str:
         raise ValueError(f"partial_rotary_factor={factor} (partial RoPE) is not supported")
     if d.get("attention_chunk_size"):
         raise ValueError("attention_chunk_size (chunked local attention) is not supported")
+    if d.get("mlp_bias"):
+        raise ValueError("mlp_bias (biases on the MLP projections) is not supported")
+    if d.get("quantization_config"):
+        method = (d["quantization_config"] or {}).get("quant_method", "?")
+        raise ValueError(
+            f"quantized checkpoints are not supported (quantization_config: {method}); "
+            "use an unquantized checkpoint or a GGUF file"
+        )
     return str(act)
 
 
@@ -241,8 +250,10 @@ class ModelConfig:
                 raise ValueError(f"config.json is missing {key!r}")
             return d[key]
 
-        def optional_float(key: str) -> float | None:
-            value = d.get(key)
+        def optional_float(key: str, archs: tuple[str, ...]) -> float | None:
+            # Read only for the families whose HF model uses the key (a stray entry in another
+            # family's config changes nothing there, so it must not here either).
+            value = d.get(key) if arch in archs else None
             return float(value) if value else None
 
         heads = int(need("num_attention_heads"))
@@ -281,9 +292,10 @@ class ModelConfig:
             sliding_window=window if SLIDING in layer_types else None,
             rope_theta_sliding=sliding_rope[0],
             rope_scaling_sliding=sliding_rope[1],
-            query_pre_attn_scalar=optional_float("query_pre_attn_scalar"),
-            attn_logit_softcapping=optional_float("attn_logit_softcapping"),
-            final_logit_softcapping=optional_float("final_logit_softcapping"),
+            query_pre_attn_scalar=optional_float("query_pre_attn_scalar", _GEMMA),
+            # HF's Gemma 3 attention takes no soft-cap even if its config names one.
+            attn_logit_softcapping=optional_float("attn_logit_softcapping", _GEMMA[:1]),
+            final_logit_softcapping=optional_float("final_logit_softcapping", _GEMMA),
             num_experts=int(d.get("num_experts") or d.get("num_local_experts") or 0),
             num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
             moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),

@@ -235,11 +235,29 @@ _BASE = {
             {"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "longrope"}},
             "longrope scaling lacks short_factor, long_factor",
         ),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"quantization_config": {"quant_method": "awq"}}, "quantization_config: awq"),
     ],
 )
 def test_unsupported_config_features_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict({**_BASE, **changes})
+
+
+def test_gemma_keys_are_read_only_where_hf_uses_them():
+    """HF applies Gemma's scale and soft-caps only in Gemma models, and Gemma 3's attention
+    takes no soft-cap at all: stray entries elsewhere change nothing, here as there."""
+    stray = {
+        "query_pre_attn_scalar": 7,
+        "attn_logit_softcapping": 3.0,
+        "final_logit_softcapping": 4.0,
+    }
+    qwen = ModelConfig.from_dict({**_BASE, **stray})
+    assert (qwen.attention_scale, qwen.attn_logit_softcapping) == (16**-0.5, None)
+    assert qwen.final_logit_softcapping is None
+    gemma3 = ModelConfig.from_dict({**_BASE, **stray, "architectures": ["Gemma3ForCausalLM"]})
+    assert (gemma3.attention_scale, gemma3.attn_logit_softcapping) == (7**-0.5, None)
+    assert gemma3.final_logit_softcapping == 4.0
 
 
 @pytest.mark.parametrize(
