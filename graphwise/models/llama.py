@@ -6,9 +6,10 @@ with the per-sequence structure carried by the attention metadata in the Forward
 
 Hooks for the subclasses (class attributes and small methods, no copies of forward):
 `SelfAttention.qk_norm` (per-head q/k RMSNorm before RoPE: Qwen3, Gemma 3),
-`DecoderLayer.make_mlp` (MoE, GeGLU), `LlamaModel.layer_cls` / `norm_cls` / `embed_scale`
-(Gemma), `LlamaForCausalLM.model_cls` and `map_weight` (checkpoint names). Per-layer attention
-settings (sliding window, soft-cap, scale, RoPE base) come from ModelConfig.
+`DecoderLayer.make_mlp` / `attention_cls` / `norm_cls` (MoE, GeGLU, Gemma),
+`LlamaModel.layer_cls` / `norm_cls` / `scale_embeddings` (Gemma), `LlamaForCausalLM.model_cls`
+and `map_weight` (checkpoint names). Per-layer attention settings (sliding window, soft-cap,
+scale, RoPE base) come from ModelConfig.
 """
 
 from __future__ import annotations
