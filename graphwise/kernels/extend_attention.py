@@ -193,8 +193,8 @@ def extend_attention(
     scale: float,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     sliding_window: int | None = None,
@@ -224,6 +224,11 @@ def extend_attention(
         return out
     if max_q_len is None:
         max_q_len = t
+    # 64 x 64 tiles (measured on the H100 for head_dim <= 128); wider heads (Gemma's 256) use
+    # 32 x 32 so the accumulator and the staged K/V tiles fit (not yet tuned on hardware).
+    wide = head_dim_block(d) > 128
+    block_m = block_m or (32 if wide else 64)
+    block_n = block_n or (32 if wide else 64)
     grid = (triton.cdiv(max_q_len, block_m), b, hq)
     _extend_kernel[grid](
         q,

@@ -159,6 +159,15 @@ def test_extend_window_softcap_interp(
 
 
 @interp
+def test_wide_heads_default_tiles_interp(kern) -> None:
+    """head_dim 256 (Gemma) with the wrappers' own tile sizes (32-wide for such heads)."""
+    check_decode(kern, CPU, torch.float32, 4, 2, 256, [40, 3, 0], 16, 2, None,
+                 sliding_window=20, softcap=50.0)  # fmt: skip
+    check_extend(kern, CPU, torch.float32, 4, 2, 256, [37, 1], [37, 50], 16, None, None,
+                 sliding_window=20, softcap=50.0)  # fmt: skip
+
+
+@interp
 def test_window_softcap_fp16_interp(kern) -> None:
     check_decode(kern, CPU, torch.float16, 8, 2, 64, [33, 1, 0, 100], 16, 3, 16, False, False,
                  sliding_window=40, softcap=10.0)  # fmt: skip
