@@ -72,7 +72,7 @@ def _gemma3_layers(d: dict[str, Any], n: int) -> list[str]:
 
 
 # Which layers slide when the config has no `layer_types`. A family whose HF model passes its
-# window to every layer regardless of `layer_types` is marked `ignores_layer_types` below.
+# window to every layer regardless of `layer_types` is listed in `_IGNORES_LAYER_TYPES`.
 _WINDOW_LAYERS: dict[str, Callable[[dict[str, Any], int], list[str]]] = {
     "MistralForCausalLM": _every_layer,
     "MixtralForCausalLM": _every_layer,
