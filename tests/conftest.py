@@ -227,3 +227,68 @@ def default_llm():
     from graphwise import LLM
 
     return LLM(max_num_seqs=16)
+
+
+# ---- engine internals the model tests reach into, in one place --------------------------------
+# The engine / runner redesign renames these (engine.runner -> engine.executor.driver, ...): the
+# tests of issue 16's families go through the helpers below, which accept either shape.
+
+
+def model_runner(llm):
+    """The rank-0 model runner of an LLM."""
+    engine = llm.llm_engine
+    runner = getattr(engine, "runner", None)
+    return runner if runner is not None else engine.executor.driver
+
+
+def loaded_model(llm) -> torch.nn.Module:
+    return model_runner(llm).model
+
+
+def schedule_prompt_logits(llm, prompts: list[list[int]]) -> torch.Tensor:
+    """Logits at every prompt position of one scheduled step, the requests aborted after."""
+    from graphwise import SamplingParams
+
+    engine = llm.llm_engine
+    for ids in prompts:
+        engine.add_request(None, SamplingParams(max_tokens=1), prompt_token_ids=ids)
+    step = engine.scheduler.schedule()
+    if getattr(engine, "runner", None) is not None:
+        logits = engine.runner.prompt_logits(step)
+        ids = list(engine.requests)
+    else:
+        logits = engine.executor.collective_rpc("prompt_logits", step)[0]
+        ids = list(engine.unfinished_request_ids())
+    for rid in ids:
+        engine.abort_request(rid)
+    return logits
+
+
+def graph_steps(llm) -> int:
+    """Decode steps replayed from CUDA graphs so far."""
+    engine = llm.llm_engine
+    if getattr(engine, "runner", None) is not None:
+        return engine.runner.steps_graph
+    return engine.get_stats().steps_graph
+
+
+class eager_decode:
+    """Context manager: decode without CUDA graphs while inside."""
+
+    def __init__(self, llm) -> None:
+        self.engine = llm.llm_engine
+        self.saved = None
+
+    def __enter__(self) -> None:
+        runner = getattr(self.engine, "runner", None)
+        if runner is not None:
+            self.saved, runner.graph_runner = runner.graph_runner, None
+        else:
+            self.engine.set_cuda_graphs_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        runner = getattr(self.engine, "runner", None)
+        if runner is not None:
+            runner.graph_runner = self.saved
+        else:
+            self.engine.set_cuda_graphs_enabled(True)

@@ -25,7 +25,7 @@ def triton_enabled() -> bool:
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
     """Llama's RMSNorm (round, then scale by weight) or, with `gemma`, Gemma's (scale by
     1 + weight in fp32, round once)."""
-    if _use_triton and x.is_cuda and x.dim() == 2:
+    if triton_enabled() and x.is_cuda and x.dim() == 2:
         from graphwise.kernels.rmsnorm import rmsnorm as triton_rmsnorm
 
         return triton_rmsnorm(x, weight, eps, gemma=gemma)
@@ -40,7 +40,7 @@ def add_rmsnorm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rmsnorm(x + residual), x + residual)."""
-    if _use_triton and x.is_cuda:
+    if triton_enabled() and x.is_cuda:
         from graphwise.kernels.rmsnorm import fused_add_rmsnorm
 
         # in place: x <- norm, residual <- sum
@@ -62,7 +62,7 @@ def head_rmsnorm_(
 ) -> None:
     """RMSNorm over head_dim of each q and each k head of a packed [T, (Hq + 2 Hkv) * D]
     projection, in place (Qwen3 and Gemma 3 normalise q and k before RoPE)."""
-    if _use_triton and qkv.is_cuda:
+    if triton_enabled() and qkv.is_cuda:
         from graphwise.kernels.rmsnorm import head_rmsnorm_ as triton_head_rmsnorm_
 
         triton_head_rmsnorm_(
@@ -88,7 +88,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """GeGLU: gelu(gate, approximate="tanh") * up (HF's `gelu_pytorch_tanh`, Gemma)."""
-    if _use_triton and x.is_cuda:
+    if triton_enabled() and x.is_cuda:
         from graphwise.kernels.activation import gelu_tanh_and_mul as triton_gelu_tanh_and_mul
 
         return triton_gelu_tanh_and_mul(x)

@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from graphwise import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from tests.conftest import (
+    eager_decode,
+    graph_steps,
+    hf_greedy,
+    model_runner,
+    schedule_prompt_logits,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -51,16 +57,13 @@ def test_tiny_models_on_triton_match_hf_and_graphs_match_eager(arch, tiny_model_
         attention_backend="triton",
         kv_cache_memory=1 << 28,
     )
-    runner = llm.llm_engine.runner
+    runner = model_runner(llm)
     assert runner.backend.name == "triton" and runner.graph_runner is not None
-    before = runner.steps_graph
+    before = graph_steps(llm)
     assert _generate(llm, prompts, 12) == expected
-    assert runner.steps_graph > before  # decode replayed graphs
-    saved, runner.graph_runner = runner.graph_runner, None
-    try:
+    assert graph_steps(llm) > before  # decode replayed graphs
+    with eager_decode(llm):
         assert _generate(llm, prompts, 12) == expected  # eager, and the prefix cache is warm
-    finally:
-        runner.graph_runner = saved
     llm.shutdown()
 
 
@@ -78,14 +81,10 @@ def test_presets_triton_and_torch_backends_agree(preset):
             attention_backend=backend,
             kv_cache_memory=1 << 30,
         )
-        engine = llm.llm_engine
-        for p in _prompts(6, engine.model_config.vocab_size, seed=7):
-            engine.add_request(None, SamplingParams(max_tokens=1), p)
-        outs[backend] = engine.runner.prompt_logits(engine.scheduler.schedule()).float()
-        for rid in list(engine.requests):
-            engine.abort_request(rid)
+        prompts = _prompts(6, llm.llm_engine.model_config.vocab_size, seed=7)
+        outs[backend] = schedule_prompt_logits(llm, prompts).float()
         llm.shutdown()
-        del llm, engine
+        del llm
         torch.cuda.empty_cache()
     ref, got = outs["torch"], outs["triton"]
     rel = (got - ref).norm() / ref.norm()
@@ -104,15 +103,11 @@ def test_presets_graph_and_eager_greedy_tokens_are_identical(preset):
         dtype="float32",
         kv_cache_memory=1 << 30,
     )
-    runner = llm.llm_engine.runner
     prompts = _prompts(13, llm.llm_engine.model_config.vocab_size, seed=5)
-    before = runner.steps_graph
+    before = graph_steps(llm)
     with_graph = _generate(llm, prompts, 24)
-    assert runner.steps_graph - before >= 20
-    saved, runner.graph_runner = runner.graph_runner, None
-    try:
+    assert graph_steps(llm) - before >= 20
+    with eager_decode(llm):
         eager = _generate(llm, prompts, 24)
-    finally:
-        runner.graph_runner = saved
     assert with_graph == eager
     llm.shutdown()

@@ -17,7 +17,7 @@ from graphwise.layers.rotary import cos_sin_table
 from graphwise.models.loader import PRESET_DIR
 from graphwise.models.model_config import ModelConfig
 from graphwise.models.registry import resolve_model_class
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, loaded_model
 
 NEW_ARCHS = ["qwen3", "qwen3-moe", "gemma2", "gemma3", "mistral", "mixtral", "phi3"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -55,7 +55,7 @@ def test_mistral_sliding_window_is_honoured(tiny_model_dir, tmp_path):
     unwindowed = hf_greedy(_with_config(path, tmp_path / "full", sliding_window=None), prompts, 10)
     assert windowed != unwindowed  # the window matters for these prompts
     llm = LLM(model=str(path), block_size=8)
-    layers = llm.llm_engine.runner.model.model.layers
+    layers = loaded_model(llm).model.layers
     assert [layer.self_attn.attn.sliding_window for layer in layers] == [16, 16]
     assert _tokens(llm, prompts) == windowed
 
@@ -74,7 +74,7 @@ def test_layer_attention_settings_match_hf(arch, tiny_model_dir):
     path = tiny_model_dir(arch)
     hf = _hf_model(path)
     llm = LLM(model=str(path), block_size=8)
-    ours = llm.llm_engine.runner.model.model.layers
+    ours = loaded_model(llm).model.layers
     for hf_layer, layer in zip(hf.model.layers, ours, strict=True):
         hf_attn, attn = hf_layer.self_attn, layer.self_attn.attn
         # Mistral-style attention reads the window from the config in forward, for every layer.
@@ -91,7 +91,7 @@ def test_gemma3_local_and_global_rope_tables(tiny_model_dir):
     """Sliding layers use the local base, global ones the scaled global base; layers of one
     kind share one table."""
     llm = LLM(model=str(tiny_model_dir("gemma3")), block_size=8)
-    layers = llm.llm_engine.runner.model.model.layers  # sliding, sliding, full, sliding
+    layers = loaded_model(llm).model.layers  # sliding, sliding, full, sliding
     rot = [layer.self_attn.rotary for layer in layers]
     assert rot[0] is rot[1] is rot[3] and rot[2] is not rot[0]
     local = cos_sin_table(32, 512, 10000.0, None)
@@ -114,7 +114,7 @@ def test_qwen2_use_sliding_window_is_honoured(tmp_path):
     path = tmp_path / "qwen2_swa"
     tf.Qwen2ForCausalLM(cfg).eval().save_pretrained(path)
     llm = LLM(model=str(path), block_size=8)
-    layers = llm.llm_engine.runner.model.model.layers
+    layers = loaded_model(llm).model.layers
     assert [layer.self_attn.attn.sliding_window for layer in layers] == [None, 12]
     assert _tokens(llm, _prompts()) == hf_greedy(path, _prompts(), GREEDY.max_tokens)
 
@@ -124,7 +124,7 @@ def test_dummy_weights_give_unit_norm_scales(tiny_model_dir):
     (1 + w) ones, q/k norms included."""
     for arch, want in (("gemma3", 0.0), ("qwen3", 1.0)):
         llm = LLM(model=str(tiny_model_dir(arch)), block_size=8, load_format="dummy")
-        model = llm.llm_engine.runner.model
+        model = loaded_model(llm)
         norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
         assert len(norms) > 4 and all(bool((p == want).all()) for p in norms)
 
