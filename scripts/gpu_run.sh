@@ -3,9 +3,15 @@
 # Used with the device tool (PYTHONPATH=. is the whole installation; missing pure-Python wheels
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
-#                      [capture] [moe] [kernels] [tp2]
+#                      [capture] [moe] [kernels] [tp2] [models-tests] [models]
 #   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
+#   models-tests: the GPU tests of issue 16's families (tiny models vs HF on Triton, graphs vs
+#   eager, Triton vs torch on the presets). models: `bench latency` for each new preset
+#   (MODEL_PRESETS) at batch 1/8/64 (MODELS_BATCH), eager and graph (MODELS_COMPARE), one JSON
+#   per preset: latency-<preset>-${GPU_TAG:-h200}.json. All five take longer than one 10-minute
+#   device call: split them, e.g. MODEL_PRESETS="qwen3-8b gemma-2-9b mistral-7b", then
+#   MODEL_PRESETS="qwen3-30b-a3b mixtral-8x7b".
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -83,6 +89,20 @@ for step in "${steps[@]}"; do
         2>&1 | tee "$OUT/latency-tp2.log" | grep -v "it/s\]" | tail -12 || status=1
       timeout 300 python3 scripts/tp_auto_check.py --output "$OUT/auto-tp2-${TAG}x2.json" \
         2>&1 | tee "$OUT/auto-tp2.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
+    models-tests)
+      timeout 540 python3 -m pytest tests/gpu/test_new_models_gpu.py tests/kernels/test_window_softcap.py \
+        -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/models-gpu-tests.log" | tail -15 || status=1 ;;
+    models)
+      # Issue 16's presets with dummy weights. Each needs one GPU to itself: Mixtral-8x7B is
+      # 93 GB in bf16 (an H200 holds it with room for the KV cache; an 80 GB card does not:
+      # add NUM_LAYERS=16 there). HF is left out: two copies of the larger ones do not fit.
+      for preset in ${MODEL_PRESETS:-qwen3-8b qwen3-30b-a3b gemma-2-9b mistral-7b mixtral-8x7b}; do
+        timeout 420 python3 -m graphwise.cli bench latency --preset "$preset" \
+          ${NUM_LAYERS:+--num-layers "$NUM_LAYERS"} \
+          --batch-sizes "${MODELS_BATCH:-1,8,64}" --input-len 32 --output-len "${MODELS_OUT:-256}" \
+          --compare "${MODELS_COMPARE:-eager,graph}" --output "$OUT/latency-$preset-${GPU_TAG:-h200}.json" \
+          2>&1 | tee "$OUT/latency-$preset.log" | grep -v "it/s\]" | tail -12 || status=1
+      done ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

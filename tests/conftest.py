@@ -47,11 +47,110 @@ def _randomize_qkv_bias(model: torch.nn.Module) -> None:
                 proj.bias.normal_(0, 0.1)
 
 
+def _randomize_norms(model: torch.nn.Module, std: float) -> None:
+    """HF initialises Gemma's norm weights to 0 (scale 1 + 0) and Qwen3's q/k norms to 1:
+    random ones make the (1 + w) arithmetic and the per-head norms matter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * std)
+
+
+# Shapes chosen to reach the corners: odd head counts, GQA (also one KV head, replicated under
+# TP=2), head_dim that is not hidden / heads nor a power of 2, several layer types per model,
+# windows shorter than the test prompts (5..61 tokens), soft-caps small enough to matter.
+def _tiny_new_arch(arch: str) -> torch.nn.Module | None:
+    import transformers as tf
+
+    common = {**TINY_COMMON}
+    if arch == "qwen3":
+        cfg = tf.Qwen3Config(
+            **{**common, "num_attention_heads": 6},
+            head_dim=16,
+            use_sliding_window=True,  # layer 1 slides (max_window_layers), layer 0 does not
+            sliding_window=16,
+            max_window_layers=1,
+        )
+        return tf.Qwen3ForCausalLM(cfg)
+    if arch == "qwen3-moe":
+        cfg = tf.Qwen3MoeConfig(
+            **common,
+            head_dim=32,
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+        )
+        return tf.Qwen3MoeForCausalLM(cfg)
+    if arch == "gemma2":
+        cfg = tf.Gemma2Config(
+            **{**common, "num_hidden_layers": 3, "tie_word_embeddings": True},
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=12,  # layers 0 and 2 slide, layer 1 is global
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=5.0,
+        )
+        return tf.Gemma2ForCausalLM(cfg)
+    if arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(
+            **{
+                **common,
+                "num_hidden_layers": 4,
+                "num_key_value_heads": 1,
+                "tie_word_embeddings": True,
+            },
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=10,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"]
+            + ["sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        )
+        return tf.Gemma3ForCausalLM(cfg)
+    if arch == "mistral":
+        cfg = tf.MistralConfig(
+            **{**common, "hidden_size": 80, "num_attention_heads": 5, "num_key_value_heads": 1},
+            sliding_window=16,
+        )
+        return tf.MistralForCausalLM(cfg)
+    if arch == "mixtral":
+        cfg = tf.MixtralConfig(
+            **{**common, "intermediate_size": 48},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=20,
+        )
+        return tf.MixtralForCausalLM(cfg)
+    if arch == "phi3":
+        cfg = tf.Phi3Config(
+            **{**common, "hidden_size": 96},  # head_dim 24
+            sliding_window=24,
+            original_max_position_embeddings=128,  # every test sequence is shorter
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0 + 0.1 * i for i in range(12)],
+                "long_factor": [2.0 + 0.3 * i for i in range(12)],
+            },
+        )
+        return tf.Phi3ForCausalLM(cfg)
+    return None
+
+
 def build_tiny(arch: str, path: Path, seed: int = 0) -> Path:
     """A random-weight fp32 model of one of the supported architectures, saved as an HF dir."""
     import transformers as tf
 
     torch.manual_seed(seed)
+    new = _tiny_new_arch(arch)
+    if new is not None:
+        if arch.startswith(("gemma", "qwen3")):
+            _randomize_norms(new, 0.3)
+        return _save(new.eval(), path)
     if arch == "llama":
         cfg = tf.LlamaConfig(
             **TINY_COMMON,
@@ -128,3 +227,68 @@ def default_llm():
     from graphwise import LLM
 
     return LLM(max_num_seqs=16)
+
+
+# ---- engine internals the model tests reach into, in one place --------------------------------
+# The engine / runner redesign renames these (engine.runner -> engine.executor.driver, ...): the
+# tests of issue 16's families go through the helpers below, which accept either shape.
+
+
+def model_runner(llm):
+    """The rank-0 model runner of an LLM."""
+    engine = llm.llm_engine
+    runner = getattr(engine, "runner", None)
+    return runner if runner is not None else engine.executor.driver
+
+
+def loaded_model(llm) -> torch.nn.Module:
+    return model_runner(llm).model
+
+
+def schedule_prompt_logits(llm, prompts: list[list[int]]) -> torch.Tensor:
+    """Logits at every prompt position of one scheduled step, the requests aborted after."""
+    from graphwise import SamplingParams
+
+    engine = llm.llm_engine
+    for ids in prompts:
+        engine.add_request(None, SamplingParams(max_tokens=1), prompt_token_ids=ids)
+    step = engine.scheduler.schedule()
+    if getattr(engine, "runner", None) is not None:
+        logits = engine.runner.prompt_logits(step)
+        ids = list(engine.requests)
+    else:
+        logits = engine.executor.collective_rpc("prompt_logits", step)[0]
+        ids = list(engine.unfinished_request_ids())
+    for rid in ids:
+        engine.abort_request(rid)
+    return logits
+
+
+def graph_steps(llm) -> int:
+    """Decode steps replayed from CUDA graphs so far."""
+    engine = llm.llm_engine
+    if getattr(engine, "runner", None) is not None:
+        return engine.runner.steps_graph
+    return engine.get_stats().steps_graph
+
+
+class eager_decode:
+    """Context manager: decode without CUDA graphs while inside."""
+
+    def __init__(self, llm) -> None:
+        self.engine = llm.llm_engine
+        self.saved = None
+
+    def __enter__(self) -> None:
+        runner = getattr(self.engine, "runner", None)
+        if runner is not None:
+            self.saved, runner.graph_runner = runner.graph_runner, None
+        else:
+            self.engine.set_cuda_graphs_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        runner = getattr(self.engine, "runner", None)
+        if runner is not None:
+            runner.graph_runner = self.saved
+        else:
+            self.engine.set_cuda_graphs_enabled(True)

@@ -120,6 +120,10 @@ def build_hf_model(engine: Any) -> Any:
             "LlamaForCausalLM": "llama",
             "Qwen2ForCausalLM": "qwen2",
             "Qwen2MoeForCausalLM": "qwen2_moe",
+            "Qwen3ForCausalLM": "qwen3",
+            "Gemma2ForCausalLM": "gemma2",
+            "Gemma3ForCausalLM": "gemma3_text",
+            "Phi3ForCausalLM": "phi3",
         }[engine.model_config.architecture]
     )
     raw = {k: v for k, v in raw.items() if k not in ("architectures", "gguf_architecture")}

@@ -28,7 +28,7 @@ def triton_available() -> bool:
 
 
 if importlib.util.find_spec("triton") is not None:
-    from graphwise.kernels.activation import silu_and_mul
+    from graphwise.kernels.activation import gelu_tanh_and_mul, silu_and_mul
     from graphwise.kernels.decode_attention import (
         alloc_decode_workspace,
         choose_num_splits,
@@ -36,7 +36,7 @@ if importlib.util.find_spec("triton") is not None:
     )
     from graphwise.kernels.extend_attention import extend_attention
     from graphwise.kernels.kv_store import store_kv
-    from graphwise.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
+    from graphwise.kernels.rmsnorm import fused_add_rmsnorm, head_rmsnorm_, rmsnorm
     from graphwise.kernels.rope import rope_qkv_
 
     __all__ += [
@@ -45,6 +45,8 @@ if importlib.util.find_spec("triton") is not None:
         "decode_attention",
         "extend_attention",
         "fused_add_rmsnorm",
+        "gelu_tanh_and_mul",
+        "head_rmsnorm_",
         "rmsnorm",
         "rope_qkv_",
         "silu_and_mul",

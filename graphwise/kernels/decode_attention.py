@@ -12,6 +12,11 @@ log-sum-exp weights. With a single split stage 1 writes the final output directl
 
 The grid depends only on ``B``, ``Hkv`` and the split count, which the wrapper picks from
 shapes (``max_blocks``), never from tensor values: the launch is CUDA-graph capturable.
+
+Per-layer options: a sliding window (the context is ``[max(0, seq_len - window), seq_len)``,
+derived on the device like the splits, so a graph captured once serves every length) and a
+tanh soft-cap on the scores. A head_dim that is not a power of two is padded to one in
+registers (masked loads and stores), e.g. Phi-3's 96.
 """
 
 from __future__ import annotations
@@ -25,9 +30,38 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def _tanh(x):
+    # tanh from exp (no libdevice dependency, same in the interpreter): exp overflowing to inf
+    # for large x still gives 1, and -1 for very negative x.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _dim_mask(rows_mask, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``rows_mask [R, 1]`` and, only when head_dim was padded to BLOCK_D, the head_dim bound:
+    a power-of-2 head_dim compiles to exactly the unpadded kernel."""
+    if BLOCK_D != HEAD_DIM:
+        mask = rows_mask & (offs_d[None, :] < HEAD_DIM)
+    else:
+        mask = rows_mask
+    return mask
+
+
+@triton.jit
+def _scores(q, k, qk_scale, softcap_scale, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Base-2 attention scores of q against k: ``s * log2(e)`` with ``s = scale * q.k``, or
+    with a soft-cap ``c``: ``c * tanh(s / c) * log2(e)`` (then qk_scale = scale / c and
+    softcap_scale = c * log2(e))."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if SOFTCAP:
+        qk = _tanh(qk) * softcap_scale
+    return qk
+
+
 # The block-table width changes from step to step: specializing on it (width == 1, width % 16)
 # would compile new variants mid-serving, a ~1 s stall each (seen on the H100 in bench offline).
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "window"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -38,6 +72,8 @@ def _decode_split_kernel(
     part_out_ptr,
     part_lse_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2 (exp2 is one instruction)
+    softcap_scale,  # with SOFTCAP: cap * log2(e), and qk_scale = scale / cap
+    window,  # with WINDOW: keys at positions >= seq_len - window only
     stride_qb,
     stride_qh,
     stride_ob,
@@ -54,10 +90,13 @@ def _decode_split_kernel(
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_H: tl.constexpr,  # GROUP padded to >= 16 (tl.dot's minimum M)
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of 2
     PAGE_SIZE: tl.constexpr,  # tokens per KV-cache block
     BLOCK_N: tl.constexpr,  # context tokens per inner-loop tile
     NUM_SPLITS: tl.constexpr,
     DIRECT_OUT: tl.constexpr,  # single split: write the final output, skip the reduce
+    WINDOW: tl.constexpr,  # sliding-window layer
+    SOFTCAP: tl.constexpr,  # tanh soft-capped scores
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -65,24 +104,28 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
+    first = 0
+    if WINDOW:
+        first = tl.maximum(seq_len - window, 0)
     # Split the context evenly, in whole tiles so no tile straddles two splits.
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
-    start = split * tiles_per_split * BLOCK_N
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first, BLOCK_N), NUM_SPLITS)
+    start = first + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_h
     h_mask = offs_h < GROUP
+    hd_mask = _dim_mask(h_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=h_mask[:, None],
+        mask=hd_mask,
         other=0.0,
     )
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + seq * stride_bt
     kv_base = kv_head * stride_cache_head
 
@@ -94,14 +137,15 @@ def _decode_split_kernel(
         # Gather: token n lives in block block_tables[seq, n // PAGE_SIZE] at n % PAGE_SIZE.
         block_ids = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
         tok = block_ids * stride_cache_block + (offs_n % PAGE_SIZE) * stride_cache_tok + kv_base
-        k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        kv_mask = _dim_mask(n_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
+        k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = _scores(q, k, qk_scale, softcap_scale, SOFTCAP, DOT_PRECISION)
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -110,11 +154,11 @@ def _decode_split_kernel(
     o = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
     if DIRECT_OUT:
         dst = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=hd_mask)
     else:
         lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
         dst = part_out_ptr + seq * stride_pb + heads[:, None] * stride_ph + split * stride_ps
-        tl.store(dst + offs_d[None, :], o, mask=h_mask[:, None])
+        tl.store(dst + offs_d[None, :], o, mask=hd_mask)
         tl.store(part_lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 
@@ -131,13 +175,14 @@ def _decode_reduce_kernel(
     stride_ob,
     stride_oh,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_P2: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P2)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < NUM_SPLITS
     lse = tl.load(
         part_lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf")
@@ -153,12 +198,31 @@ def _decode_reduce_kernel(
         + head * stride_ph
         + offs_s[:, None] * stride_ps
         + offs_d[None, :],
-        mask=used[:, None],
+        mask=_dim_mask(used[:, None], offs_d, HEAD_DIM, BLOCK_D),
         other=0.0,
     )
     den = tl.sum(w, 0)
     o = tl.sum(part * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+    dst = out_ptr + seq * stride_ob + head * stride_oh + offs_d
+    if BLOCK_D != HEAD_DIM:
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    else:
+        tl.store(dst, o.to(out_ptr.dtype.element_ty))
+
+
+def head_dim_block(head_dim: int) -> int:
+    """The register width a head is padded to: a power of 2, at least tl.dot's minimum 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def decode_tiles(head_dim: int, elem_bytes: int) -> tuple[int, int]:
+    """(BLOCK_N, num_stages) by default: 64 and 3 (measured on the H100 for head_dim <= 128).
+    Wider heads (Gemma's 256) halve the tile, and in fp32 also the pipeline depth, so that the
+    staged K/V tiles stay well inside shared memory (64 x 256 fp32 x 2 tensors x 3 stages would
+    be 384 KiB). Not yet tuned on hardware for head_dim 256."""
+    if head_dim_block(head_dim) <= 128:
+        return 64, 3
+    return 32, (3 if elem_bytes <= 2 else 2)
 
 
 @functools.lru_cache(maxsize=16)
@@ -222,20 +286,24 @@ def decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` over each sequence's paged KV; returns ``[B, Hq, D]``.
 
     ``block_tables`` int32 ``[B, max_blocks]``, ``seq_lens`` int32 ``[B]`` (0 = padding lane:
     output zeros). ``num_splits`` None picks it from ``B``, ``Hkv`` and ``max_blocks`` (see
     ``choose_num_splits``); pass ``workspace`` from ``alloc_decode_workspace`` to avoid the
-    per-call allocation of the split partials.
+    per-call allocation of the split partials. ``sliding_window`` W: only the last W keys of
+    each sequence are read; ``softcap`` c: scores ``c * tanh(scale * q.k / c)`` (see
+    ``reference.py``).
     """
     b, hq, d = q.shape
     num_blocks, page_size, hkv, d_cache = k_cache.shape
-    assert d == d_cache and d & (d - 1) == 0 and d >= 16, f"head_dim must be a power of 2, got {d}"
+    assert d == d_cache, f"q head_dim {d} and KV cache head_dim {d_cache} differ"
     assert hq % hkv == 0, f"num_q_heads {hq} is not a multiple of num_kv_heads {hkv}"
     assert v_cache.shape == k_cache.shape and k_cache.stride() == v_cache.stride()
     assert q.stride(2) == 1 and k_cache.stride(3) == 1, "head_dim axis must be contiguous"
@@ -249,7 +317,13 @@ def decode_attention(
         return out
     if num_splits is None:
         max_context = block_tables.shape[1] * page_size
+        if sliding_window:
+            max_context = min(max_context, sliding_window)
         num_splits = choose_num_splits(b, hkv, max_context, _device_sms(q.device))
+    if block_n is None or num_stages is None:
+        tile_n, stages = decode_tiles(d, q.element_size())
+        block_n = tile_n if block_n is None else block_n
+        num_stages = stages if num_stages is None else num_stages
     direct = num_splits == 1
     if direct:
         part_out, part_lse = out, seq_lens  # unused placeholders (any pointer will do)
@@ -274,7 +348,9 @@ def decode_attention(
         out,
         part_out,
         part_lse,
-        scale * _LOG2E,
+        scale / softcap if softcap else scale * _LOG2E,
+        softcap * _LOG2E if softcap else 1.0,
+        sliding_window or 0,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -288,10 +364,13 @@ def decode_attention(
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d,
+        BLOCK_D=head_dim_block(d),
         PAGE_SIZE=page_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         DIRECT_OUT=direct,
+        WINDOW=bool(sliding_window),
+        SOFTCAP=bool(softcap),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
@@ -306,6 +385,7 @@ def decode_attention(
             out.stride(0),
             out.stride(1),
             HEAD_DIM=d,
+            BLOCK_D=head_dim_block(d),
             NUM_SPLITS=num_splits,
             SPLITS_P2=triton.next_power_of_2(num_splits),
             num_warps=4,

@@ -22,16 +22,19 @@ def _store_kv_kernel(
     stride_cache_h,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of 2
     BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     # A negative slot is a padding lane: mask every access so nothing is read or written.
     # (Folded into the head bound: `tensor_mask & scalar_bool` trips Triton's interpreter.)
     num_heads = tl.where(slot >= 0, NUM_KV_HEADS, 0)
     mask = offs_h[:, None] < num_heads
+    if BLOCK_D != HEAD_DIM:  # padded head_dim only: a power of 2 compiles as before
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
     src_k = k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
     src_v = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
     dst = slot * stride_cache_slot + offs_h[:, None] * stride_cache_h + offs_d[None, :]
@@ -60,7 +63,6 @@ def store_kv(
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (hkv, d)
     assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim axis of k/v must be contiguous"
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert d & (d - 1) == 0, f"head_dim must be a power of 2, got {d}"
     if t == 0:
         return
     _store_kv_kernel[(t,)](
@@ -77,6 +79,7 @@ def store_kv(
         k_cache.stride(2),
         NUM_KV_HEADS=hkv,
         HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
         BLOCK_H=triton.next_power_of_2(hkv),
         num_warps=num_warps,
     )

@@ -49,6 +49,28 @@ def gather_kv_ref(
 # ---------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------
+# Two per-layer options shared by every attention path (HF semantics):
+# - ``sliding_window`` W: the query at position p sees keys k with p - W < k <= p (W keys,
+#   itself included); None or 0 means no window.
+# - ``softcap`` c: scores s = scale * q.k become c * tanh(s / c) before the mask and softmax
+#   (Gemma 2); None or 0 means no cap.
+
+
+def softcap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``c * tanh(s / c)`` in HF's order of operations (divide, tanh, multiply)."""
+    if not softcap:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
+def visible_keys(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    """``[Lq, Lk]`` bool: key ``k_pos[j]`` is visible to the query at ``q_pos[i]``."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if sliding_window:
+        mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+    return mask
 
 
 def decode_attention_ref(
@@ -59,12 +81,14 @@ def decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its paged KV. ``q [B, Hq, D]`` -> ``[B, Hq, D]``.
 
     Vectorised over the batch (no host sync): every sequence is gathered to the full
-    ``max_blocks * block_size`` length and positions ``>= seq_len`` are masked. A lane with
-    ``seq_len == 0`` outputs zeros.
+    ``max_blocks * block_size`` length and positions ``>= seq_len`` (and, with a sliding
+    window, ``< seq_len - window``) are masked. A lane with ``seq_len == 0`` outputs zeros.
     """
     b, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -73,9 +97,12 @@ def decode_attention_ref(
     v = gather_kv_ref(v_cache, block_tables).float()
     k = k.repeat_interleave(group, dim=2)  # [B, L, Hq, D]
     v = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bhd,blhd->bhl", q.float(), k) * scale  # [B, Hq, L]
+    scores = softcap_scores(torch.einsum("bhd,blhd->bhl", q.float(), k) * scale, softcap)
     pos = torch.arange(k.shape[1], device=q.device)
-    valid = pos[None, :] < seq_lens.to(q.device).long()[:, None]  # [B, L]
+    lens = seq_lens.to(q.device).long()[:, None]
+    valid = pos[None, :] < lens  # [B, L]
+    if sliding_window:
+        valid &= pos[None, :] >= lens - sliding_window
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     # Slots past a sequence's end may hold garbage (even NaN); 0 * NaN would leak through.
     v = v.masked_fill(~valid[:, :, None, None], 0.0)
@@ -98,11 +125,14 @@ def extend_attention_ref(
     block_tables: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Packed causal prefill/extend against the paged cache. ``q [T, Hq, D]`` -> ``[T, Hq, D]``.
 
     Query ``i`` of sequence ``b`` sits at absolute position ``seq_len - q_len + i`` and sees keys
-    at positions ``<= `` that. Loops over sequences on the host (reads ``cu_seqlens_q``).
+    at positions ``<= `` that (and, with a sliding window, ``> position - window``). Loops over
+    sequences on the host (reads ``cu_seqlens_q``).
     """
     _, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -115,16 +145,18 @@ def extend_attention_ref(
         q_len, kv_len = q_end - q_start, lens[b]
         if q_len == 0:
             continue
-        k = gather_kv_ref(k_cache, block_tables[b : b + 1], kv_len)[0].float()  # [L, Hkv, D]
-        v = gather_kv_ref(v_cache, block_tables[b : b + 1], kv_len)[0].float()
+        # Keys before the first query's window are seen by no query (and may hold anything).
+        lo = max(0, kv_len - q_len - sliding_window + 1) if sliding_window else 0
+        k = gather_kv_ref(k_cache, block_tables[b : b + 1], kv_len)[0, lo:].float()  # [L, Hkv, D]
+        v = gather_kv_ref(v_cache, block_tables[b : b + 1], kv_len)[0, lo:].float()
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         qb = q[q_start:q_end].float()  # [Lq, Hq, D]
-        scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
+        scores = softcap_scores(torch.einsum("qhd,khd->hqk", qb, k) * scale, softcap)
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-        k_pos = torch.arange(kv_len, device=q.device)
-        causal = k_pos[None, :] <= q_pos[:, None]
-        scores = scores.masked_fill(~causal[None], float("-inf"))
+        k_pos = torch.arange(lo, kv_len, device=q.device)
+        visible = visible_keys(q_pos, k_pos, sliding_window)
+        scores = scores.masked_fill(~visible[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         result[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(result.dtype)
     return result
@@ -136,12 +168,20 @@ def extend_attention_ref(
 
 
 def rmsnorm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+    gemma: bool = False,
 ) -> torch.Tensor:
-    """HF Llama RMSNorm numerics: normalise in fp32, round to the input dtype, then scale."""
+    """HF Llama RMSNorm numerics: normalise in fp32, round to the input dtype, then scale.
+    With ``gemma``: HF Gemma's ``(x * (1 + weight))`` in fp32, rounded once at the end."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    result = (weight * h.to(x.dtype)).to(x.dtype)
+    if gemma:
+        result = (h * (1.0 + weight.float())).to(x.dtype)
+    else:
+        result = (weight * h.to(x.dtype)).to(x.dtype)
     if out is None:
         return result
     out.copy_(result)
@@ -149,11 +189,30 @@ def rmsnorm_ref(
 
 
 def fused_add_rmsnorm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False
 ) -> None:
     """In place: ``residual += x``; ``x = rmsnorm(residual) * weight``."""
     residual.add_(x)
-    x.copy_(rmsnorm_ref(residual, weight, eps))
+    x.copy_(rmsnorm_ref(residual, weight, eps, gemma=gemma))
+
+
+def head_rmsnorm_ref_(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+    gemma: bool = False,
+) -> None:
+    """In place: RMSNorm over head_dim of the q heads and the k heads of a packed qkv."""
+    t = qkv.shape[0]
+    q_size, k_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].view(t, num_q_heads, head_dim)
+    k = qkv[:, q_size : q_size + k_size].view(t, num_kv_heads, head_dim)
+    q.copy_(rmsnorm_ref(q, q_weight, eps, gemma=gemma))
+    k.copy_(rmsnorm_ref(k, k_weight, eps, gemma=gemma))
 
 
 def rope_qkv_ref_(
@@ -186,17 +245,41 @@ def silu_and_mul_ref(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     return out
 
 
+def gelu_tanh_and_mul_ref(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``gelu_tanh(x[:, :I]) * x[:, I:]`` (HF ``gelu_pytorch_tanh``, rounded like eager)."""
+    inter = x.shape[-1] // 2
+    result = F.gelu(x[..., :inter], approximate="tanh") * x[..., inter:]
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
 def dense_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain attention for one sequence: ``q [Lq, Hq, D]``, ``k, v [L, Hkv, D]``, bottom-right
-    aligned causal mask (query ``i`` at position ``L - Lq + i``). Independent check for tests."""
+    aligned causal mask (query ``i`` at position ``L - Lq + i``), an optional sliding window
+    (a band of the mask) and soft-cap. Independent check for tests: the mask is built as a band
+    of a dense matrix, not from positions."""
     lq, hq, _ = q.shape
     lk, hkv, _ = k.shape
     group = hq // hkv
     qh = q.float().transpose(0, 1)  # [Hq, Lq, D]
     kh = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
     vh = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    return o.transpose(0, 1).to(q.dtype)
+    ones = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    mask = ones.tril(diagonal=lk - lq)
+    if sliding_window:
+        mask &= ones.triu(diagonal=lk - lq - sliding_window + 1)
+    if not softcap:
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        return o.transpose(0, 1).to(q.dtype)
+    scores = torch.tanh(qh @ kh.transpose(1, 2) * scale / softcap) * softcap
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ vh).transpose(0, 1).to(q.dtype)

@@ -16,17 +16,24 @@ def _rope_kernel(
     stride_cs,
     NUM_ROT_HEADS: tl.constexpr,  # q heads + k heads; v heads follow and are left alone
     HEAD_DIM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,  # HEAD_DIM / 2 rounded up to a power of 2 (e.g. 48 -> 64)
     BLOCK_HEADS: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2
-    offs_j = tl.arange(0, half)
+    offs_j = tl.arange(0, BLOCK_HALF)
     pos = tl.load(pos_ptr + token)
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_j)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + half + offs_j)
     heads = head_block * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
     mask = heads[:, None] < NUM_ROT_HEADS
+    if BLOCK_HALF != half:  # padded (e.g. head_dim 96); a power of 2 compiles as before
+        j_mask = offs_j < half
+        cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_j, mask=j_mask, other=0.0)
+        sin = tl.load(cos_sin_ptr + pos * stride_cs + half + offs_j, mask=j_mask, other=0.0)
+        mask = mask & j_mask[None, :]
+    else:
+        cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_j)
+        sin = tl.load(cos_sin_ptr + pos * stride_cs + half + offs_j)
     # q heads and k heads are adjacent in the packed row, so they rotate as one range.
     first = qkv_ptr + token * stride_t + heads[:, None] * HEAD_DIM + offs_j[None, :]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
@@ -53,7 +60,7 @@ def rope_qkv_(
     """
     t = qkv.shape[0]
     assert qkv.shape[1] == (num_q_heads + 2 * num_kv_heads) * head_dim and qkv.stride(1) == 1
-    assert head_dim & (head_dim - 1) == 0, f"head_dim must be a power of 2, got {head_dim}"
+    assert head_dim % 2 == 0, f"head_dim must be even, got {head_dim}"
     assert cos_sin_cache.shape[1] == head_dim and cos_sin_cache.stride(1) == 1
     assert positions.shape == (t,)
     if t == 0:
@@ -69,6 +76,7 @@ def rope_qkv_(
         cos_sin_cache.stride(0),
         NUM_ROT_HEADS=num_rot,
         HEAD_DIM=head_dim,
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         BLOCK_HEADS=block_heads,
         num_warps=num_warps,
     )

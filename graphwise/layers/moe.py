@@ -1,4 +1,5 @@
-"""Mixture-of-experts MLP (Qwen2-MoE layout): top-k routed experts plus a gated shared expert.
+"""Mixture-of-experts MLP: top-k routed experts plus, optionally, a gated shared expert
+(Qwen2-MoE has one; Qwen3-MoE and Mixtral have none).
 
 Expert weights are stored stacked — gate/up as [E, 2I, H] and down as [E, H, I] — so a fused
 grouped-GEMM kernel can take them as they are. The PyTorch path here loops over the experts that
@@ -30,6 +31,7 @@ class SparseMoE(nn.Module):
         intermediate_size: int,
         norm_topk_prob: bool,
         shared_intermediate_size: int = 0,
+        fp32_routing_weights: bool = False,
     ) -> None:
         super().__init__()
         tp = parallel_state.current()
@@ -37,6 +39,9 @@ class SparseMoE(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
+        # Mixtral's router hands its fp32 top-k weights to the experts as they are; Qwen's
+        # round them to the model dtype first.
+        self.fp32_routing_weights = fp32_routing_weights
         self.intermediate_size = intermediate_size
         # Experts [expert_start, expert_start + num_local_experts) live here (all at TP=1).
         self.expert_start = tp.tp_rank * num_experts // tp.tp_size
@@ -59,12 +64,14 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = Linear(hidden_size, 1)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [T, k] in x's dtype, expert ids [T, k])."""
+        """(weights [T, k] in x's dtype (fp32 for Mixtral), expert ids [T, k])."""
         router_logits = self.gate(x)
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.fp32_routing_weights:
+            return weights, experts
         return weights.to(x.dtype), experts
 
     def experts_forward(

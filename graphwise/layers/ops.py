@@ -31,27 +31,59 @@ def triton_enabled() -> bool:
     return _use_triton.get()
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _use_triton.get() and x.is_cuda:
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
+    """Llama's RMSNorm (round, then scale by weight) or, with `gemma`, Gemma's (scale by
+    1 + weight in fp32, round once)."""
+    if triton_enabled() and x.is_cuda and x.dim() == 2:
         from graphwise.kernels.rmsnorm import rmsnorm as triton_rmsnorm
 
-        return triton_rmsnorm(x, weight, eps)
+        return triton_rmsnorm(x, weight, eps, gemma=gemma)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (h * (1.0 + weight.float())).to(x.dtype)
     return weight * h.to(x.dtype)
 
 
 def add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rmsnorm(x + residual), x + residual)."""
-    if _use_triton.get() and x.is_cuda:
+    if triton_enabled() and x.is_cuda:
         from graphwise.kernels.rmsnorm import fused_add_rmsnorm
 
-        fused_add_rmsnorm(x, residual, weight, eps)  # in place: x <- norm, residual <- sum
+        # in place: x <- norm, residual <- sum
+        fused_add_rmsnorm(x, residual, weight, eps, gemma=gemma)
         return x, residual
     residual = residual + x
-    return rmsnorm(residual, weight, eps), residual
+    return rmsnorm(residual, weight, eps, gemma), residual
+
+
+def head_rmsnorm_(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+    gemma: bool = False,
+) -> None:
+    """RMSNorm over head_dim of each q and each k head of a packed [T, (Hq + 2 Hkv) * D]
+    projection, in place (Qwen3 and Gemma 3 normalise q and k before RoPE)."""
+    if triton_enabled() and qkv.is_cuda:
+        from graphwise.kernels.rmsnorm import head_rmsnorm_ as triton_head_rmsnorm_
+
+        triton_head_rmsnorm_(
+            qkv, q_weight, k_weight, num_heads, num_kv_heads, head_dim, eps, gemma=gemma
+        )
+        return
+    T = qkv.shape[0]
+    q_size, k_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].view(T, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + k_size].view(T, num_kv_heads, head_dim)
+    q.copy_(rmsnorm(q, q_weight, eps, gemma))
+    k.copy_(rmsnorm(k, k_weight, eps, gemma))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +93,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return triton_silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU: gelu(gate, approximate="tanh") * up (HF's `gelu_pytorch_tanh`, Gemma)."""
+    if triton_enabled() and x.is_cuda:
+        from graphwise.kernels.activation import gelu_tanh_and_mul as triton_gelu_tanh_and_mul
+
+        return triton_gelu_tanh_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def rope_qkv(

@@ -1,7 +1,15 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style) and Qwen2 (QKV bias).
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral with its sliding window) and Qwen2 (QKV
+bias): the base the other families subclass.
 
 Forward works on a flat batch: all sequences' new tokens concatenated ([T] ids, [T] positions),
 with the per-sequence structure carried by the attention metadata in the ForwardContext.
+
+Hooks for the subclasses (class attributes and small methods, no copies of forward):
+`SelfAttention.qk_norm` (per-head q/k RMSNorm before RoPE: Qwen3, Gemma 3),
+`DecoderLayer.make_mlp` / `attention_cls` / `norm_cls` (MoE, GeGLU, Gemma),
+`LlamaModel.layer_cls` / `norm_cls` / `scale_embeddings` (Gemma), `LlamaForCausalLM.model_cls`
+and `map_weight` (checkpoint names). Per-layer attention settings (sliding window, soft-cap,
+scale, RoPE base) come from ModelConfig.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from graphwise.layers.linear import (
 )
 from graphwise.layers.mlp import MLP
 from graphwise.layers.norm import RMSNorm
-from graphwise.layers.rotary import RotaryEmbedding
+from graphwise.layers.rotary import get_rotary
 from graphwise.models.model_config import ModelConfig
 
 # HF checkpoint name -> (our packed module, shard)
@@ -40,6 +48,9 @@ _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class SelfAttention(nn.Module):
+    # Per-head RMSNorm of q and k before RoPE (Qwen3: RMSNorm, Gemma 3: GemmaRMSNorm).
+    qk_norm: type[RMSNorm] | None = None
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         tp = parallel_state.current()
@@ -55,19 +66,44 @@ class SelfAttention(nn.Module):
             bias=cfg.attention_bias,
             shard_parts={"q": (tp.tp_rank, tp.tp_size), "k": kv_part, "v": kv_part},
         )
-        o_bias = cfg.attention_bias and cfg.architecture.startswith(("Llama", "Mistral"))
+        # Qwen2's attention_bias means q/k/v biases only; elsewhere o_proj has one too.
+        o_bias = cfg.attention_bias and not cfg.architecture.startswith("Qwen2")
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, bias=o_bias)
-        self.rotary = RotaryEmbedding(
-            self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        theta, scaling = cfg.layer_rope(layer_idx)
+        self.rotary = get_rotary(self.head_dim, cfg.max_position_embeddings, theta, scaling)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if self.qk_norm is not None:
+            self.q_norm = self.qk_norm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = self.qk_norm(self.head_dim, cfg.rms_norm_eps)
+        self.attn = Attention(
+            layer_idx,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            scale=cfg.attention_scale,
+            sliding_window=cfg.layer_sliding_window(layer_idx),
+            softcap=cfg.attn_logit_softcapping,
         )
-        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        if self.q_norm is not None and self.k_norm is not None:
+            ops.head_rmsnorm_(
+                qkv,
+                self.q_norm.weight,
+                self.k_norm.weight,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                self.q_norm.eps,
+                self.q_norm.gemma,
+            )
         q, k, v = ops.rope_qkv(
-            self.qkv_proj(x),
+            qkv,
             positions,
             self.rotary.cos_sin_cache,
             self.num_heads,
@@ -79,15 +115,18 @@ class SelfAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    attention_cls: type[SelfAttention] = SelfAttention
+    norm_cls: type[RMSNorm] = RMSNorm
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(cfg, layer_idx)
+        self.self_attn = self.attention_cls(cfg, layer_idx)
         self.mlp = self.make_mlp(cfg, layer_idx)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps)
 
     def make_mlp(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-        return MLP(cfg.hidden_size, cfg.intermediate_size)
+        return MLP(cfg.hidden_size, cfg.intermediate_size, hidden_act=cfg.hidden_act)
 
     def forward(
         self,
@@ -120,10 +159,16 @@ class LlamaModel(nn.Module):
     returns (hidden, residual) for the next one, which passes them back in as `intermediate`."""
 
     layer_cls: type[DecoderLayer] = DecoderLayer
+    norm_cls: type[RMSNorm] = RMSNorm
+    scale_embeddings = False  # Gemma: embeddings times sqrt(hidden_size)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         ctx = parallel_state.current()
+        # HF rounds sqrt(hidden) to the model dtype (the default dtype while the model is
+        # built) before multiplying: sqrt(3584) = 59.87 is 60.0 in bf16.
+        scale = torch.tensor(cfg.hidden_size**0.5, dtype=torch.float32, device="cpu")
+        self.embed_multiplier = float(scale.to(torch.get_default_dtype()))
         self.start_layer, self.end_layer = parallel_state.stage_layers(
             cfg.num_hidden_layers, ctx.pp_rank, ctx.pp_size
         )
@@ -143,7 +188,7 @@ class LlamaModel(nn.Module):
             ]
         )
         self.stage_layers = list(self.layers)[self.start_layer : self.end_layer]
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if ctx.is_last_stage else None
+        self.norm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps) if ctx.is_last_stage else None
 
     def forward(
         self,
@@ -156,6 +201,8 @@ class LlamaModel(nn.Module):
         if intermediate is None:
             assert self.embed_tokens is not None
             x = self.embed_tokens(input_ids)
+            if self.scale_embeddings:
+                x = x * self.embed_multiplier
         else:
             x, residual = intermediate
         for layer in self.stage_layers:
@@ -217,9 +264,17 @@ class LlamaForCausalLM(nn.Module):
         the whole vocabulary, the others None."""
         assert self.lm_head is not None, "the logits are computed on pipeline stage 0"
         if self.tp_size == 1:
-            return self.lm_head(hidden).float()
+            return self.softcap_logits(self.lm_head(hidden).float())
         logits = parallel_state.gather_vocab_shards(self.lm_head(hidden), self.config.vocab_size)
-        return None if logits is None else logits.float()  # type: ignore[return-value]
+        return None if logits is None else self.softcap_logits(logits.float())  # type: ignore[return-value]
+
+    def softcap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's final soft-cap, cap * tanh(logits / cap) (in fp32 here, where HF works in
+        the model dtype: identical in fp32, a little more precise in bf16)."""
+        cap = self.config.final_logit_softcapping
+        if not cap:
+            return logits
+        return torch.tanh(logits / cap) * cap
 
     # ---- weights ----------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

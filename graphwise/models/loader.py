@@ -18,7 +18,7 @@ from tqdm import tqdm
 from graphwise.config import EngineConfig
 from graphwise.distributed import parallel_state
 from graphwise.models.default import DEFAULT_MODEL_NAME, default_model_path
-from graphwise.models.gguf_loader import gguf_config, gguf_weights
+from graphwise.models.gguf_loader import gguf_config, gguf_has_tokenizer, gguf_weights
 from graphwise.models.model_config import ModelConfig
 from graphwise.models.registry import resolve_model_class
 
@@ -99,7 +99,9 @@ def _dummy_init(model: nn.Module, seed: int) -> None:
     sharded = parallel_state.current() != parallel_state.SINGLE
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or "layernorm" in name:
-            p.data.fill_(1.0)
+            # Unit scale: weight 1, or 0 for Gemma's norms, which scale by (1 + weight).
+            owner = model.get_submodule(name.rpartition(".")[0])
+            p.data.fill_(0.0 if getattr(owner, "gemma", False) else 1.0)
         else:
             if sharded:
                 gen.manual_seed(seed + zlib.crc32(name.encode()))
@@ -175,6 +177,9 @@ def load_tokenizer(source: ModelSource, cfg: EngineConfig) -> Any | None:
         return None
     assert source.path is not None
     if source.kind == "gguf":
+        if not gguf_has_tokenizer(source.path):
+            logger.warning("%s has no tokenizer: only prompt_token_ids are accepted", source.path)
+            return None
         return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
     if not any((source.path / f).is_file() for f in _TOKENIZER_FILES):
         logger.warning("%s has no tokenizer files: only prompt_token_ids are accepted", source.path)

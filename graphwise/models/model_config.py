@@ -1,15 +1,21 @@
 """ModelConfig: the architecture facts the engine needs, read from an HF config.json dict.
 
 Accepts both spellings of RoPE settings: transformers 4 (`rope_theta`, `rope_scaling`) and
-transformers 5 (`rope_parameters`).
+transformers 5 (`rope_parameters`, flat or per layer type). Which layers use a sliding window
+follows each family's HF rule (`layer_types` when the config has it, else the family's default
+pattern). A feature we do not implement is an error that names it, never a silent default.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from graphwise.layers.activation import GATED_ACTIVATIONS
+from graphwise.layers.rotary import check_rope_scaling, rope_type
 
 _DTYPES = {
     "float32": torch.float32,
@@ -18,6 +24,156 @@ _DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+FULL, SLIDING = "full_attention", "sliding_attention"
+LAYER_TYPES = (FULL, SLIDING)
+
+# RoPE base when the config names none (HF's per-family defaults).
+_DEFAULT_THETA = {"MixtralForCausalLM": 1e6, "Gemma3ForCausalLM": 1e6}
+# `sliding_window` when the config lacks the key (HF's config defaults; None: no window).
+_DEFAULT_WINDOW = {
+    "MistralForCausalLM": 4096,
+    "Gemma2ForCausalLM": 4096,
+    "Gemma3ForCausalLM": 4096,
+}
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Families whose HF config ties the LM head to the embedding unless it says otherwise.
+_TIED_BY_DEFAULT = _GEMMA
+_QWEN_WINDOWED = (
+    "Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+
+
+def _every_layer(d: dict[str, Any], n: int) -> list[str]:
+    return [SLIDING] * n
+
+
+def _qwen_upper_layers(d: dict[str, Any], n: int) -> list[str]:
+    # Qwen2 / Qwen3: layers from max_window_layers on (transformers 5's rule).
+    first = int(d.get("max_window_layers", 28))
+    return [SLIDING if i >= first else FULL for i in range(n)]
+
+
+def _qwen2_moe_layers(d: dict[str, Any], n: int) -> list[str]:
+    # Qwen2-MoE: every other layer below max_window_layers (transformers 5's rule).
+    last = int(d.get("max_window_layers", 28))
+    return [SLIDING if (i + 1) % 2 and i < last else FULL for i in range(n)]
+
+
+def _gemma2_layers(d: dict[str, Any], n: int) -> list[str]:
+    return [SLIDING if (i + 1) % 2 else FULL for i in range(n)]
+
+
+def _gemma3_layers(d: dict[str, Any], n: int) -> list[str]:
+    pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+    return [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+
+
+# Which layers slide when the config has no `layer_types`. A family whose HF model passes its
+# window to every layer regardless of `layer_types` is listed in `_IGNORES_LAYER_TYPES`.
+_WINDOW_LAYERS: dict[str, Callable[[dict[str, Any], int], list[str]]] = {
+    "MistralForCausalLM": _every_layer,
+    "MixtralForCausalLM": _every_layer,
+    "Phi3ForCausalLM": _every_layer,
+    "Qwen3MoeForCausalLM": _every_layer,
+    "Qwen2ForCausalLM": _qwen_upper_layers,
+    "Qwen3ForCausalLM": _qwen_upper_layers,
+    "Qwen2MoeForCausalLM": _qwen2_moe_layers,
+    "Gemma2ForCausalLM": _gemma2_layers,
+    "Gemma3ForCausalLM": _gemma3_layers,
+}
+_IGNORES_LAYER_TYPES = (
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Phi3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+
+
+def _sliding_window(arch: str, d: dict[str, Any]) -> int | None:
+    window = d["sliding_window"] if "sliding_window" in d else _DEFAULT_WINDOW.get(arch)
+    if arch in _QWEN_WINDOWED and not d.get("use_sliding_window", False):
+        window = None  # Qwen configs carry a window they do not use unless told to
+    return int(window) if window else None
+
+
+def _layer_types(arch: str, d: dict[str, Any], n: int, window: int | None) -> list[str]:
+    if window is None or arch not in _WINDOW_LAYERS:
+        return [FULL] * n
+    given = d.get("layer_types")
+    if given and arch not in _IGNORES_LAYER_TYPES:
+        unknown = sorted(set(given) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(
+                f"layer type(s) {unknown} are not supported ({', '.join(LAYER_TYPES)})"
+            )
+        if len(given) < n:
+            raise ValueError(f"layer_types lists {len(given)} layers, the model has {n}")
+        return list(given[:n])
+    return _WINDOW_LAYERS[arch](d, n)
+
+
+def _rope_by_layer_type(
+    arch: str, d: dict[str, Any]
+) -> dict[str, tuple[float, dict[str, Any] | None]]:
+    """(theta, scaling or None) for full-attention and sliding-window layers."""
+    default_theta = _DEFAULT_THETA.get(arch, 10000.0)
+    rope = d.get("rope_parameters") or {}
+
+    def one(params: dict[str, Any], theta: float, scaling: Any) -> tuple[float, Any]:
+        if scaling is None and rope_type(params) != "default":
+            scaling = params
+        if scaling is not None and rope_type(scaling) == "longrope":
+            # Phi-3 keeps the original context length at the top level of its config.
+            original = scaling.get("original_max_position_embeddings")
+            original = original or d.get("original_max_position_embeddings")
+            scaling = {**scaling, "original_max_position_embeddings": original}
+        check_rope_scaling(scaling)
+        factor = (scaling or {}).get("partial_rotary_factor") or params.get("partial_rotary_factor")
+        if factor is not None and float(factor) != 1.0:
+            raise ValueError(f"partial_rotary_factor={factor} (partial RoPE) is not supported")
+        return theta, scaling
+
+    if isinstance(rope.get(FULL), dict) or isinstance(rope.get(SLIDING), dict):
+        # transformers 5, per layer type (Gemma 3)
+        full_params, sliding_params = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+        full = one(full_params, float(full_params.get("rope_theta", default_theta)), None)
+        sliding = one(sliding_params, float(sliding_params.get("rope_theta", 10000.0)), None)
+        return {FULL: full, SLIDING: sliding}
+    theta = float(d.get("rope_theta", rope.get("rope_theta", default_theta)))
+    scaling = d.get("rope_scaling") or None
+    full = one(rope, theta, scaling)
+    if arch == "Gemma3ForCausalLM":  # transformers 4 spelling: a separate local base, unscaled
+        return {FULL: full, SLIDING: (float(d.get("rope_local_base_freq", 10000.0)), None)}
+    return {FULL: full, SLIDING: full}
+
+
+def _check_supported(arch: str, d: dict[str, Any]) -> str:
+    """The hidden activation; raises for config features no graphwise path implements."""
+    act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
+    if act not in GATED_ACTIVATIONS:
+        raise ValueError(
+            f"hidden activation {act!r} is not supported "
+            f"(supported: {', '.join(sorted(GATED_ACTIVATIONS))})"
+        )
+    if d.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention (non-causal attention) is not supported")
+    factor = d.get("partial_rotary_factor")
+    if factor is not None and float(factor) != 1.0:
+        raise ValueError(f"partial_rotary_factor={factor} (partial RoPE) is not supported")
+    if d.get("attention_chunk_size"):
+        raise ValueError("attention_chunk_size (chunked local attention) is not supported")
+    if d.get("mlp_bias"):
+        raise ValueError("mlp_bias (biases on the MLP projections) is not supported")
+    if d.get("quantization_config"):
+        method = (d["quantization_config"] or {}).get("quant_method", "?")
+        raise ValueError(
+            f"quantized checkpoints are not supported (quantization_config: {method}); "
+            "use an unquantized checkpoint or a GGUF file"
+        )
+    return str(act)
 
 
 @dataclass
@@ -31,7 +187,7 @@ class ModelConfig:
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
+    rope_theta: float  # full-attention layers
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
@@ -39,7 +195,17 @@ class ModelConfig:
     torch_dtype: torch.dtype | None
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
-    # Mixture of experts (Qwen2-MoE).
+    hidden_act: str = "silu"
+    # Attention per layer: "full_attention" or "sliding_attention" (window `sliding_window`).
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int | None = None
+    # Sliding-window layers' RoPE, where it differs (Gemma 3's local base).
+    rope_theta_sliding: float | None = None
+    rope_scaling_sliding: dict[str, Any] | None = None
+    query_pre_attn_scalar: float | None = None  # Gemma: softmax scale = this ** -0.5
+    attn_logit_softcapping: float | None = None  # Gemma 2
+    final_logit_softcapping: float | None = None  # Gemma 2
+    # Mixture of experts (Qwen2-MoE, Qwen3-MoE, Mixtral).
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
@@ -56,6 +222,23 @@ class ModelConfig:
             and (layer_idx + 1) % self.decoder_sparse_step == 0
         )
 
+    def is_sliding(self, layer_idx: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer_idx] == SLIDING
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        """The layer's window (its queries see the last `window` positions), or None."""
+        return self.sliding_window if self.is_sliding(layer_idx) else None
+
+    def layer_rope(self, layer_idx: int) -> tuple[float, dict[str, Any] | None]:
+        if self.is_sliding(layer_idx) and self.rope_theta_sliding is not None:
+            return self.rope_theta_sliding, self.rope_scaling_sliding
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def attention_scale(self) -> float:
+        base = self.query_pre_attn_scalar or self.head_dim
+        return float(base) ** -0.5
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         archs = d.get("architectures") or []
@@ -67,37 +250,53 @@ class ModelConfig:
                 raise ValueError(f"config.json is missing {key!r}")
             return d[key]
 
+        def optional_float(key: str, archs: tuple[str, ...]) -> float | None:
+            # Read only for the families whose HF model uses the key (a stray entry in another
+            # family's config changes nothing there, so it must not here either).
+            value = d.get(key) if arch in archs else None
+            return float(value) if value else None
+
         heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
-        rope = d.get("rope_parameters") or {}
-        rope_theta = float(d.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        scaling = d.get("rope_scaling") or (
-            rope if rope.get("rope_type", "default") != "default" else None
-        )
+        arch = archs[0]
+        act = _check_supported(arch, d)
+        layers = int(need("num_hidden_layers"))
+        window = _sliding_window(arch, d)
+        layer_types = _layer_types(arch, d, layers, window)
+        rope = _rope_by_layer_type(arch, d)
+        sliding_rope = rope[SLIDING] if rope[SLIDING] != rope[FULL] else (None, None)
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         dtype_name = d.get("torch_dtype") or d.get("dtype")
-        arch = archs[0]
         is_qwen = arch.startswith("Qwen2")
         return cls(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(d.get("intermediate_size") or 0),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=int(d.get("head_dim") or hidden // heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=scaling,
+            rope_theta=rope[FULL][0],
+            rope_scaling=rope[FULL][1],
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", arch in _TIED_BY_DEFAULT)),
             attention_bias=bool(d.get("attention_bias", d.get("qkv_bias", is_qwen))),
             torch_dtype=_DTYPES.get(str(dtype_name)) if dtype_name else None,
             eos_token_ids=eos_ids,
             bos_token_id=d.get("bos_token_id"),
-            num_experts=int(d.get("num_experts") or 0),
+            hidden_act=act,
+            layer_types=layer_types,
+            sliding_window=window if SLIDING in layer_types else None,
+            rope_theta_sliding=sliding_rope[0],
+            rope_scaling_sliding=sliding_rope[1],
+            query_pre_attn_scalar=optional_float("query_pre_attn_scalar", _GEMMA),
+            # HF's Gemma 3 attention takes no soft-cap even if its config names one.
+            attn_logit_softcapping=optional_float("attn_logit_softcapping", _GEMMA[:1]),
+            final_logit_softcapping=optional_float("final_logit_softcapping", _GEMMA),
+            num_experts=int(d.get("num_experts") or d.get("num_local_experts") or 0),
             num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
             moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
             shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
@@ -108,5 +307,7 @@ class ModelConfig:
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV bytes per token of context. Sliding-window layers are counted in full: their
+        blocks outside the window are not freed (the block manager keeps whole sequences)."""
         elem = torch.empty(0, dtype=dtype).element_size()
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem

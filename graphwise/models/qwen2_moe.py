@@ -19,7 +19,8 @@ _FUSED = re.compile(r"(.*\.mlp)\.experts\.(gate_up_proj|down_proj)$")
 class MoEDecoderLayer(DecoderLayer):
     def make_mlp(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
         if not cfg.is_moe_layer(layer_idx):
-            return MLP(cfg.hidden_size, cfg.intermediate_size)
+            return MLP(cfg.hidden_size, cfg.intermediate_size, hidden_act=cfg.hidden_act)
+        check_expert_activation(cfg)
         return SparseMoE(
             cfg.hidden_size,
             cfg.num_experts,
@@ -28,6 +29,12 @@ class MoEDecoderLayer(DecoderLayer):
             cfg.norm_topk_prob,
             cfg.shared_expert_intermediate_size,
         )
+
+
+def check_expert_activation(cfg: ModelConfig) -> None:
+    """The experts (PyTorch loop and fused kernel) are SwiGLU only."""
+    if cfg.hidden_act not in ("silu", "swish"):
+        raise ValueError(f"MoE experts with activation {cfg.hidden_act!r} are not supported")
 
 
 class Qwen2MoeModel(LlamaModel):

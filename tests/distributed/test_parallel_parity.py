@@ -46,6 +46,30 @@ def test_tp_pp_greedy_tokens_match_hf(arch, tp, pp, tiny_model_dir, expected, ma
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch, tp, pp",
+    [
+        ("qwen3", 2, 1),  # 3 query heads per rank, q/k norms replicated
+        ("qwen3-moe", 1, 2),
+        ("gemma2", 2, 1),  # soft-caps, alternating windows, tied vocab shards
+        ("gemma3", 2, 1),  # one KV head, replicated on both ranks
+        ("gemma3", 1, 2),
+        ("mistral", 1, 2),
+        ("mixtral", 2, 1),  # experts split over the ranks
+        ("phi3", 2, 2),  # fused checkpoint tensors cut per rank
+    ],
+)
+def test_new_families_tp_pp_greedy_tokens_match_hf(
+    arch, tp, pp, tiny_model_dir, expected, make_llm
+):
+    """Issue 16's families under TP=2 / PP=2 (windows shorter than the prompts)."""
+    llm = make_llm(tiny_model_dir(arch), tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    assert len(worker_pids(llm)) == tp * pp - 1
+    assert generate(llm, prompts()) == expected(arch)
+    assert llm.llm_engine.block_manager.num_used_blocks == 0
+
+
 def test_tp_replicated_kv_head_matches_hf(tiny_single_kv_dir, make_llm):
     ps = [[t % 509 for t in p] for p in prompts(5)]
     llm = make_llm(tiny_single_kv_dir, tensor_parallel_size=2)
@@ -55,9 +79,11 @@ def test_tp_replicated_kv_head_matches_hf(tiny_single_kv_dir, make_llm):
     assert generate(llm, ps) == hf_greedy(tiny_single_kv_dir, ps, GREEDY.max_tokens)
 
 
-def test_tp_with_chunked_prefill_prefix_cache_and_preemption(tiny_model_dir, make_llm):
-    """Block tables that grow, restart (preemption) and share cached blocks reach the workers."""
-    path = tiny_model_dir("llama")
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
+def test_tp_with_chunked_prefill_prefix_cache_and_preemption(arch, tiny_model_dir, make_llm):
+    """Block tables that grow, restart (preemption) and share cached blocks reach the workers;
+    with gemma2, chunks and cached prefixes also cross its 12-token windows."""
+    path = tiny_model_dir(arch)
     ps = prompts(2)
     want = hf_greedy(path, ps, GREEDY.max_tokens)
     llm = make_llm(

@@ -90,6 +90,16 @@ def make_paged(
     return Paged(k_cache, v_cache, block_tables.to(device), seq_lens_t, dense_k, dense_v)
 
 
+def poison_before(p: Paged, firsts: list[int]) -> None:
+    """NaN into the cached K/V of each sequence's positions below ``firsts[b]``."""
+    page = p.k_cache.shape[1]
+    for b, first in enumerate(firsts):
+        for pos in range(first):
+            block = int(p.block_tables[b, pos // page])
+            p.k_cache[block, pos % page] = float("nan")
+            p.v_cache[block, pos % page] = float("nan")
+
+
 def make_cos_sin(max_pos: int, d: int, device: torch.device) -> torch.Tensor:
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
@@ -172,8 +182,12 @@ def check_decode(
     block_n: int = 64,
     strided_q: bool = False,
     workspace: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     p = make_paged(lens, page, hkv, d, dtype, device)
+    if sliding_window:  # keys before the window must not be read: poison them
+        poison_before(p, [max(0, n - sliding_window) for n in lens])
     b = len(lens)
     if strided_q:
         q = torch.randn(b, (hq + 2 * hkv) * d, dtype=dtype, device=device)[:, : hq * d]
@@ -198,9 +212,20 @@ def check_decode(
         num_splits=num_splits,
         workspace=ws,
         block_n=block_n,
+        sliding_window=sliding_window,
+        softcap=softcap,
     )
     assert result is out
-    expected = ref.decode_attention_ref(q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens, scale)
+    expected = ref.decode_attention_ref(
+        q,
+        p.k_cache,
+        p.v_cache,
+        p.block_tables,
+        p.seq_lens,
+        scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+    )
     assert_close(out, expected, dtype)
     pad = p.seq_lens == 0
     assert torch.equal(out[pad], torch.zeros_like(out[pad])), "padding lane must output zeros"
@@ -219,8 +244,14 @@ def check_extend(
     block_m: int = 64,
     block_n: int = 64,
     strided_q: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     p = make_paged(lens, page, hkv, d, dtype, device)
+    if sliding_window:  # keys no query's window reaches must not be read: poison them
+        poison_before(
+            p, [max(0, n - q - sliding_window + 1) for q, n in zip(q_lens, lens, strict=True)]
+        )
     t = sum(q_lens)
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     cu = cu.to(device)
@@ -243,9 +274,19 @@ def check_extend(
         max_q_len=max(q_lens),
         block_m=block_m,
         block_n=block_n,
+        sliding_window=sliding_window,
+        softcap=softcap,
     )
     expected = ref.extend_attention_ref(
-        q, p.k_cache, p.v_cache, cu, p.seq_lens, p.block_tables, scale
+        q,
+        p.k_cache,
+        p.v_cache,
+        cu,
+        p.seq_lens,
+        p.block_tables,
+        scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
     )
     assert_close(out, expected, dtype)
 

@@ -53,8 +53,13 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
-        """Store the new tokens' K/V in the paged cache, then attend."""
+        """Store the new tokens' K/V in the paged cache, then attend.
+
+        Per-layer options (HF semantics): `sliding_window` W lets the query at position p see
+        keys p - W < k <= p only; `softcap` c turns scores s into c * tanh(s / c)."""
 
     # ---- CUDA-graph hooks -------------------------------------------------------------
     def init_graph_buffers(self, max_bs: int, max_blocks: int, device: torch.device) -> None:

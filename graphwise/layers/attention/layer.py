@@ -7,18 +7,51 @@ from graphwise.layers.attention.backend import ForwardContext
 
 
 class Attention(nn.Module):
-    """Paged attention for one layer; its KV cache and the kernels come from the context."""
+    """Paged attention for one layer; its KV cache and the kernels come from the context.
 
-    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    What differs from layer to layer lives here and is passed to the backend on every call:
+    the softmax scale (default head_dim ** -0.5; Gemma's query_pre_attn_scalar), the sliding
+    window (None: the layer sees its whole context) and the tanh soft-cap of the scores."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window = sliding_window or None
+        self.softcap = softcap or None
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale)
+        if self.sliding_window is None and self.softcap is None:  # the common case, as before
+            return ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale)
+        return ctx.backend.forward(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            ctx.meta,
+            self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, window={self.sliding_window}, softcap={self.softcap}"
+        )

@@ -22,10 +22,18 @@ class TritonAttentionBackend(AttentionBackend):
         self.workspace: tuple[torch.Tensor, torch.Tensor] | None = None
         self._num_sms: int | None = None
 
-    def _splits(self, q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor) -> int:
+    def _splits(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        sliding_window: int | None,
+    ) -> int:
         if self._num_sms is None:
             self._num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         max_context = block_tables.shape[1] * k_cache.shape[1]
+        if sliding_window:  # a windowed layer reads at most that many keys: fewer splits
+            max_context = min(max_context, sliding_window)
         return choose_num_splits(q.shape[0], k_cache.shape[2], max_context, self._num_sms)
 
     def forward(
@@ -37,10 +45,12 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
-            splits = self._splits(q, k_cache, meta.block_tables)
+            splits = self._splits(q, k_cache, meta.block_tables, sliding_window)
             if self.workspace is None:
                 self._eager_workspace(q, k_cache)
             ws = self.workspace
@@ -59,6 +69,8 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 num_splits=splits,
                 workspace=ws if fits else None,
+                sliding_window=sliding_window,
+                softcap=softcap,
             )
         return extend_attention(
             q,
@@ -69,6 +81,8 @@ class TritonAttentionBackend(AttentionBackend):
             meta.block_tables,
             scale,
             max_q_len=meta.max_q_len,
+            sliding_window=sliding_window,
+            softcap=softcap,
         )
 
     def _eager_workspace(self, q: torch.Tensor, k_cache: torch.Tensor) -> None:
