@@ -221,6 +221,46 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
     return outs
 
 
+def build_tiny_chat(path: Path) -> Path:
+    """A tiny random Llama that speaks through the embedded default's real tokenizer and chat
+    template (SmolLM2's, 49,152 ids): text prompts, chat, stop strings and the server work as
+    with a real model, at a fraction of its load time. Behaviour tests use it; only a few smoke
+    tests load the real 135M model."""
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    from graphwise.models.default import default_model_path
+
+    gguf = default_model_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        **{
+            **TINY_COMMON,
+            "vocab_size": len(tok),
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        }
+    )
+    return _save(tf.LlamaForCausalLM(cfg).eval(), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_chat(tmp_path_factory.mktemp("tiny_chat"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llm(tiny_chat_dir: Path):
+    """LLM over the tiny chat model, loaded once for the session."""
+    from graphwise import LLM
+
+    return LLM(model=str(tiny_chat_dir), max_num_seqs=16, max_model_len=1024)
+
+
 @pytest.fixture(scope="session")
 def default_llm():
     """The embedded default model, loaded once for the session."""
@@ -230,15 +270,9 @@ def default_llm():
 
 
 # ---- engine internals the model tests reach into, in one place --------------------------------
-# The engine / runner redesign renames these (engine.runner -> engine.executor.driver, ...): the
-# tests of issue 16's families go through the helpers below, which accept either shape.
-
-
 def model_runner(llm):
-    """The rank-0 model runner of an LLM."""
-    engine = llm.llm_engine
-    runner = getattr(engine, "runner", None)
-    return runner if runner is not None else engine.executor.driver
+    """The rank-0 model runner of an LLM (in this process)."""
+    return llm.llm_engine.executor.driver
 
 
 def loaded_model(llm) -> torch.nn.Module:
@@ -252,24 +286,15 @@ def schedule_prompt_logits(llm, prompts: list[list[int]]) -> torch.Tensor:
     engine = llm.llm_engine
     for ids in prompts:
         engine.add_request(None, SamplingParams(max_tokens=1), prompt_token_ids=ids)
-    step = engine.scheduler.schedule()
-    if getattr(engine, "runner", None) is not None:
-        logits = engine.runner.prompt_logits(step)
-        ids = list(engine.requests)
-    else:
-        logits = engine.executor.collective_rpc("prompt_logits", step)[0]
-        ids = list(engine.unfinished_request_ids())
-    for rid in ids:
+    logits = engine.executor.collective_rpc("prompt_logits", engine.scheduler.schedule())[0]
+    for rid in engine.unfinished_request_ids():
         engine.abort_request(rid)
     return logits
 
 
 def graph_steps(llm) -> int:
     """Decode steps replayed from CUDA graphs so far."""
-    engine = llm.llm_engine
-    if getattr(engine, "runner", None) is not None:
-        return engine.runner.steps_graph
-    return engine.get_stats().steps_graph
+    return llm.llm_engine.get_stats().steps_graph
 
 
 class eager_decode:
@@ -277,18 +302,9 @@ class eager_decode:
 
     def __init__(self, llm) -> None:
         self.engine = llm.llm_engine
-        self.saved = None
 
     def __enter__(self) -> None:
-        runner = getattr(self.engine, "runner", None)
-        if runner is not None:
-            self.saved, runner.graph_runner = runner.graph_runner, None
-        else:
-            self.engine.set_cuda_graphs_enabled(False)
+        self.engine.set_cuda_graphs_enabled(False)
 
     def __exit__(self, *exc: object) -> None:
-        runner = getattr(self.engine, "runner", None)
-        if runner is not None:
-            runner.graph_runner = self.saved
-        else:
-            self.engine.set_cuda_graphs_enabled(True)
+        self.engine.set_cuda_graphs_enabled(True)

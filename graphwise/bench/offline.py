@@ -243,9 +243,11 @@ def run(args: argparse.Namespace) -> int:
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be positive, got {args.num_prompts}")
     config = engine_config_from_args(args)
+    single = config.data_parallel_size == 1
+    if not single and args.compare_async_scheduling:  # refused before anything loads
+        raise ValueError("--compare-async-scheduling needs data_parallel_size 1")
     kwargs = engine_kwargs(config)
     from graphwise import LLM, SamplingParams
-    from graphwise.engine.engine import LLMEngine
 
     logger.info("building LLM(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
     llm = LLM(**kwargs)
@@ -269,9 +271,6 @@ def run(args: argparse.Namespace) -> int:
             use_tqdm=False,
         )
     engine = llm.llm_engine
-    single = isinstance(engine, LLMEngine)
-    if not single and args.compare_async_scheduling:
-        raise ValueError("--compare-async-scheduling needs data_parallel_size 1")
     if not single and args.step_breakdown:
         logger.info("data parallelism: no step breakdown (the replicas' steps run elsewhere)")
     floor = _floor_inputs(engine) if args.step_breakdown and single else None

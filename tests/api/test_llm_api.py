@@ -39,67 +39,70 @@ def test_unknown_path_and_architecture(tmp_path):
         LLM(model=str(tmp_path), not_an_option=1)
 
 
-def test_prompt_errors(default_llm):
-    engine = default_llm.llm_engine
+def test_prompt_errors(tiny_chat_llm):
+    engine = tiny_chat_llm.llm_engine
     too_long = [1] * engine.max_model_len
     with pytest.raises(ValueError, match="max_model_len"):
-        default_llm.generate({"prompt_token_ids": too_long}, use_tqdm=False)
+        tiny_chat_llm.generate({"prompt_token_ids": too_long}, use_tqdm=False)
     with pytest.raises(ValueError, match="prompt_token_ids"):
-        default_llm.generate({"prompt_token_ids": [10**9]}, use_tqdm=False)
+        tiny_chat_llm.generate({"prompt_token_ids": [10**9]}, use_tqdm=False)
     with pytest.raises(ValueError, match="prompt"):
-        default_llm.generate([{"nothing": 1}], use_tqdm=False)
+        tiny_chat_llm.generate([{"nothing": 1}], use_tqdm=False)
     # A failed submission leaves nothing queued and no blocks held.
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_used_blocks == 0
 
 
-def test_stop_string_truncates_and_reports(default_llm):
-    params = SamplingParams(temperature=0, max_tokens=32)
-    full = (
-        default_llm.chat(
-            [{"role": "user", "content": "What is the capital of France?"}], params, use_tqdm=False
-        )[0]
-        .outputs[0]
-        .text
-    )
-    assert "Paris" in full
-    out = default_llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        SamplingParams(temperature=0, max_tokens=32, stop=["Paris"]),
+def test_stop_string_truncates_and_reports(tiny_chat_llm):
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    full = tiny_chat_llm.chat(chat, params, use_tqdm=False)[0].outputs[0].text
+    assert len(full) > 12
+    stop = full[8:12]  # four characters from the middle of the greedy text
+    out = tiny_chat_llm.chat(
+        chat,
+        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=[stop]),
         use_tqdm=False,
     )[0].outputs[0]
-    assert out.text == full[: full.index("Paris")]
-    assert out.finish_reason == "stop" and out.stop_reason == "Paris"
+    assert out.text == full[: full.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
 
 
-def test_stop_token_ids_and_min_tokens(default_llm):
-    base = default_llm.generate(
-        "The sun is", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
-    )[0]
-    third = base.outputs[0].token_ids[2]
-    out = default_llm.generate(
+def test_stop_token_ids_and_min_tokens(tiny_chat_llm):
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    base = tiny_chat_llm.generate("The sun is", greedy, use_tqdm=False)[0].outputs[0].token_ids
+    third = base[2]
+    out = tiny_chat_llm.generate(
         "The sun is",
-        SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[third]),
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[third], ignore_eos=True),
         use_tqdm=False,
     )[0].outputs[0]
-    assert out.token_ids[-1] == third and out.finish_reason == "stop" and out.stop_reason == third
-    # min_tokens: EOS cannot end the answer early.
-    chat = [{"role": "user", "content": "Say yes."}]
-    short = default_llm.chat(chat, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
-    n = len(short[0].outputs[0].token_ids)
-    longer = default_llm.chat(
-        chat, SamplingParams(temperature=0, max_tokens=n + 16, min_tokens=n + 5), use_tqdm=False
-    )
-    assert len(longer[0].outputs[0].token_ids) >= n + 5
+    first = base.index(third)
+    assert out.token_ids == base[: first + 1] and out.finish_reason == "stop"
+    assert out.stop_reason == third
+    # min_tokens: the stop token cannot end the answer before it.
+    held = tiny_chat_llm.generate(
+        "The sun is",
+        SamplingParams(
+            temperature=0,
+            max_tokens=12,
+            stop_token_ids=[third],
+            min_tokens=first + 2,
+            ignore_eos=True,
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert len(held.token_ids) >= first + 2
+    assert third not in held.token_ids[: first + 2]
 
 
-def test_seeded_sampling_is_reproducible_across_batches(default_llm):
+def test_seeded_sampling_is_reproducible_across_batches(tiny_chat_llm):
     p = SamplingParams(
         temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=1234, ignore_eos=True
     )
-    alone = default_llm.generate("Tell me a story", p, use_tqdm=False)[0].outputs[0].token_ids
+    alone = tiny_chat_llm.generate("Tell me a story", p, use_tqdm=False)[0].outputs[0].token_ids
     others = [SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True) for _ in range(3)]
-    batch = default_llm.generate(
+    batch = tiny_chat_llm.generate(
         ["Hello", "Tell me a story", "Why is the sky blue?", "Hi"],
         [others[0], p, others[1], others[2]],
         use_tqdm=False,
@@ -109,16 +112,18 @@ def test_seeded_sampling_is_reproducible_across_batches(default_llm):
         temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=99, ignore_eos=True
     )
     assert (
-        default_llm.generate("Tell me a story", other_seed, use_tqdm=False)[0].outputs[0].token_ids
+        tiny_chat_llm.generate("Tell me a story", other_seed, use_tqdm=False)[0]
+        .outputs[0]
+        .token_ids
         != alone
     )
 
 
-def test_top_k_one_is_greedy(default_llm):
-    greedy = default_llm.generate(
+def test_top_k_one_is_greedy(tiny_chat_llm):
+    greedy = tiny_chat_llm.generate(
         "Paris is", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
     )
-    topk = default_llm.generate(
+    topk = tiny_chat_llm.generate(
         "Paris is",
         SamplingParams(temperature=1.5, top_k=1, max_tokens=8, ignore_eos=True),
         use_tqdm=False,
@@ -126,8 +131,8 @@ def test_top_k_one_is_greedy(default_llm):
     assert greedy[0].outputs[0].token_ids == topk[0].outputs[0].token_ids
 
 
-def test_incremental_detokenizer_handles_multibyte_characters(default_llm):
-    tok = default_llm.get_tokenizer()
+def test_incremental_detokenizer_handles_multibyte_characters(tiny_chat_llm):
+    tok = tiny_chat_llm.get_tokenizer()
     text = "Café ☕ 日本語 🙂 ok"
     ids = tok.encode(text, add_special_tokens=False)
     detok = IncrementalDetokenizer(tok, skip_special_tokens=True)
@@ -136,7 +141,9 @@ def test_incremental_detokenizer_handles_multibyte_characters(default_llm):
     assert all("\ufffd" not in p for p in pieces)
 
 
+@pytest.mark.slow
 def test_generate_cli_answers_paris():
+    """The README's first command, on the real embedded model (a smoke test)."""
     proc = subprocess.run(
         [
             sys.executable,

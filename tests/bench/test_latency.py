@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from graphwise.cli import main
 
 
@@ -32,6 +34,7 @@ def test_bench_latency_writes_complete_result(tiny_model_dir, tmp_path):
     assert result["environment"]["device_type"] == "cpu"
 
 
+@pytest.mark.slow  # starts a second rank
 def test_bench_latency_switches_modes_on_every_rank_under_tp(tiny_model_dir, tmp_path):
     """Graphs on or off for a run is a call every rank makes (it used to be rank 0's alone,
     so eager and graph could not be compared under TP)."""

@@ -15,6 +15,9 @@ import pytest
 from tests.conftest import hf_greedy
 from tests.distributed.conftest import GREEDY, alive, generate, prompts, worker_pids
 
+# Starts processes (servers, ranks): run by .ci/run, left out of the inner loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 

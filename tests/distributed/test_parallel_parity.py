@@ -9,6 +9,9 @@ from graphwise import SamplingParams
 from tests.conftest import hf_greedy
 from tests.distributed.conftest import GREEDY, generate, prompts, worker_pids
 
+# Starts processes (servers, ranks): run by .ci/run, left out of the inner loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir):

@@ -1,4 +1,5 @@
-"""The embedded default (SmolLM2-135M-Instruct GGUF) against HF transformers on the same file."""
+"""The embedded default (SmolLM2-135M-Instruct GGUF) against HF transformers on the same file:
+the smoke tests on real weights (behaviour tests use the tiny models)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from graphwise import SamplingParams
 from graphwise.models.default import default_model_path
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,9 @@ import pytest
 
 from graphwise.sampling_params import SamplingParams
 
+# Starts processes (servers, ranks): run by .ci/run, left out of the inner loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -8,6 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
+# Starts processes (servers, ranks): run by .ci/run, left out of the inner loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 CHAT = "/v1/chat/completions"
 COMPL = "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]

@@ -7,6 +7,10 @@ import time
 
 import httpx
 import openai
+import pytest
+
+# Starts processes (servers, ranks): run by .ci/run, left out of the inner loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 N_REQUESTS = 64
 N_DISCONNECT = N_REQUESTS // 4

@@ -10,12 +10,15 @@ import time
 import httpx
 import pytest
 
+# Starts processes (servers, ranks): run by .ci/run, left out of the inner loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 EXIT_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def own_server(tmp_path_factory: pytest.TempPathFactory, server_factory):
-    srv = server_factory(tmp_path_factory.mktemp("shutdown"))
+def own_server(tmp_path_factory: pytest.TempPathFactory, server_factory, tiny_chat_dir):
+    srv = server_factory(tmp_path_factory.mktemp("shutdown"), "--model", str(tiny_chat_dir))
     try:
         yield srv
     finally:
