@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from graphwise.outputs import RequestOutput
@@ -68,6 +69,9 @@ class ServerSettings:
     engine_stop_timeout_s: float = 30.0
     retry_after_s: int = 1
     max_body_bytes: int = 32 * 1024 * 1024  # far above any prompt that fits a context window
+    # A client that sends nothing of its body for this long gets a 408 and loses its
+    # connection (a trickling client would otherwise hold a request open forever).
+    body_idle_timeout_s: float = 30.0
 
 
 class ServerState:
@@ -160,13 +164,29 @@ def _private_copy(tokenizer: Any) -> Any:
         return tokenizer
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) before reading it all when it is larger than `limit`."""
+async def read_body(request: Request, limit: int, idle_timeout_s: float) -> bytes:
+    """The body, refusing (413) before reading it all when it is larger than `limit`, and
+    giving up (408) when no byte of it arrives for `idle_timeout_s`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body is over {limit} bytes", code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except ClientDisconnect as exc:
+            raise ClientGone("before sending all of its request body") from exc
+        except TimeoutError as exc:
+            raise APIError(
+                408,
+                f"no request body bytes arrived for {idle_timeout_s:g} s",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            ) from exc
         size += len(chunk)
         if size > limit:
             raise APIError(413, f"request body is over {limit} bytes", code="body_too_large")
@@ -174,8 +194,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_body(request: Request, model: type[Req], limit: int) -> Req:
-    raw = await read_body(request, limit)
+async def parse_body(request: Request, model: type[Req], settings: ServerSettings) -> Req:
+    raw = await read_body(request, settings.max_body_bytes, settings.body_idle_timeout_s)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -207,7 +227,7 @@ _ENGINE_ERRORS = (ValueError, EngineDeadError, EngineStepError, ShutdownError)
 
 
 class ClientGone(Exception):
-    pass
+    """The client went away; the message says when (for the one line logged about it)."""
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -235,7 +255,7 @@ async def collect(request: Request, stream: RequestStream) -> RequestOutput:
                 return work.result()
             except _ENGINE_ERRORS as exc:
                 raise stream_error(exc) from exc
-        raise ClientGone
+        raise ClientGone("while its request was in the engine")
     finally:
         work.cancel()
         gone.cancel()
@@ -255,8 +275,14 @@ class EventStream(StreamingResponse):
         self._body = body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = False
         try:
             await super().__call__(scope, receive, send)
+            # Returning early without an error: the client disconnected and starlette
+            # cancelled the body (events() itself ends only once its request is done).
+            gone = not self._stream.done
+        except (ClientDisconnect, OSError):  # a send to a closed connection (ASGI 2.4)
+            gone = True
         finally:
             # A disconnect cancels the body mid-iteration (or before it ever started, when a
             # generator's own `finally` would not run): abort here, where it always runs.
@@ -264,6 +290,15 @@ class EventStream(StreamingResponse):
             aclose = getattr(self._body, "aclose", None)
             if aclose is not None:
                 await aclose()
+        if gone:
+            client = scope.get("client")
+            peer = f"{client[0]}:{client[1]}" if client else "(unknown)"
+            logger.info(
+                "client %s disconnected mid-stream (%s); request %s aborted",
+                peer,
+                scope.get("path"),
+                self._stream.request_id,
+            )
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> str:
@@ -294,6 +329,11 @@ async def events(
 
 def usage_of(out: RequestOutput) -> UsageInfo:
     return UsageInfo.of(len(out.prompt_token_ids), len(out.outputs[0].token_ids))
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "(unknown)"
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -328,7 +368,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ClientGone)
-    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: Exception) -> Response:
+        # The client's doing, not a server error: one line, no traceback, no 500.
+        when = str(exc) if isinstance(exc, ClientGone) else "before its request was read"
+        logger.info("client %s disconnected %s (%s)", _peer(request), when, request.url.path)
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(Exception)
@@ -368,7 +412,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         state.check_open(request)
-        req = await parse_body(request, CompletionRequest, settings.max_body_bytes)
+        req = await parse_body(request, CompletionRequest, settings)
         model = state.resolve_model(req.model)
         req.check_supported()
         prompt = req.single_prompt()
@@ -420,7 +464,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         state.check_open(request)
-        req = await parse_body(request, ChatCompletionRequest, settings.max_body_bytes)
+        req = await parse_body(request, ChatCompletionRequest, settings)
         model = state.resolve_model(req.model)
         req.check_supported()
         from graphwise.llm import apply_chat_template
