@@ -54,6 +54,7 @@ from graphwise.server.protocol import (
     UsageInfo,
     count_json_nodes,
     new_id,
+    shown,
     validation_error,
 )
 from graphwise.server.tokenizing import PromptLimits, TokenizerLanes, render_chat, token_bound
@@ -131,7 +132,7 @@ class ServerState:
         if name not in names:
             raise APIError(
                 404,
-                f"the model '{name}' does not exist; this server serves {names[0]!r}",
+                f"the model {shown(name)} does not exist; this server serves {names[0]!r}",
                 param="model",
                 code="model_not_found",
             )
@@ -152,7 +153,8 @@ class ServerState:
         except APIError:
             raise
         except Exception as exc:  # template errors, odd text: the client's input, not our bug
-            raise APIError(400, f"could not tokenize {param}: {exc}", param=param) from exc
+            reason = str(exc) if len(str(exc)) <= 200 else str(exc)[:197] + "..."
+            raise APIError(400, f"could not tokenize {param}: {reason}", param=param) from exc
 
     def check_ids(self, ids: list[int], param: str) -> None:
         """Refuses an empty prompt or one with ids outside the vocabulary (after the length

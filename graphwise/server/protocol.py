@@ -72,10 +72,14 @@ def validation_error(exc: ValidationError | list[dict[str, Any]], skip: int = 0)
         return APIError(400, f"request body is not valid JSON: {msg}", code="invalid_json")
     if err.get("type") == "missing":
         return APIError(400, f"'{param}' is a required field", param=param)
-    shown = repr(err.get("input"))
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
     where = f"{param}: " if param else "request body: "
-    return APIError(400, f"{where}{msg} (got {shown})", param=param)
+    return APIError(400, f"{where}{msg} (got {shown(err.get('input'))})", param=param)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A client's value for an error message: its repr, cut short (never echo a whole field)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _JSON_STRING = re.compile(
