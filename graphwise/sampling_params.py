@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Temperatures below this decode greedily (vLLM's threshold): logits / T overflows float32 as T
+# nears 0 (1e-40 did), and this cold a distribution differs from argmax only between near-ties.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -41,8 +46,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             return value
 
-        if number("temperature") < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        temperature = number("temperature")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         top_p = number("top_p")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -69,4 +75,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

@@ -7,22 +7,32 @@ from typing import Any
 Message = dict[str, str]
 
 
-def apply_chat_template(
+def render_chat(
     tokenizer: Any, conversation: list[Message], add_generation_prompt: bool = True
-) -> list[int]:
+) -> str:
+    """The chat template's text for a conversation. Encoding it with add_special_tokens=False
+    gives exactly HF's apply_chat_template(tokenize=True) ids; rendering apart lets the server
+    check the text's length before it pays for tokenizing."""
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("the model has no chat template; use generate() with a plain prompt")
+        raise ValueError("the model has no chat template; send a plain prompt instead")
     if not isinstance(conversation, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in conversation
     ):
         raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
-    ids = tokenizer.apply_chat_template(
-        conversation, add_generation_prompt=add_generation_prompt, tokenize=True
+    text = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=False
     )
-    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+    if not isinstance(text, str):
+        raise TypeError(f"the chat template rendered {type(text).__name__}, not text")
+    return text
+
+
+def apply_chat_template(
+    tokenizer: Any, conversation: list[Message], add_generation_prompt: bool = True
+) -> list[int]:
+    text = render_chat(tokenizer, conversation, add_generation_prompt)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def encode_prompt(tokenizer: Any, prompt: str, model_name: str) -> list[int]:

@@ -2,21 +2,20 @@
 
 Bodies are parsed by hand (not as FastAPI body parameters) so that every kind of bad input,
 from invalid UTF-8 to a wrong type, is answered with OpenAI's error JSON and a 400 naming the
-field. Tokenization and chat templates run on one worker thread with a private copy of the
-tokenizer: off the event loop (a huge prompt must not stall every stream) and never sharing
-the engine thread's tokenizer (HF fast tokenizers are not safe to share across threads).
+field. The body is bounded by what a request that fits the context can need, and a text that
+cannot fit is refused before it is tokenized (tokenizing.PromptLimits); tokenization and chat
+templates run on worker threads with private copies of the tokenizer, a long prompt's lane
+apart from the short ones' (tokenizing.TokenizerLanes): one huge prompt stalls nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,9 +25,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from graphwise.engine.validation import (
+    InvalidRequest,
+    RequestLimits,
+    check_prompt_ids,
+    check_sampling_ids,
+)
 from graphwise.outputs import RequestOutput
+from graphwise.sampling_params import SamplingParams
 from graphwise.server.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -52,10 +59,13 @@ from graphwise.server.protocol import (
     ModelCard,
     ModelList,
     UsageInfo,
+    count_json_nodes,
     new_id,
+    shown,
     validation_error,
 )
-from graphwise.tokenizer import apply_chat_template
+from graphwise.server.tokenizing import PromptLimits, TokenizerLanes, token_bound
+from graphwise.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
 Req = TypeVar("Req", bound=BaseModel)
@@ -68,7 +78,12 @@ class ServerSettings:
     api_key: str | None = None
     engine_stop_timeout_s: float = 30.0
     retry_after_s: int = 1
-    max_body_bytes: int = 32 * 1024 * 1024  # far above any prompt that fits a context window
+    # The cap on request bodies; the server lowers it to what a request that fits the context
+    # can need, when the tokenizer bounds the bytes per token (PromptLimits.body_limit).
+    max_body_bytes: int = 32 * 1024 * 1024
+    # A client that sends nothing of its body for this long gets a 408 and loses its
+    # connection (a trickling client would otherwise hold a request open forever).
+    body_idle_timeout_s: float = 30.0
 
 
 class ServerState:
@@ -76,10 +91,31 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.draining = False  # set on SIGTERM: new requests get 503 while old ones finish
-        self.tokenizer = _private_copy(engine.engine.tokenizer)
-        self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="graphwise-tokenize")
         self.max_model_len = engine.engine.max_model_len
-        self.vocab_size = engine.engine.model_config.vocab_size
+        self.request_limits = RequestLimits(
+            engine.engine.model_config.vocab_size, self.max_model_len
+        )
+        tokenizer = engine.engine.tokenizer
+        self.lanes = TokenizerLanes(tokenizer) if tokenizer is not None else None
+        bound, why = token_bound(tokenizer) if tokenizer is not None else (None, "no tokenizer")
+        self.limits = PromptLimits(self.max_model_len, bound, text_prompts=tokenizer is not None)
+        self.max_body_bytes = self.limits.body_limit(settings.max_body_bytes)
+        # A chat message takes about 5 (an object, its keys and values), 5 more per content
+        # part; and a template spends tokens on every message, so messages < max_model_len.
+        self.max_json_nodes = 8 * self.max_model_len + 256
+        self.body_limit_why = (
+            "the server's limit"
+            if self.max_body_bytes == settings.max_body_bytes
+            else f"the most that a request fitting this model's {self.max_model_len}-token "
+            "context can need"
+        )
+        if bound is None and tokenizer is not None:
+            logger.info("text prompts are not length-checked before tokenizing: %s", why)
+        logger.info(
+            "request bodies up to %d bytes (%s)",
+            self.max_body_bytes,
+            why if bound is not None else "configured",
+        )
 
     def check_open(self, request: Request) -> None:
         """Shutting down? Authorized? Checked before the body is read."""
@@ -106,35 +142,39 @@ class ServerState:
         if name not in names:
             raise APIError(
                 404,
-                f"the model '{name}' does not exist; this server serves {names[0]!r}",
+                f"the model {shown(name)} does not exist; this server serves {names[0]!r}",
                 param="model",
                 code="model_not_found",
             )
         return name
 
-    async def run_tokenizer(self, fn: Callable[[Any], list[int]], param: str) -> list[int]:
-        if self.tokenizer is None:
+    async def run_tokenizer(
+        self, fn: Callable[[Any], list[int]], param: str, size: int
+    ) -> list[int]:
+        """fn(tokenizer) on a tokenizer thread; `size` (characters) picks its lane."""
+        if self.lanes is None:
             raise APIError(
                 400,
                 "this model has no tokenizer: send the prompt as a list of token ids",
                 param=param,
             )
-        tokenizer = self.tokenizer
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.tokenize_pool, lambda: list(fn(tokenizer))
-            )
+            return await self.lanes.run(lambda tok: list(fn(tok)), size)
+        except APIError:
+            raise
         except Exception as exc:  # template errors, odd text: the client's input, not our bug
-            raise APIError(400, f"could not tokenize {param}: {exc}", param=param) from exc
+            reason = str(exc) if len(str(exc)) <= 200 else str(exc)[:197] + "..."
+            raise APIError(400, f"could not tokenize {param}: {reason}", param=param) from exc
 
-    def check_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise APIError(400, f"{param} is empty", param=param)
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise APIError(
-                400, f"{param} holds {bad}, not a token id in [0, {self.vocab_size})", param=param
-            )
+    def check_request(self, ids: list[int], params: SamplingParams, param: str) -> None:
+        """The engine's own admission check (engine/validation.py), answered as a 400 naming the
+        field: the prompt's ids, then every id the sampling parameters carry. After the length
+        check, so the prompt scan is over at most max_model_len ids."""
+        try:
+            check_prompt_ids(ids, self.request_limits, param)
+            check_sampling_ids(params, self.request_limits)
+        except InvalidRequest as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
 
     def submit(self, request_id: str, ids: list[int], params: Any) -> RequestStream:
         try:
@@ -151,32 +191,51 @@ class ServerState:
             raise APIError(503, str(exc), "server_error", code="engine_dead") from exc
 
 
-def _private_copy(tokenizer: Any) -> Any:
-    if tokenizer is None:
-        return None
-    try:
-        return copy.deepcopy(tokenizer)
-    except Exception:  # only the tokenize thread and the engine thread would share it
-        logger.warning("could not copy the tokenizer; the HTTP side shares the engine's")
-        return tokenizer
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) before reading it all when it is larger than `limit`."""
+async def read_body(
+    request: Request, limit: int, idle_timeout_s: float, why: str = "the server's limit"
+) -> bytes:
+    """The body, refusing (413) before reading it all when it is larger than `limit`, and
+    giving up (408) when no byte of it arrives for `idle_timeout_s`."""
+    too_large = APIError(413, f"request body is over {limit} bytes ({why})", code="body_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body is over {limit} bytes", code="body_too_large")
+        raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except ClientDisconnect as exc:
+            raise ClientGone("before sending all of its request body") from exc
+        except TimeoutError as exc:
+            raise APIError(
+                408,
+                f"no request body bytes arrived for {idle_timeout_s:g} s",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            ) from exc
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"request body is over {limit} bytes", code="body_too_large")
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def parse_body(request: Request, model: type[Req], limit: int) -> Req:
-    raw = await read_body(request, limit)
+async def parse_body(request: Request, model: type[Req], state: ServerState) -> Req:
+    raw = await read_body(
+        request, state.max_body_bytes, state.settings.body_idle_timeout_s, state.body_limit_why
+    )
+    nodes = count_json_nodes(raw, state.max_json_nodes)
+    if nodes > state.max_json_nodes:
+        raise APIError(
+            400,
+            f"request body holds {nodes} JSON arrays, objects and strings; at most "
+            f"{state.max_json_nodes} are accepted",
+            code="body_too_complex",
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -208,7 +267,7 @@ _ENGINE_ERRORS = (ValueError, EngineDeadError, EngineStepError, ShutdownError)
 
 
 class ClientGone(Exception):
-    pass
+    """The client went away; the message says when (for the one line logged about it)."""
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -236,7 +295,7 @@ async def collect(request: Request, stream: RequestStream) -> RequestOutput:
                 return work.result()
             except _ENGINE_ERRORS as exc:
                 raise stream_error(exc) from exc
-        raise ClientGone
+        raise ClientGone("while its request was in the engine")
     finally:
         work.cancel()
         gone.cancel()
@@ -256,8 +315,14 @@ class EventStream(StreamingResponse):
         self._body = body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = False
         try:
             await super().__call__(scope, receive, send)
+            # Returning early without an error: the client disconnected and starlette
+            # cancelled the body (events() itself ends only once its request is done).
+            gone = not self._stream.done
+        except (ClientDisconnect, OSError):  # a send to a closed connection (ASGI 2.4)
+            gone = True
         finally:
             # A disconnect cancels the body mid-iteration (or before it ever started, when a
             # generator's own `finally` would not run): abort here, where it always runs.
@@ -265,6 +330,15 @@ class EventStream(StreamingResponse):
             aclose = getattr(self._body, "aclose", None)
             if aclose is not None:
                 await aclose()
+        if gone:
+            client = scope.get("client")
+            peer = f"{client[0]}:{client[1]}" if client else "(unknown)"
+            logger.info(
+                "client %s disconnected mid-stream (%s); request %s aborted",
+                peer,
+                scope.get("path"),
+                self._stream.request_id,
+            )
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> str:
@@ -297,6 +371,11 @@ def usage_of(out: RequestOutput) -> UsageInfo:
     return UsageInfo.of(len(out.prompt_token_ids), len(out.outputs[0].token_ids))
 
 
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "(unknown)"
+
+
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     state = ServerState(engine, settings)
 
@@ -309,7 +388,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             logger.warning(
                 "engine thread did not stop within %.0f s", settings.engine_stop_timeout_s
             )
-        state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        if state.lanes is not None:
+            state.lanes.shutdown()
 
     app = FastAPI(title="graphwise", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.graphwise = state
@@ -329,7 +409,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ClientGone)
-    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: Exception) -> Response:
+        # The client's doing, not a server error: one line, no traceback, no 500.
+        when = str(exc) if isinstance(exc, ClientGone) else "before its request was read"
+        logger.info("client %s disconnected %s (%s)", _peer(request), when, request.url.path)
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(Exception)
@@ -369,18 +453,19 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         state.check_open(request)
-        req = await parse_body(request, CompletionRequest, settings.max_body_bytes)
+        req = await parse_body(request, CompletionRequest, state)
         model = state.resolve_model(req.model)
         req.check_supported()
         prompt = req.single_prompt()
         if isinstance(prompt, str):
+            state.limits.check_text(prompt, "prompt")  # before tokenizing: bounded, C speed
             ids = await state.run_tokenizer(
-                lambda tok: tok.encode(prompt, add_special_tokens=True), "prompt"
+                lambda tok: tok.encode(prompt, add_special_tokens=True), "prompt", len(prompt)
             )
         else:
             ids = list(prompt)
-        state.check_ids(ids, "prompt")
         params = req.to_sampling_params(len(ids), state.max_model_len)
+        state.check_request(ids, params, "prompt")
         rid, created = new_id("cmpl"), int(time.time())
         stream = state.submit(rid, ids, params)
 
@@ -421,16 +506,20 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         state.check_open(request)
-        req = await parse_body(request, ChatCompletionRequest, settings.max_body_bytes)
+        req = await parse_body(request, ChatCompletionRequest, state)
         model = state.resolve_model(req.model)
         req.check_supported()
         conversation = [m.template_dict() for m in req.messages]
-        ids = await state.run_tokenizer(
-            lambda tok: apply_chat_template(tok, conversation, req.add_generation_prompt),
-            "messages",
-        )
-        state.check_ids(ids, "messages")
+
+        def tokenize_chat(tok: Any) -> list[int]:
+            text = render_chat(tok, conversation, req.add_generation_prompt)
+            state.limits.check_text(text, "messages")
+            return tok.encode(text, add_special_tokens=False)
+
+        size = sum(len(m["content"]) for m in conversation)
+        ids = await state.run_tokenizer(tokenize_chat, "messages", size)
         params = req.to_sampling_params(len(ids), state.max_model_len)
+        state.check_request(ids, params, "messages")
         rid, created = new_id("chatcmpl"), int(time.time())
         stream = state.submit(rid, ids, params)
 

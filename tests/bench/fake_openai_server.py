@@ -32,6 +32,7 @@ class FakeServerConfig:
     role_chunk: bool = True  # chat: an initial role-only chunk
     api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1 routes
     received: list[dict[str, Any]] = field(default_factory=list)
+    max_in_flight: int = 0  # the most POSTs answered at once (what a client's cap allows)
 
 
 class FakeOpenAIServer:
@@ -45,6 +46,7 @@ class FakeOpenAIServer:
         self.config = config
         self.port = port
         self._posts = 0
+        self._in_flight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -94,8 +96,13 @@ class FakeOpenAIServer:
                     for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
                 }
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                if not await self._respond(method, path, body, writer, headers):
-                    break
+                self._in_flight += 1
+                self.config.max_in_flight = max(self.config.max_in_flight, self._in_flight)
+                try:
+                    if not await self._respond(method, path, body, writer, headers):
+                        break
+                finally:
+                    self._in_flight -= 1
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

@@ -180,3 +180,12 @@ def model_name(server: Server) -> str:
 def metric():  # noqa: ANN201 - (text, name, labels="") -> float
     """Parse one sample out of /metrics text."""
     return _metric
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():  # noqa: ANN201 - the embedded model's HF tokenizer
+    """The embedded default model's tokenizer alone (seconds to load; no model weights)."""
+    from graphwise.bench.datasets import load_tokenizer
+    from graphwise.models.default import default_model_path
+
+    return load_tokenizer(str(default_model_path()))

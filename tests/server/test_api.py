@@ -107,6 +107,16 @@ def test_token_id_prompt_and_sampling_fields(client, model_name: str) -> None:
     assert forced.usage.completion_tokens == 6
 
 
+def test_tiny_temperature_is_greedy(http: httpx.Client, model_name: str) -> None:
+    # logits / 1e-40 overflowed to NaN and the sampler returned token 0: an empty text.
+    body = {"model": model_name, "prompt": "The capital of France is", "max_tokens": 8}
+    greedy = http.post("/v1/completions", json={**body, "temperature": 0})
+    cold = http.post("/v1/completions", json={**body, "temperature": 1e-40, "seed": 3})
+    assert greedy.status_code == cold.status_code == 200, cold.text
+    text = greedy.json()["choices"][0]["text"]
+    assert text.strip() and cold.json()["choices"][0]["text"] == text
+
+
 def test_default_max_tokens_fills_context(http: httpx.Client, model_name: str) -> None:
     # Without max_tokens a request may run to max_model_len (1024 here), like vLLM.
     ids = list(range(100, 100 + 1000))
