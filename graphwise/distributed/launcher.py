@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from graphwise.models.model_config import ModelConfig
-
 logger = logging.getLogger(__name__)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -57,38 +55,6 @@ def torchrun_env() -> dict[str, int] | None:
 
 
 # ---- checks ----------------------------------------------------------------------------------
-def check_parallel_config(mc: ModelConfig, tp: int, pp: int) -> None:
-    """A clear ValueError when the model does not split this way (the vocabulary is padded)."""
-    problems = []
-    if mc.num_attention_heads % tp:
-        problems.append(
-            f"tensor_parallel_size={tp} does not divide the {mc.num_attention_heads} attention heads"
-        )
-    kv = mc.num_key_value_heads
-    if kv % tp and tp % kv:
-        problems.append(
-            f"tensor_parallel_size={tp} must divide the {kv} KV heads or be a multiple of them"
-        )
-    has_dense = mc.num_experts == 0 or any(
-        not mc.is_moe_layer(i) for i in range(mc.num_hidden_layers)
-    )
-    if has_dense and mc.intermediate_size % tp:
-        problems.append(
-            f"tensor_parallel_size={tp} does not divide intermediate_size={mc.intermediate_size}"
-        )
-    shared = mc.shared_expert_intermediate_size
-    if mc.num_experts and shared % tp:
-        problems.append(
-            f"tensor_parallel_size={tp} does not divide shared_expert_intermediate_size={shared}"
-        )
-    if pp > mc.num_hidden_layers:
-        problems.append(
-            f"pipeline_parallel_size={pp} exceeds the model's {mc.num_hidden_layers} layers"
-        )
-    if problems:
-        raise ValueError(f"{mc.architecture} cannot be split: " + "; ".join(problems))
-
-
 def check_device_count(needed: int, device: torch.device, available: int | None = None) -> None:
     """On CUDA one GPU per rank: fail before starting anything when there are too few."""
     if device.type != "cuda":

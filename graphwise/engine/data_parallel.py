@@ -201,8 +201,9 @@ def _replica_envs(config: EngineConfig) -> list[dict[str, str]]:
 
 class DataParallelEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from graphwise.distributed.launcher import check_parallel_config, torchrun_env
+        from graphwise.distributed.launcher import torchrun_env
         from graphwise.models.loader import load_tokenizer, model_config_of, resolve_source
+        from graphwise.models.model_config import check_parallel_config
 
         if torchrun_env() is not None:
             raise ValueError("data_parallel_size > 1 is not supported under torchrun")

@@ -22,7 +22,7 @@ from typing import Any
 from graphwise.config import EngineConfig, RunnerLimits
 from graphwise.core.device import resolve_device, resolve_dtype
 from graphwise.core.step import SchedulerOutput
-from graphwise.core.tracing import NULL_TRACER, Tracer
+from graphwise.core.tracing import NULL_TRACER, StepRecord, StepSink, Tracer
 from graphwise.engine.block_manager import BlockManager
 from graphwise.engine.client import EngineStats
 from graphwise.engine.output_processor import OutputProcessor
@@ -30,7 +30,6 @@ from graphwise.engine.scheduler import RequestUpdate, Scheduler
 from graphwise.engine.sequence import Sequence
 from graphwise.engine.validation import RequestLimits, normalize_request
 from graphwise.executor import create_executor
-from graphwise.insight.step_log import StepLog, StepRecord
 from graphwise.models.loader import ModelSource, load_tokenizer, model_config_of, resolve_source
 from graphwise.outputs import RequestOutput
 from graphwise.runner.model_runner import StepHandle
@@ -103,7 +102,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.async_scheduling = config.async_scheduling
         self._inflight: _Launched | None = None
-        self.step_log: StepLog | None = None  # set to record where each step's time goes
+        self.step_log: StepSink | None = None  # set to record where each step's time goes
         self.tracer: Tracer = NULL_TRACER
         self._counts = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         self._counts.update(steps_graph=0, steps_eager=0)

@@ -32,7 +32,6 @@ from graphwise.distributed import parallel_state
 from graphwise.distributed.launcher import (
     LocalWorkers,
     check_device_count,
-    check_parallel_config,
     device_backend,
     distributed_timeout,
     rank_device,
@@ -43,6 +42,7 @@ from graphwise.distributed.parallel_state import ParallelContext
 from graphwise.executor.base import Executor
 from graphwise.executor.worker import SHUTDOWN, build_shard, worker_main
 from graphwise.models.loader import ModelSource, model_config_of, resolve_source
+from graphwise.models.model_config import check_parallel_config
 from graphwise.runner.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)

@@ -14,18 +14,9 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from graphwise.core.tracing import StepRecord
 
-@dataclass
-class StepRecord:
-    seqs: int  # sequences in the step launched by this call (0: nothing launched)
-    tokens: int
-    prefill_tokens: int
-    context_tokens: int  # sum of the launched sequences' lengths after the step (KV read)
-    schedule_s: float
-    launch_s: float  # inputs, forward and sampling enqueued (eager: the whole forward's launches)
-    wait_s: float  # blocked on the GPU for the resolved step's tokens
-    process_s: float  # detokenize, stop checks, outputs
-    total_s: float
+__all__ = ["StepLog", "StepRecord", "format_summary"]
 
 
 @dataclass

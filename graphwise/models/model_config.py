@@ -311,3 +311,35 @@ class ModelConfig:
         blocks outside the window are not freed (the block manager keeps whole sequences)."""
         elem = torch.empty(0, dtype=dtype).element_size()
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
+
+
+def check_parallel_config(mc: ModelConfig, tp: int, pp: int) -> None:
+    """A clear ValueError when the model does not split this way (the vocabulary is padded)."""
+    problems = []
+    if mc.num_attention_heads % tp:
+        problems.append(
+            f"tensor_parallel_size={tp} does not divide the {mc.num_attention_heads} attention heads"
+        )
+    kv = mc.num_key_value_heads
+    if kv % tp and tp % kv:
+        problems.append(
+            f"tensor_parallel_size={tp} must divide the {kv} KV heads or be a multiple of them"
+        )
+    has_dense = mc.num_experts == 0 or any(
+        not mc.is_moe_layer(i) for i in range(mc.num_hidden_layers)
+    )
+    if has_dense and mc.intermediate_size % tp:
+        problems.append(
+            f"tensor_parallel_size={tp} does not divide intermediate_size={mc.intermediate_size}"
+        )
+    shared = mc.shared_expert_intermediate_size
+    if mc.num_experts and shared % tp:
+        problems.append(
+            f"tensor_parallel_size={tp} does not divide shared_expert_intermediate_size={shared}"
+        )
+    if pp > mc.num_hidden_layers:
+        problems.append(
+            f"pipeline_parallel_size={pp} exceeds the model's {mc.num_hidden_layers} layers"
+        )
+    if problems:
+        raise ValueError(f"{mc.architecture} cannot be split: " + "; ".join(problems))

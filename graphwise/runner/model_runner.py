@@ -350,7 +350,7 @@ class ModelRunner:
     def sampling_tensors(self, inputs: StepInputs) -> SamplingTensors | None:
         """Per-row sampling parameters on the device; None when every row is greedy."""
         states = [self.requests[r.request_id] for r in inputs.sampled]
-        if all(s.params.temperature == 0 for s in states):
+        if all(s.params.greedy for s in states):  # below 1e-5: greedy (sampler.py)
             return None
         vocab = self.model_config.vocab_size
         temps: list[float] = []

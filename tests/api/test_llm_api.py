@@ -142,24 +142,28 @@ def test_incremental_detokenizer_handles_multibyte_characters(tiny_chat_llm):
 
 
 @pytest.mark.slow
-def test_generate_cli_answers_paris():
-    """The README's first command, on the real embedded model (a smoke test)."""
+def test_generate_cli_answers_like_the_offline_chat(tiny_chat_dir, tiny_chat_llm):
+    """`graphwise generate` (the README's first command; on the real model, "Paris" is checked
+    by tests/models/test_default_model.py) prints the greedy chat answer."""
+    question = "What is the capital of France?"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "graphwise.cli",
-            "generate",
-            "What is the capital of France?",
-            "--max-tokens",
-            "24",
-        ],
+        [sys.executable, "-m", "graphwise.cli", "--log-level", "WARNING", "generate", question,
+         "--model", str(tiny_chat_dir), "--max-tokens", "12", "--max-model-len", "1024"],
         capture_output=True,
         text=True,
         timeout=300,
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Paris" in proc.stdout
+    want = (
+        tiny_chat_llm.chat(
+            [{"role": "user", "content": question}],
+            SamplingParams(temperature=0, max_tokens=12),
+            use_tqdm=False,
+        )[0]
+        .outputs[0]
+        .text
+    )
+    assert proc.stdout == want.strip() + "\n"
 
 
 def test_generate_cli_bad_input_is_a_clear_error():

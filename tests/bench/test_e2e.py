@@ -1,5 +1,5 @@
-"""End to end against the real `graphwise serve` (embedded default model, CPU) and the offline
-API. Slow: each starts the model. The server runs on a free 127.0.0.1 port and is always
+"""End to end against a real `graphwise serve` (the tiny chat model: random weights, SmolLM2's
+tokenizer, on CPU) and the offline API. Slow: each starts processes. The server runs on a free 127.0.0.1 port and is always
 stopped (SIGTERM, then SIGKILL) by `ServerProcess`, whatever the test does."""
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ STARTUP_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def graphwise_server(tmp_path_factory):
+def graphwise_server(tmp_path_factory, tiny_chat_dir):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    server = sweep.ServerProcess(["--max-num-seqs", "16"], log, shutdown_grace_s=15)
+    args = ["--max-num-seqs", "16", "--model", str(tiny_chat_dir)]
+    server = sweep.ServerProcess(args, log, shutdown_grace_s=15)
     try:
         server.start()
         server.wait_ready(STARTUP_TIMEOUT_S)
@@ -32,7 +33,7 @@ def graphwise_server(tmp_path_factory):
     assert not server.alive()
 
 
-def test_bench_serve_against_graphwise_serve(graphwise_server, tmp_path):
+def test_bench_serve_against_graphwise_serve(graphwise_server, tmp_path, tiny_chat_dir):
     out = tmp_path / "serve.json"
     rc = cli.main(
         [
@@ -63,7 +64,7 @@ def test_bench_serve_against_graphwise_serve(graphwise_server, tmp_path):
     assert result["completed"] == 24
     assert result["total_output_tokens"] == 24 * 16  # ignore_eos: every request runs to max_tokens
     assert result["total_input_tokens"] > 24 * 4
-    assert result["tokenizer"].endswith(".gguf")  # the embedded default's tokenizer
+    assert result["tokenizer"] == str(tiny_chat_dir.resolve())  # found through /v1/models' root
     for metric in ("ttft", "tpot", "itl", "e2el"):
         for stat in ("mean", "median", "std", "p99"):
             value = result[f"{stat}_{metric}_ms"]

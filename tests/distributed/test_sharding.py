@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from graphwise.distributed import parallel_state
-from graphwise.distributed.launcher import check_device_count, check_parallel_config
+from graphwise.distributed.launcher import check_device_count
 from graphwise.distributed.parallel_state import ParallelContext, kv_head_part
 from graphwise.layers.linear import (
     ColumnParallelLinear,
@@ -14,7 +14,7 @@ from graphwise.layers.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from graphwise.models.model_config import ModelConfig
+from graphwise.models.model_config import ModelConfig, check_parallel_config
 from graphwise.runner.model_runner import local_model_config
 
 
