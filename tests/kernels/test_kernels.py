@@ -197,7 +197,8 @@ def check_decode(
     out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
     ws = None
     if workspace:  # oversized and poisoned: only what the launch writes may be read
-        ws = kern.alloc_decode_workspace(b + 2, hq, d, (num_splits or 1) + 1, device)
+        # num_splits None: the wrapper picks up to 32 (choose_num_splits' max_splits)
+        ws = kern.alloc_decode_workspace(b + 2, hq, d, (num_splits or 32) + 1, device)
         ws[0].fill_(float("nan"))
         ws[1].fill_(float("nan"))
     scale = d**-0.5
