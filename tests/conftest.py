@@ -201,11 +201,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """HF transformers' greedy tokens, one prompt at a time (no padding to confound)."""
+def hf_reference(model_dir: Path) -> torch.nn.Module:
+    """HF transformers' model on a checkpoint, fp32, as the oracle. Models with attention
+    soft-capping get HF's eager attention: transformers 5.17 (the GPU machine's) still ran
+    Gemma 2 through SDPA, which silently skips the soft-cap; newer releases refuse SDPA for it."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    kw = {"attn_implementation": "eager"} if cfg.get("attn_logit_softcapping") else {}
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw).eval()
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """HF transformers' greedy tokens, one prompt at a time (no padding to confound)."""
+    model = hf_reference(model_dir)
     outs = []
     for ids in prompts:
         x = torch.tensor([ids])

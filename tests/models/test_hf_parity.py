@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from graphwise import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, hf_reference
 
 ARCHS = ["llama", "llama-tied", "qwen2", "qwen2-moe"]
 # Issue 16's families; windows (10..24 tokens) are shorter than most test prompts.
@@ -74,11 +74,10 @@ def test_prefix_cache_chunked_prefill_and_preemption_keep_hf_tokens(arch, tiny_m
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prompt_logits_match_hf(arch, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
 
     path = tiny_model_dir(arch)
     ids = _prompts(3)[4]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = hf_reference(path)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     llm = LLM(model=str(path), block_size=8)

@@ -17,7 +17,7 @@ from graphwise.layers.rotary import cos_sin_table
 from graphwise.models.loader import PRESET_DIR
 from graphwise.models.model_config import ModelConfig
 from graphwise.models.registry import resolve_model_class
-from tests.conftest import hf_greedy, loaded_model
+from tests.conftest import hf_greedy, hf_reference, loaded_model
 
 NEW_ARCHS = ["qwen3", "qwen3-moe", "gemma2", "gemma3", "mistral", "mixtral", "phi3"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -64,9 +64,8 @@ def test_mistral_sliding_window_is_honoured(tiny_model_dir, tmp_path):
 
 
 def _hf_model(path: Path):
-    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return hf_reference(path)
 
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)
