@@ -125,7 +125,8 @@ def _serve_replica(engine: LLMEngine, conn: Any) -> None:
             rids = engine.unfinished_request_ids()
             for rid in rids:
                 engine.abort_request(rid)
-            conn.send(("step_failed", f"{type(exc).__name__}: {exc}", rids, engine.get_stats()))
+            message = f"{type(exc).__name__}: {exc}"
+            conn.send(("step_failed", message, rids, engine.get_stats(), engine.alive))
             continue
         conn.send(("outputs", [_slim(o) for o in outputs], engine.get_stats()))
 
@@ -145,6 +146,7 @@ class _Replica:
         self.index, self.proc, self.conn = index, proc, conn
         self.unfinished = 0
         self.stats = EngineStats()  # as of the replica's last message
+        self.dead = False  # its process or its engine's workers are gone: no new requests
         self.requests_routed = 0
 
 
@@ -292,7 +294,10 @@ class DataParallelEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        replica = min(self.replicas, key=lambda r: r.unfinished)  # least loaded, lowest index
+        live = [r for r in self.replicas if not r.dead]
+        if not live:
+            raise RuntimeError("no data-parallel replica is alive")
+        replica = min(live, key=lambda r: r.unfinished)  # least loaded, lowest index
         replica.conn.send(("add", request_id, prompt, prompt_token_ids, params))
         replica.unfinished += 1
         replica.requests_routed += 1
@@ -329,7 +334,6 @@ class DataParallelEngine:
             return []
         ready = multiprocessing.connection.wait(busy)
         outputs: list[RequestOutput] = []
-        failure: str | None = None
         for r in self.replicas:
             if r.conn not in ready:
                 continue
@@ -347,22 +351,36 @@ class DataParallelEngine:
                         restored = self._restore(out)
                         if restored is not None:
                             outputs.append(restored)
-                elif kind == "step_failed":
-                    r.stats = msg[3]
-                    for rid in msg[2]:
-                        if self.requests.pop(rid, None) is not None:
-                            r.unfinished -= 1
-                    failure = f"replica {r.index}: {msg[1]}"
+                elif kind == "step_failed":  # this replica's requests fail; the others go on
+                    _, message, rids, r.stats, alive = msg
+                    outputs.extend(self._fail(r, rids, f"replica {r.index}: {message}"))
+                    r.dead = r.dead or not alive
                 elif kind == "rejected":
-                    if self.requests.pop(msg[1], None) is not None:
-                        r.unfinished -= 1
-                    failure = f"replica {r.index} rejected request {msg[1]}: {msg[2]}"
-                else:  # "error": the replica died
-                    self._pool.close(grace_s=0.0)
-                    raise RuntimeError(f"data-parallel replica {r.index} failed:\n{msg[1]}")
-        if failure is not None:
-            raise RuntimeError(f"engine step failed on {failure}")
+                    outputs.extend(self._fail(r, [msg[1]], f"replica {r.index}: {msg[2]}"))
+                else:  # "error": the replica's process died
+                    r.dead = True
+                    rids = [rid for rid, req in self.requests.items() if req.replica == r.index]
+                    outputs.extend(self._fail(r, rids, f"replica {r.index} died:\n{msg[1]}"))
+                    break
+        if not self.alive:
+            self._pool.close(grace_s=0.0)
+            if not outputs:
+                raise RuntimeError("every data-parallel replica has failed")
         return outputs
+
+    def _fail(self, r: _Replica, rids: list[str], message: str) -> list[RequestOutput]:
+        """Error outputs for requests a replica could not finish."""
+        failed = []
+        for rid in rids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            r.unfinished -= 1
+            completion = CompletionOutput(0, req.text, list(req.token_ids), "error")
+            failed.append(
+                RequestOutput(rid, None, req.prompt_token_ids, [completion], True, error=message)
+            )
+        return failed
 
     def _restore(self, out: RequestOutput) -> RequestOutput | None:
         req = self.requests.get(out.request_id)
@@ -387,6 +405,10 @@ class DataParallelEngine:
     def shutdown(self) -> None:
         self._pool.close()
 
+    @property
+    def alive(self) -> bool:
+        return not self._pool.closed and any(not r.dead for r in self.replicas)
+
     def get_stats(self) -> EngineStats:
         total = EngineStats.total([r.stats for r in self.replicas])
         # Requests the replicas have not reported yet count as waiting.
@@ -398,11 +420,16 @@ class DataParallelEngine:
         self._check_open()
         if self.requests:
             raise RuntimeError("reset_prefix_cache needs an idle engine (requests are in flight)")
-        for r in self.replicas:
+        live = [r for r in self.replicas if not r.dead]
+        for r in live:
             r.conn.send(("reset_prefix_cache",))
         total = 0
-        for r in self.replicas:
-            msg = self._recv(r)
+        for r in live:
+            while True:  # skip what a replica sent after its last request (an empty drain step)
+                msg = self._recv(r)
+                if msg[0] not in ("outputs", "step_failed"):
+                    break
+                r.stats = msg[-1] if msg[0] == "outputs" else msg[3]
             if msg[0] != "reset_done":
                 self._pool.close(grace_s=0.0)
                 raise RuntimeError(f"data-parallel replica {r.index} failed:\n{msg[1]}")

@@ -212,6 +212,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 
+    @property
+    def alive(self) -> bool:
+        """False once the tensor/pipeline-parallel workers are gone (nothing more can run)."""
+        return self.executor.alive
+
     def unfinished_request_ids(self) -> list[str]:
         return list(self.scheduler.requests)
 
@@ -308,8 +313,7 @@ class LLMEngine:
             cause,
             len(step.rows),
         )
-        message = f"engine step failed: {cause}"
-        return self.scheduler.fail_requests({r.request_id: message for r in step.rows})
+        return self.scheduler.fail_step(step, f"engine step failed: {cause}")
 
     def _resolve(self, launched: _Launched) -> tuple[list[RequestUpdate], float]:
         """Wait for a launched step's tokens and hand them to the scheduler; also returns the
@@ -322,8 +326,7 @@ class LLMEngine:
                 raise
             logger.error("engine step failed on the device (%s: %s)", type(exc).__name__, exc)
             message = f"engine step failed: {type(exc).__name__}: {exc}"
-            rows = launched.step.rows
-            return self.scheduler.fail_requests({r.request_id: message for r in rows}), 0.0
+            return self.scheduler.fail_step(launched.step, message), 0.0
         wait_s = time.perf_counter() - t
         self._counts["steps_graph" if output.used_cuda_graph else "steps_eager"] += 1
         updates = self.scheduler.update_from_output(launched.step, output)

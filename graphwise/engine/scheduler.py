@@ -62,7 +62,12 @@ class Scheduler:
         self.num_preemptions = 0
         self._step_ids = itertools.count()
         self._known_to_runner: set[str] = set()
+        self._resend: set[str] = set()  # known, but their runner state is sent again
         self._finished_ids: list[str] = []  # since the last step, for the runner to forget
+        # Per step not yet resolved: its sequences and those that sample, in row order. Tokens
+        # come back to these objects, not to whatever request holds the id by then (an id can
+        # be reused once its request ended, while a step still samples for the old one).
+        self._in_flight: dict[int, tuple[list[Sequence], list[Sequence]]] = {}
 
     # ---- requests ---------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -170,10 +175,11 @@ class Scheduler:
         """The step as data, then the state advanced as if it ran."""
         out = SchedulerOutput(
             step_id=next(self._step_ids),
-            finished_request_ids=self._finished_ids,
             preempted_request_ids=[s.request_id for s in preempted],
         )
-        self._finished_ids = []
+        if not picked:  # nothing runs: the runner hears of finished requests with the next step
+            return out
+        out.finished_request_ids, self._finished_ids = self._finished_ids, []
         sampled: list[Sequence] = []
         for seq, n in picked:
             c, known = seq.num_computed_tokens, len(seq.token_ids)
@@ -185,12 +191,13 @@ class Scheduler:
                 ids, pending = seq.token_ids[c:known], seq.pending_row
             sample = c + n == seq.num_tokens
             p = seq.sampling_params
-            if seq.request_id not in self._known_to_runner:
+            if seq.request_id not in self._known_to_runner or seq.request_id in self._resend:
                 banned: tuple[int, ...] = ()
                 if p.min_tokens:
                     banned = tuple(sorted(set(p.stop_token_ids or ()) | seq.eos_token_ids))
                 out.new_requests.append(NewRequest(seq.request_id, p, banned))
                 self._known_to_runner.add(seq.request_id)
+                self._resend.discard(seq.request_id)
             out.rows.append(
                 ScheduledRow(
                     request_id=seq.request_id,
@@ -214,6 +221,7 @@ class Scheduler:
         for row, seq in enumerate(sampled):
             seq.num_placeholders += 1
             seq.pending_row = row
+        self._in_flight[out.step_id] = ([seq for seq, _ in picked], sampled)
         return out
 
     def update_from_output(
@@ -222,25 +230,26 @@ class Scheduler:
         """Take a step's sampled tokens: append, cache full blocks, apply the token-decided stop
         conditions, free what finished. Returns one update per request that got a token or
         failed (a request finished or aborted while the step ran gets nothing)."""
-        updates: list[RequestUpdate] = []
+        seqs, sampled = self._in_flight.pop(step.step_id)
+        if [s.request_id for s in sampled] != output.req_ids:
+            raise RuntimeError(f"step {step.step_id}: the runner sampled other rows than planned")
         got: list[tuple[Sequence, int]] = []
-        for rid, token in zip(output.req_ids, output.sampled_token_ids, strict=True):
-            seq = self.requests.get(rid)
-            if seq is None or rid in output.errors:
+        for seq, token in zip(sampled, output.sampled_token_ids, strict=True):
+            if seq.is_finished or seq.request_id in output.errors:
                 continue
             seq.num_placeholders -= 1
             seq.token_ids.append(token)
             got.append((seq, token))
-        for row in step.rows:  # their KV is written now: the prefix cache may hand it out
-            seq = self.requests.get(row.request_id)
-            if seq is not None:
+        for seq in seqs:  # their KV is written now: the prefix cache may hand it out
+            if not seq.is_finished:
                 self.block_manager.cache_full_blocks(seq)
-        for rid, message in output.errors.items():
-            seq = self.requests.get(rid)
-            if seq is not None:
-                updates.append(self._fail(seq, message))
+        updates = [
+            self._fail(seq, output.errors[seq.request_id])
+            for seq in seqs
+            if seq.request_id in output.errors and not seq.is_finished
+        ]
         for seq, token in got:
-            if seq.request_id not in self.requests:
+            if seq.is_finished:
                 continue
             reason, stop = self._check_stop(seq, token)
             update = RequestUpdate(
@@ -289,17 +298,26 @@ class Scheduler:
             if rid in self.requests
         ]
 
+    def fail_step(self, step: SchedulerOutput, message: str) -> list[RequestUpdate]:
+        """A step whose output will never come (it failed and no row explains why): end the
+        requests it ran."""
+        seqs, _ = self._in_flight.pop(step.step_id, ([], []))
+        return [self._fail(seq, message) for seq in seqs if not seq.is_finished]
+
     def rollback(self, step: SchedulerOutput) -> None:
         """A step that failed before it ran: its requests go back to waiting and recompute their
         KV (their known tokens are intact; a token an earlier step is still sampling arrives as
-        usual). Their runner state is sent again, in case the failure left it half-made."""
-        for row in step.rows:
-            seq = self.requests.get(row.request_id)
-            if seq is None:
-                continue
-            if row.sample:
+        usual). Their runner state is sent again (keeping the seeded generators), in case the
+        failure left it half-made, and so are the ids it was to forget."""
+        seqs, sampled = self._in_flight.pop(step.step_id, ([], []))
+        for seq in sampled:
+            if not seq.is_finished:
                 seq.num_placeholders -= 1
+        for seq in seqs:
+            if seq.is_finished:
+                continue
             if seq in self.running:
                 self.running.remove(seq)
                 self._preempt(seq)
-            self._known_to_runner.discard(seq.request_id)
+            self._resend.add(seq.request_id)
+        self._finished_ids.extend(step.finished_request_ids)

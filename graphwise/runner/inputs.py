@@ -57,7 +57,11 @@ class RequestStates(dict[str, RunnerRequest]):
         for rid in step.finished_request_ids:
             self.pop(rid, None)
         for new in step.new_requests:
-            self[new.request_id] = RunnerRequest(new.sampling_params, new.min_tokens_banned)
+            state = RunnerRequest(new.sampling_params, new.min_tokens_banned)
+            old = self.get(new.request_id)
+            if old is not None:  # sent again after a failed step: its random stream goes on
+                state.generator = old.generator
+            self[new.request_id] = state
         for row in step.rows:
             self[row.request_id].extend(row.new_block_ids, row.reset_block_table)
 

@@ -142,7 +142,9 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        """The thread runs and the engine can still run steps (a tensor-parallel engine whose
+        workers died is dead: /health says so and new requests get 503, not a 500 each)."""
+        return self.error is None and self._thread.is_alive() and self.engine.alive
 
     def snapshot(self) -> EngineSnapshot:
         s, drained = self._published

@@ -200,3 +200,28 @@ def test_async_scheduling_on_and_off_agree_under_tp_and_pp(tiny_model_dir, make_
         llm.shutdown()
     assert outs[True] == outs[False]
     assert {r for _, r in outs[True]} == {"stop", "length"}
+
+
+def test_dp_reset_prefix_cache_after_requests_that_stopped_early(tiny_model_dir, make_llm):
+    """A replica steps once more after a stop-token finish (the step in flight); the front must
+    not take that empty message for the reset's answer."""
+    llm = make_llm(tiny_model_dir("llama"), data_parallel_size=2)
+    stop = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=list(range(0, 512, 2)))
+    generate(llm, prompts()[:4], stop)
+    assert llm.reset_prefix_cache() >= 0
+    assert generate(llm, prompts()[:2]) == generate(llm, prompts()[:2])
+
+
+def test_dp_replica_whose_workers_fail_fails_its_requests_not_the_caller(
+    tiny_model_dir, make_llm, monkeypatch
+):
+    monkeypatch.setenv("GRAPHWISE_TEST_FAIL_RANK", "1")
+    monkeypatch.setenv("GRAPHWISE_TEST_FAIL_MODE", "raise")
+    llm = make_llm(tiny_model_dir("llama"), data_parallel_size=2, tensor_parallel_size=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()[:4]], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outs] == ["error"] * 4
+    # The worker's own traceback is in the message when it reaches rank 0 within a second.
+    assert all("tensor/pipeline-parallel step failed" in o.error for o in outs)
+    assert not llm.llm_engine.alive  # both replicas lost their workers
+    with pytest.raises(RuntimeError, match="shut down|no data-parallel replica"):
+        generate(llm, prompts()[:1])

@@ -145,3 +145,39 @@ def test_async_scheduling_flag_and_sglang_alias():
     assert engine_config_from_args(parser.parse_args([])).async_scheduling is True
     for flag in ("--no-async-scheduling", "--disable-overlap-schedule"):
         assert engine_config_from_args(parser.parse_args([flag])).async_scheduling is False
+
+
+def test_a_reused_request_id_never_gets_the_old_requests_token(tiny_model_dir):
+    """Abort "x" while a step samples for it, then add a new "x": the stray token goes nowhere."""
+    engine = LLM(model=str(tiny_model_dir("llama")), max_num_seqs=4).llm_engine
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    engine.add_request(None, params, [9, 8, 7, 6], request_id="x")
+    for _ in range(3):
+        engine.step()
+    assert engine.abort_request("x")
+    engine.add_request(None, params, [1, 2, 3], request_id="x")
+    got = [o for o in _drain_outputs(engine) if o.finished]
+    alone = LLM(model=str(tiny_model_dir("llama")), max_num_seqs=4).generate(
+        {"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False
+    )
+    assert [o.outputs[0].token_ids for o in got] == [alone[0].outputs[0].token_ids]
+
+
+def test_the_runner_forgets_finished_and_aborted_requests(tiny_model_dir):
+    llm = LLM(model=str(tiny_model_dir("llama")), max_num_seqs=4)
+    engine, runner = llm.llm_engine, llm.llm_engine.executor.driver
+    stop = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=list(range(0, 512, 2)))
+    for i in range(6):
+        rids = [engine.add_request(None, stop, [i + 1, 7, 9]) for _ in range(2)]
+        engine.step()
+        engine.abort_request(rids[1])
+        _drain_outputs(engine)
+        # What the runner still holds is at most this round's (told with the next step).
+        assert set(runner.requests) <= set(rids), (i, set(runner.requests))
+
+
+def _drain_outputs(engine: LLMEngine) -> list:
+    outs = []
+    while engine.has_unfinished_requests():
+        outs.extend(engine.step())
+    return outs

@@ -103,7 +103,9 @@ def test_finish_request_releases_blocks():
     assert sched.finish_request("a", "abort")
     assert bm.num_used_blocks == 0 and not sched.has_unfinished()
     assert not sched.finish_request("a", "abort")  # gone
-    assert sched.schedule().finished_request_ids == ["a"]  # the runner forgets it
+    assert sched.schedule().finished_request_ids == []  # no step runs: nobody to tell yet
+    sched.add(seq(3, "b", start=50))
+    assert sched.schedule().finished_request_ids == ["a"]  # the next step that runs does
 
 
 def test_token_stops_length_and_min_tokens():

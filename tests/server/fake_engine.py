@@ -25,12 +25,14 @@ class FakeEngine:
     tokenizer = None
     model_name = "fake"
     max_model_len = 64
+    alive = True
 
     def __init__(self) -> None:
         self.model_config = SimpleNamespace(vocab_size=100)
         self.steps = 0
         self.requests: dict[str, tuple[list[int], Any, list[int]]] = {}
         self.fail_next: BaseException | None = None
+        self.fail_request: str | None = None  # the next request's output is this error
         self.gate = threading.Event()  # steps wait for it: lets tests keep requests queued
         self.gate.set()
 
@@ -51,6 +53,14 @@ class FakeEngine:
         self.steps += 1
         outs = []
         for rid, (prompt, params, tokens) in list(self.requests.items()):
+            if self.fail_request is not None:
+                del self.requests[rid]
+                failed = RequestOutput(
+                    rid, None, prompt, [CompletionOutput(0, "", [], "error")], True
+                )
+                failed.error = self.fail_request
+                outs.append(failed)
+                continue
             tokens.append(7)
             done = len(tokens) >= params.max_tokens
             if done:

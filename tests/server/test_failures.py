@@ -69,6 +69,39 @@ def test_dead_engine_thread_is_reported() -> None:
     run_app(fake, test)
 
 
+def test_engine_whose_workers_died_is_reported_dead() -> None:
+    """A step failure that leaves the engine unable to run (its tensor-parallel workers are
+    gone): /health turns 503 and new requests get 503 engine_dead, not a 500 each."""
+    fake = FakeEngine()
+
+    async def test(client: httpx.AsyncClient, app: Any, engine: AsyncEngine) -> None:
+        fake.fail_next = RuntimeError("the workers are gone")
+        fake.alive = False
+        assert (await client.post("/v1/completions", json=BODY)).status_code in (500, 503)
+        assert (await client.get("/health")).status_code == 503
+        err = _error(await client.post("/v1/completions", json=BODY), 503)
+        assert err["code"] == "engine_dead"
+
+    run_app(fake, test)
+
+
+def test_request_failed_alone_gets_a_500_and_is_counted() -> None:
+    """An output the engine marks failed (finish reason "error") is that request's 500 and a
+    request_success{finished_reason="error"} count; the next request is served."""
+    fake = FakeEngine()
+
+    async def test(client: httpx.AsyncClient, app: Any, engine: AsyncEngine) -> None:
+        fake.fail_request = "bad request id"
+        err = _error(await client.post("/v1/completions", json=BODY), 500)
+        assert err["code"] == "engine_error" and "bad request id" in err["message"]
+        fake.fail_request = None
+        assert (await client.post("/v1/completions", json=BODY)).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert 'graphwise:request_success_total{finished_reason="error"} 1.0' in text
+
+    run_app(fake, test)
+
+
 def test_full_queue_gets_503_with_retry_after() -> None:
     fake = FakeEngine()
     fake.gate.clear()  # the first step blocks: requests stay queued
