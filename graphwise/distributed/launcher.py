@@ -68,6 +68,21 @@ def check_device_count(needed: int, device: torch.device, available: int | None 
         )
 
 
+def watch_parent(parent_pid: int, conn: Any = None, poll_s: float = 1.0) -> None:
+    """Run in a daemon thread of a child process: exit it when the parent is gone (its pid
+    changes, or the pipe `conn` from it, which it never writes to, reaches end-of-file)."""
+    while True:
+        try:
+            if conn is None:
+                time.sleep(poll_s)
+            elif conn.poll(poll_s):
+                conn.recv()  # raises at end-of-file
+        except (EOFError, OSError):
+            os._exit(1)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
 def device_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

@@ -32,6 +32,7 @@ import torch
 
 from graphwise.config import EngineConfig
 from graphwise.core.device import resolve_device
+from graphwise.distributed.launcher import watch_parent
 from graphwise.engine.client import EngineStats
 from graphwise.engine.engine import LLMEngine
 from graphwise.engine.validation import RequestLimits, normalize_request
@@ -43,13 +44,6 @@ logger = logging.getLogger(__name__)
 
 
 # ---- replica process -------------------------------------------------------------------------
-def _watch_parent_pid(parent_pid: int) -> None:
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-
 def _slim(out: RequestOutput) -> RequestOutput:
     """What crosses the pipe: no prompt ids, and for a running request no cumulative text or
     token list (the front rebuilds those from the deltas)."""
@@ -71,7 +65,7 @@ def replica_main(
     os.environ.update(env)  # before CUDA initialises: this replica's GPUs only
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    threading.Thread(target=_watch_parent_pid, args=(parent_pid,), daemon=True).start()
+    threading.Thread(target=watch_parent, args=(parent_pid,), daemon=True).start()
     try:
         engine = LLMEngine(config)
         conn.send(("ready", {"max_model_len": engine.max_model_len}, engine.get_stats()))

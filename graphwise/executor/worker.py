@@ -28,13 +28,12 @@ import torch.distributed as dist
 
 from graphwise.config import EngineConfig
 from graphwise.distributed import parallel_state
-from graphwise.distributed.launcher import device_backend, torchrun_env
+from graphwise.distributed.launcher import device_backend, torchrun_env, watch_parent
 from graphwise.distributed.parallel_state import ParallelContext
 from graphwise.models.loader import ModelSource, build_model, resolve_source
 from graphwise.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-PARENT_POLL_S = 1.0
 HOOK_ENV = "GRAPHWISE_TEST_WORKER_HOOK"
 SHUTDOWN = "shutdown"
 
@@ -79,17 +78,6 @@ def serve(runner: ModelRunner) -> None:
 
 
 # ---- a spawned worker process ------------------------------------------------------------
-def _watch_parent(conn: Any, parent_pid: int) -> None:
-    while True:
-        try:
-            if conn.poll(PARENT_POLL_S):
-                conn.recv()  # the parent never writes: this raises at end-of-file
-        except (EOFError, OSError):
-            os._exit(1)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-
 def worker_main(
     rank: int,
     config: EngineConfig,
@@ -104,7 +92,7 @@ def worker_main(
 ) -> None:
     """The entry point of a spawned rank (torch.multiprocessing, spawn)."""
     threading.Thread(
-        target=_watch_parent, args=(conn, parent_pid), name="parent-watch", daemon=True
+        target=watch_parent, args=(parent_pid, conn), name="parent-watch", daemon=True
     ).start()
     try:
         if device.type == "cuda":

@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     sizes = _batch_sizes(args.batch_sizes)
     if args.context_len < 2:
         raise ValueError("--context-len must be at least 2")
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        # It times rank 0's forward alone: under TP/PP the other ranks would not join its
+        # collectives (the step would hang).
+        raise ValueError("explain runs on one GPU: drop --tensor/--pipeline-parallel-size")
     if args.steps < 1 or args.warmup_steps < 0 or args.engine_steps < 0:
         raise ValueError("--steps must be >= 1, --warmup-steps and --engine-steps >= 0")
     if args.emulate_bandwidth is not None and args.emulate_bandwidth <= 0:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from graphwise.config import EngineConfig
+from graphwise.distributed import parallel_state
 
 if TYPE_CHECKING:
     from graphwise.runner.inputs import StepInputs
@@ -117,6 +118,23 @@ class CudaGraphRunner:
         self.graphs[bs] = graph
         self.outputs[bs] = out
 
+    def try_capture(self, bs: int, warmup: int = 2) -> str | None:
+        """Capture one bucket; None, or why it failed on this or another rank (then no rank
+        keeps it: under tensor parallelism the ranks' replays must pair up)."""
+        error = None
+        try:
+            self.capture(bs, warmup=warmup)
+        except RuntimeError as exc:  # out of memory, or a failed capture: this bucket is eager
+            error = f"capture failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
+            torch.cuda.synchronize(self.runner.device)
+            torch.cuda.empty_cache()
+        error = next((e for e in parallel_state.agree_all(error) if e is not None), None)
+        if error is not None:
+            self.release(set(self.graphs) - {bs})
+            if self.runner.is_driver:
+                logger.warning("CUDA graph capture for batch %d failed (%s): eager", bs, error)
+        return error
+
     def capture_all(self) -> CaptureStats:
         device = self.runner.device
         torch.cuda.synchronize(device)
@@ -124,13 +142,9 @@ class CudaGraphRunner:
         free_before, _ = torch.cuda.mem_get_info(device)
         start = time.perf_counter()
         for bs in reversed(self.buckets):
-            try:
-                self.capture(bs)
-            except RuntimeError as exc:  # out of memory or a failed capture: this bucket is eager
-                self.stats.failed[bs] = (str(exc).splitlines() or [type(exc).__name__])[0]
-                logger.warning("CUDA graph capture for batch %d failed (%s): eager", bs, exc)
-                torch.cuda.synchronize(device)
-                torch.cuda.empty_cache()
+            error = self.try_capture(bs)
+            if error is not None:
+                self.stats.failed[bs] = error
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # warm-up leftovers are not graph memory
         free_after, _ = torch.cuda.mem_get_info(device)
@@ -139,15 +153,17 @@ class CudaGraphRunner:
         self.stats.buckets = list(self.buckets)
         self.stats.seconds = time.perf_counter() - start
         self.stats.pool_bytes = max(0, free_before - free_after)
-        logger.info(
-            "Captured %d CUDA graphs (batch %s..%s, context <= %d tokens) in %.2f s using %.1f MiB",
-            len(self.buckets),
-            self.buckets[0] if self.buckets else "-",
-            self.buckets[-1] if self.buckets else "-",
-            self.max_blocks * self.runner.block_size,
-            self.stats.seconds,
-            self.stats.pool_bytes / 2**20,
-        )
+        if self.runner.is_driver:
+            logger.info(
+                "Captured %d CUDA graphs (batch %s..%s, context <= %d tokens) in %.2f s using "
+                "%.1f MiB",
+                len(self.buckets),
+                self.buckets[0] if self.buckets else "-",
+                self.buckets[-1] if self.buckets else "-",
+                self.max_blocks * self.runner.block_size,
+                self.stats.seconds,
+                self.stats.pool_bytes / 2**20,
+            )
         return self.stats
 
     def release(self, keep: set[int]) -> None:

@@ -191,23 +191,6 @@ def _release_scratch(runner: ModelRunner) -> None:
     torch.cuda.empty_cache()
 
 
-def _try_capture(graphs: CudaGraphRunner, bs: int, warmup: int = 2) -> str | None:
-    """Capture one bucket; every rank learns whether any rank failed (then none keeps it)."""
-    error = None
-    try:
-        graphs.capture(bs, warmup=warmup)
-    except RuntimeError as exc:  # out of memory, or a failed capture: this bucket stays eager
-        error = f"capture failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
-        torch.cuda.synchronize(graphs.runner.device)
-        torch.cuda.empty_cache()
-    error = next((e for e in parallel_state.agree_all(error) if e is not None), None)
-    if error is not None:
-        graphs.release(set(graphs.graphs) - {bs})
-        if graphs.runner.is_driver:
-            logger.warning("CUDA graph capture for batch %d failed (%s): eager", bs, error)
-    return error
-
-
 def _decide(runner: ModelRunner, limits: RunnerLimits, plan: GraphPlan) -> None:
     from graphwise.runner.cuda_graph import CudaGraphRunner
 
@@ -215,7 +198,7 @@ def _decide(runner: ModelRunner, limits: RunnerLimits, plan: GraphPlan) -> None:
     probes = initial_probes(plan.candidates)
     failed: dict[int, BucketTiming] = {}
     for bs in sorted(probes, reverse=True):  # largest first: the smaller ones share its pool
-        error = _try_capture(graphs, bs)
+        error = graphs.try_capture(bs)
         if error is not None:
             failed[bs] = BucketTiming(bs, error=error)
     per_bucket = TIMING_BUDGET_S / max(1, len(probes) + 2)
@@ -224,7 +207,7 @@ def _decide(runner: ModelRunner, limits: RunnerLimits, plan: GraphPlan) -> None:
         if bs in failed:
             return failed[bs]
         if bs not in graphs.graphs:
-            error = _try_capture(graphs, bs)
+            error = graphs.try_capture(bs)
             if error is not None:
                 return BucketTiming(bs, error=error)
         # Rank 0's numbers decide for everyone: the ranks' own clocks differ a little.
@@ -264,6 +247,8 @@ def _time_bucket(
             agree=parallel_state.agree,
         )
     except RuntimeError as exc:
+        if runner.parallel.world_size > 1:
+            raise  # one rank out of the timed steps' collectives: stop rather than hang the rest
         message = (str(exc).splitlines() or [type(exc).__name__])[0]
         logger.warning("timing batch %d failed (%s): eager", bs, message)
         return BucketTiming(bs, error=f"timing failed: {message}")
@@ -287,7 +272,7 @@ def _capture_measured(
         free_before = _free_bytes(device)
     failed: dict[int, str] = {}
     for bs in sorted(sizes, reverse=True):
-        error = _try_capture(graphs, bs, warmup=1)  # kernels are compiled and tuned by now
+        error = graphs.try_capture(bs, warmup=1)  # kernels are compiled and tuned by now
         if error is not None:
             failed[bs] = error
     return max(0, free_before - _free_bytes(device)), failed

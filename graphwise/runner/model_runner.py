@@ -214,10 +214,7 @@ class ModelRunner:
             buckets=plan.kept if plan is not None else None,
             eager_buckets=plan.eager_buckets if plan is not None else None,
         )
-        stats = graphs.capture_all()
-        # A bucket one rank could not capture replays nowhere (the ranks' steps pair up).
-        keep = set.intersection(*(set(b) for b in parallel_state.agree_all(graphs.buckets)))
-        graphs.release(keep)
+        stats = graphs.capture_all()  # the ranks agree bucket by bucket (try_capture)
         self.graph_runner = graphs if graphs.graphs else None
         return stats
 

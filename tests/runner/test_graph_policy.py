@@ -321,3 +321,22 @@ def test_graph_plan_as_dict_is_json_ready():
     )
     data = json.loads(json.dumps(plan.as_dict()))
     assert data["kept"] == [1] and data["decisions"][0]["keep"] is True
+
+
+def test_a_bucket_another_rank_failed_to_capture_is_dropped_here_too(monkeypatch):
+    """Under tensor parallelism a graph replays only if every rank has it: one rank's failed
+    capture (out of memory, say) releases the bucket on all."""
+    from graphwise.distributed import parallel_state
+
+    graphs = _graph_runner([1, 2])
+    graphs.runner.is_driver = True
+
+    def fake_capture(bs: int, warmup: int = 2) -> None:
+        graphs.graphs[bs], graphs.outputs[bs] = object(), object()
+
+    monkeypatch.setattr(graphs, "capture", fake_capture)
+    monkeypatch.setattr(parallel_state, "agree_all", lambda v: [v, None])
+    assert graphs.try_capture(1) is None and 1 in graphs.graphs
+    monkeypatch.setattr(parallel_state, "agree_all", lambda v: [v, "capture failed: out of memory"])
+    assert graphs.try_capture(2) == "capture failed: out of memory"
+    assert 2 not in graphs.graphs and 2 in graphs.eager_buckets and 1 in graphs.graphs
