@@ -149,10 +149,11 @@ class AsyncEngine:
     def snapshot(self) -> EngineSnapshot:
         s, drained = self._published
         in_inbox = max(0, self._adds_sent - drained)  # sent but not yet taken by the thread
-        return dataclasses.replace(s, waiting=s.waiting + in_inbox, alive=self.alive)
+        stats = dataclasses.replace(s.stats, num_waiting=s.stats.num_waiting + in_inbox)
+        return EngineSnapshot(stats, self.alive)
 
     def num_waiting(self) -> int:
-        return self.snapshot().waiting
+        return self.snapshot().stats.num_waiting
 
     def submit(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -274,18 +275,7 @@ class AsyncEngine:
             pass
 
     def _take_snapshot(self) -> EngineSnapshot:
-        s = self.engine.get_stats()
-        return EngineSnapshot(
-            running=s.num_running,
-            waiting=s.num_waiting,
-            kv_usage=s.kv_usage,
-            kv_blocks_used=s.kv_blocks_used,
-            kv_blocks_total=s.kv_blocks_total,
-            prompt_tokens=s.prompt_tokens,
-            generation_tokens=s.generation_tokens,
-            steps_graph=s.steps_graph,
-            steps_eager=s.steps_eager,
-        )
+        return EngineSnapshot(self.engine.get_stats())
 
     def _publish(self) -> None:
         try:

@@ -16,6 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from graphwise.engine.client import EngineStats
+
 PREFIX = "graphwise:"
 
 # Seconds; from a GPU's few milliseconds to a CPU's seconds.
@@ -26,17 +28,10 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280)
 
 @dataclass(frozen=True)
 class EngineSnapshot:
-    """Engine numbers as of its last step; published by the engine thread, read by anyone."""
+    """The engine's numbers as of its last step (published by the engine thread, read by
+    anyone), with the requests still in the server's inbox counted as waiting."""
 
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    steps_graph: int = 0
-    steps_eager: int = 0
+    stats: EngineStats = EngineStats()
     alive: bool = True
 
 
@@ -45,14 +40,15 @@ class _EngineCollector(Collector):
         self._snapshot = snapshot
 
     def collect(self) -> Iterable[Metric]:
-        s = self._snapshot()
+        snap = self._snapshot()
+        s = snap.stats
         yield GaugeMetricFamily(
-            PREFIX + "num_requests_running", "Requests in the running batch.", value=s.running
+            PREFIX + "num_requests_running", "Requests in the running batch.", value=s.num_running
         )
         yield GaugeMetricFamily(
             PREFIX + "num_requests_waiting",
             "Requests accepted but not yet scheduled (queued in the engine or its inbox).",
-            value=s.waiting,
+            value=s.num_waiting,
         )
         yield GaugeMetricFamily(
             PREFIX + "kv_cache_usage_perc",
@@ -68,7 +64,9 @@ class _EngineCollector(Collector):
             value=s.kv_blocks_total,
         )
         yield GaugeMetricFamily(
-            PREFIX + "engine_alive", "1 while the engine thread runs, else 0.", value=int(s.alive)
+            PREFIX + "engine_alive",
+            "1 while the engine thread runs, else 0.",
+            value=int(snap.alive),
         )
         yield CounterMetricFamily(
             PREFIX + "prompt_tokens", "Prompt tokens prefilled.", value=s.prompt_tokens
