@@ -104,8 +104,9 @@ class LLMEngine:
         self._inflight: _Launched | None = None
         self.step_log: StepSink | None = None  # set to record where each step's time goes
         self.tracer: Tracer = NULL_TRACER
-        self._counts = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-        self._counts.update(steps_graph=0, steps_eager=0)
+        self._counts = dict.fromkeys(
+            ("prompt_tokens", "generation_tokens", "steps", "steps_graph", "steps_eager"), 0
+        )
 
     def _start_runners(self) -> None:
         """Graphs first: the auto policy times them and measures the kept graphs' pool, which
