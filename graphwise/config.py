@@ -38,6 +38,7 @@ class EngineConfig:
     # Overlap the host's scheduling and output processing with the GPU's step (vLLM's
     # async_scheduling, SGLang's overlap schedule); off runs one step at a time.
     async_scheduling: bool = True
+    max_logprobs: int = 20  # the most logprobs (and prompt logprobs) a request may ask for
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -62,6 +63,8 @@ class EngineConfig:
             "data_parallel_size",
         ):
             positive(name, allow_none=False)
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         for name in (
             "max_model_len",
             "max_num_batched_tokens",
@@ -154,6 +157,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help=argparse.SUPPRESS,
     )
+    g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
     g.add_argument("--data-parallel-size", "--dp", type=int, default=1)

@@ -6,12 +6,29 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """vLLM's shape: a token's log-probability, its rank among all tokens (1: the most likely)
+    and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One generated token's entry: the sampled token and the requested most likely ones, by id.
+SampleLogprob = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or token that ended it
+    # With SamplingParams(logprobs=k): one entry per token in token_ids, and their sum.
+    logprobs: list[SampleLogprob] | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass

@@ -22,6 +22,9 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    # Log-probabilities of each sampled token and of the `logprobs` most likely ones (0: the
+    # sampled token's alone), log-softmax of the model's raw logits (vLLM's default).
+    logprobs: int | None = None
     # Normalised forms, filled by __post_init__.
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
@@ -72,6 +75,8 @@ class SamplingParams:
         if self.stop_token_ids is not None:
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
                 raise ValueError("stop_token_ids must be a list of integers")
+        if self.logprobs is not None and integer("logprobs") < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -78,12 +78,26 @@ class SchedulerOutput:
         return len(self.rows)
 
 
+@dataclass(slots=True)
+class SampleLogprobs:
+    """One sampled token's log-probability and rank (1: the most likely), and the most likely
+    tokens' (as many as the request asked for), from the log-softmax of the raw logits."""
+
+    logprob: float
+    rank: int
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
 @dataclass
 class ModelRunnerOutput:
     """A step's numbers: the sampled token of each row that samples, in row order."""
 
     req_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
+    # By row, like sampled_token_ids: None where the request asked for no logprobs (all None,
+    # or empty, when none did).
+    logprobs: list[SampleLogprobs | None] = field(default_factory=list)
     used_cuda_graph: bool = False
     # Requests the runner found it could not run (a row it cannot build inputs for), with why.
     errors: dict[str, str] = field(default_factory=dict)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from graphwise.config import EngineConfig
+from graphwise.engine.validation import RequestLimits
 from graphwise.models.model_config import ModelConfig
 from graphwise.outputs import RequestOutput
 from graphwise.sampling_params import SamplingParams
@@ -47,6 +48,7 @@ class EngineClient(Protocol):
     model_name: str
     model_config: ModelConfig  # the whole model's (not a shard's)
     max_model_len: int
+    request_limits: RequestLimits  # what admission checks requests against
     tokenizer: Any  # None for dummy weights without a tokenizer
 
     def tokenize(self, prompt: str) -> list[int]: ...

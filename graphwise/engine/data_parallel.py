@@ -247,7 +247,9 @@ class DataParallelEngine:
             self._pool.close(grace_s=0.0)
             raise
         self.max_model_len = infos[0]["max_model_len"]
-        self.request_limits = RequestLimits(self.model_config.vocab_size, self.max_model_len)
+        self.request_limits = RequestLimits(
+            self.model_config.vocab_size, self.max_model_len, config.max_logprobs
+        )
         logger.info(
             "Data parallel: %d replicas (tp=%d, pp=%d each) ready in %.1f s",
             n,

@@ -32,7 +32,7 @@ from graphwise.engine.validation import RequestLimits, normalize_request
 from graphwise.executor import create_executor
 from graphwise.models.loader import ModelSource, load_tokenizer, model_config_of, resolve_source
 from graphwise.outputs import RequestOutput
-from graphwise.runner.model_runner import StepHandle
+from graphwise.runner.step_handle import StepHandle
 from graphwise.sampling_params import SamplingParams
 from graphwise.tokenizer import encode_prompt
 
@@ -71,7 +71,7 @@ class LLMEngine:
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
         self.max_num_batched_tokens = budget
-        self.request_limits = RequestLimits(mc.vocab_size, self.max_model_len)
+        self.request_limits = RequestLimits(mc.vocab_size, self.max_model_len, config.max_logprobs)
 
         vocab_limit = None
         if self.tokenizer is not None and len(self.tokenizer) < mc.vocab_size:

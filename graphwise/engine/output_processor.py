@@ -14,7 +14,13 @@ from typing import Any
 
 from graphwise.engine.detokenizer import IncrementalDetokenizer
 from graphwise.engine.scheduler import RequestUpdate
-from graphwise.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from graphwise.outputs import (
+    CompletionOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+    SampleLogprob,
+)
 from graphwise.sampling_params import SamplingParams
 
 
@@ -30,6 +36,8 @@ class RequestState:
     text: str = ""
     reported_text_len: int = 0  # characters of text already streamed out
     first_token_time: float | None = None
+    logprobs: list[SampleLogprob] | None = None  # when the request asked for them
+    cumulative_logprob: float = 0.0
 
 
 class OutputProcessor:
@@ -45,7 +53,7 @@ class OutputProcessor:
         params: SamplingParams,
         arrival_time: float,
     ) -> None:
-        self.requests[request_id] = RequestState(
+        state = RequestState(
             request_id,
             prompt,
             prompt_token_ids,
@@ -53,6 +61,9 @@ class OutputProcessor:
             IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
             arrival_time,
         )
+        if params.logprobs is not None:
+            state.logprobs = []
+        self.requests[request_id] = state
 
     def abort(self, request_id: str) -> bool:
         return self.requests.pop(request_id, None) is not None
@@ -74,6 +85,7 @@ class OutputProcessor:
             for token in update.new_token_ids:
                 state.output_token_ids.append(token)
                 state.text += state.detokenizer.push(token)
+            new_logprobs = self._logprobs(state, update)
             if update.new_token_ids and state.first_token_time is None:
                 state.first_token_time = now
             p = state.params
@@ -87,10 +99,30 @@ class OutputProcessor:
                     if reason is None:
                         stopped.append((state.request_id, found))
                     reason, stop_reason = "stop", found
-            outputs.append(self._make_output(state, update, reason, stop_reason, now))
+            outputs.append(self._make_output(state, update, reason, stop_reason, now, new_logprobs))
             if reason is not None:
                 del self.requests[state.request_id]
         return outputs, stopped
+
+    def _logprobs(self, state: RequestState, update: RequestUpdate) -> list[SampleLogprob]:
+        """The step's entries in vLLM's shape: the sampled token and the top ones, by id."""
+        if state.logprobs is None:
+            return []
+        entries = []
+        for token, lp in zip(update.new_token_ids, update.logprobs, strict=True):
+            entry = {
+                tid: Logprob(value, rank + 1, self._decode(tid))
+                for rank, (tid, value) in enumerate(zip(lp.top_ids, lp.top_logprobs, strict=True))
+            }
+            if token not in entry:
+                entry[token] = Logprob(lp.logprob, lp.rank, self._decode(token))
+            entries.append(entry)
+            state.cumulative_logprob += lp.logprob
+        state.logprobs.extend(entries)
+        return entries
+
+    def _decode(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
 
     @staticmethod
     def _find_stop_string(state: RequestState, before: int) -> str | None:
@@ -109,6 +141,7 @@ class OutputProcessor:
         reason: str | None,
         stop_reason: int | str | None,
         now: float,
+        new_logprobs: list[SampleLogprob],
     ) -> RequestOutput:
         # Like vLLM's DELTA output kind: a running request's output carries only what this step
         # added (copying the whole text and token list every step would cost O(length^2) per
@@ -126,6 +159,9 @@ class OutputProcessor:
             finish_reason=reason,
             stop_reason=stop_reason,
         )
+        if state.logprobs is not None:
+            completion.logprobs = list(state.logprobs) if done else new_logprobs
+            completion.cumulative_logprob = state.cumulative_logprob
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,

@@ -24,7 +24,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from graphwise.core.step import ModelRunnerOutput, NewRequest, ScheduledRow, SchedulerOutput
+from graphwise.core.step import (
+    ModelRunnerOutput,
+    NewRequest,
+    SampleLogprobs,
+    ScheduledRow,
+    SchedulerOutput,
+)
 from graphwise.engine.block_manager import BlockManager
 from graphwise.engine.sequence import Sequence, SequenceStatus
 
@@ -40,6 +46,7 @@ class RequestUpdate:
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     error: str | None = None  # why the request failed (finish_reason "error")
+    logprobs: list[SampleLogprobs] = field(default_factory=list)  # by new token, when asked
 
 
 class Scheduler:
@@ -233,13 +240,14 @@ class Scheduler:
         seqs, sampled = self._in_flight.pop(step.step_id)
         if [s.request_id for s in sampled] != output.req_ids:
             raise RuntimeError(f"step {step.step_id}: the runner sampled other rows than planned")
-        got: list[tuple[Sequence, int]] = []
-        for seq, token in zip(sampled, output.sampled_token_ids, strict=True):
+        got: list[tuple[Sequence, int, SampleLogprobs | None]] = []
+        logprobs = output.logprobs or [None] * len(sampled)
+        for seq, token, lp in zip(sampled, output.sampled_token_ids, logprobs, strict=True):
             if seq.is_finished or seq.request_id in output.errors:
                 continue
             seq.num_placeholders -= 1
             seq.token_ids.append(token)
-            got.append((seq, token))
+            got.append((seq, token, lp))
         for seq in seqs:  # their KV is written now: the prefix cache may hand it out
             if not seq.is_finished:
                 self.block_manager.cache_full_blocks(seq)
@@ -248,7 +256,7 @@ class Scheduler:
             for seq in seqs
             if seq.request_id in output.errors and not seq.is_finished
         ]
-        for seq, token in got:
+        for seq, token, lp in got:
             if seq.is_finished:
                 continue
             reason, stop = self._check_stop(seq, token)
@@ -259,6 +267,7 @@ class Scheduler:
                 stop,
                 seq.num_cached_tokens,
                 seq.first_scheduled_time,
+                logprobs=[lp] if lp is not None else [],
             )
             if reason is not None:
                 self._finish(seq, reason, stop)

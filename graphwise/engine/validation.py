@@ -25,6 +25,7 @@ class InvalidRequest(ValueError):
 class RequestLimits:
     vocab_size: int
     max_model_len: int
+    max_logprobs: int = 20
 
 
 def check_token_ids(ids: Sequence[object], param: str, vocab_size: int) -> None:
@@ -58,9 +59,16 @@ def check_prompt_ids(ids: object, limits: RequestLimits, param: str = "prompt_to
         )
 
 
-def check_sampling_ids(params: SamplingParams, limits: RequestLimits) -> None:
-    """The token ids a request's sampling parameters carry."""
+def check_sampling_params(params: SamplingParams, limits: RequestLimits) -> None:
+    """What a request's sampling parameters carry that depends on the model and the engine: the
+    token ids, and how many logprobs it asks for."""
     check_token_ids(params.stop_token_ids or [], "stop_token_ids", limits.vocab_size)
+    if params.logprobs is not None and params.logprobs > limits.max_logprobs:
+        raise InvalidRequest(
+            f"logprobs is {params.logprobs}, more than this engine's max_logprobs "
+            f"({limits.max_logprobs})",
+            "logprobs",
+        )
 
 
 def normalize_request(
@@ -79,5 +87,5 @@ def normalize_request(
             raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
         prompt_token_ids = tokenize(prompt)
     check_prompt_ids(prompt_token_ids, limits)
-    check_sampling_ids(params, limits)
+    check_sampling_params(params, limits)
     return params, prompt_token_ids

@@ -17,7 +17,8 @@ import torch
 from graphwise.config import EngineConfig
 from graphwise.core.step import SchedulerOutput
 from graphwise.models.loader import ModelSource
-from graphwise.runner.model_runner import ModelRunner, StepHandle
+from graphwise.runner.model_runner import ModelRunner
+from graphwise.runner.step_handle import StepHandle
 
 
 class Executor(ABC):

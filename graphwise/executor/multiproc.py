@@ -43,7 +43,8 @@ from graphwise.executor.base import Executor
 from graphwise.executor.worker import SHUTDOWN, build_shard, worker_main
 from graphwise.models.loader import ModelSource, model_config_of, resolve_source
 from graphwise.models.model_config import check_parallel_config
-from graphwise.runner.model_runner import ModelRunner, StepHandle
+from graphwise.runner.model_runner import ModelRunner
+from graphwise.runner.step_handle import StepHandle
 
 logger = logging.getLogger(__name__)
 

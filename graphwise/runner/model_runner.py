@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from graphwise.config import EngineConfig, RunnerLimits
-from graphwise.core.step import ModelRunnerOutput, SchedulerOutput
+from graphwise.core.step import SchedulerOutput
 from graphwise.core.tracing import NULL_TRACER, Tracer
 from graphwise.distributed import parallel_state
 from graphwise.distributed.parallel_state import SINGLE, ParallelContext
@@ -38,33 +38,10 @@ from graphwise.runner.inputs import (
     build_step_inputs,
     find_bad_rows,
 )
+from graphwise.runner.logprobs import log_softmax_rows, sampled_logprobs
+from graphwise.runner.step_handle import StepHandle, to_pinned
 
 logger = logging.getLogger(__name__)
-
-
-class StepHandle:
-    """A launched step's output; `result()` waits for its sampled tokens (the step's one host
-    sync: a pinned copy and an event on CUDA)."""
-
-    def __init__(
-        self,
-        req_ids: list[str],
-        tokens: torch.Tensor | None,
-        used_cuda_graph: bool,
-        event: torch.cuda.Event | None = None,
-    ) -> None:
-        self._req_ids = req_ids
-        self._tokens = tokens
-        self._used_graph = used_cuda_graph
-        self._event = event
-
-    def result(self) -> ModelRunnerOutput:
-        tokens: list[int] = []
-        if self._tokens is not None:
-            if self._event is not None:
-                self._event.synchronize()
-            tokens = self._tokens.tolist()
-        return ModelRunnerOutput(self._req_ids, tokens, self._used_graph)
 
 
 def select_attention_backend(
@@ -313,9 +290,19 @@ class ModelRunner:
         req_ids: list[str],
         used_graph: bool,
     ) -> StepHandle:
+        logprobs = None
         if self.is_driver:
             assert logits is not None
+            wanted = [
+                (i, k)
+                for i, row in enumerate(inputs.sampled)
+                if (k := self.requests[row.request_id].params.logprobs) is not None
+            ]
+            # Of the raw logits, before any masking (vLLM's default "raw_logprobs").
+            raw = log_softmax_rows(logits, wanted, self.upload)
             tokens = self._sample(logits, inputs)
+            if raw is not None:
+                logprobs = sampled_logprobs(raw, tokens, wanted, self.upload)
         else:
             tokens = torch.empty(len(req_ids), dtype=torch.int64, device=self.device)
         if self.parallel.world_size > 1:
@@ -326,14 +313,15 @@ class ModelRunner:
         if not self.is_driver:
             return StepHandle([], None, used_graph)
         if self.device.type != "cuda":
-            return StepHandle(req_ids, tokens, used_graph)
+            return StepHandle(req_ids, tokens, used_graph, logprobs=logprobs)
         # Copy to pinned memory behind the step and mark it: result() waits for this step only.
-        # The caching host allocator does not hand the buffer out again before the copy ran.
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+        # The caching host allocator does not hand the buffers out again before the copies ran.
+        host = to_pinned(tokens)
+        if logprobs is not None:
+            logprobs = (logprobs[0], to_pinned(logprobs[1]), to_pinned(logprobs[2]))
         event = torch.cuda.Event()
         event.record()
-        return StepHandle(req_ids, host, used_graph, event)
+        return StepHandle(req_ids, host, used_graph, event, logprobs)
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         if self.vocab_limit is not None:  # ids past the tokenizer's vocabulary cannot be decoded

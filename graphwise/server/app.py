@@ -32,7 +32,7 @@ from graphwise.engine.validation import (
     InvalidRequest,
     RequestLimits,
     check_prompt_ids,
-    check_sampling_ids,
+    check_sampling_params,
 )
 from graphwise.outputs import RequestOutput
 from graphwise.sampling_params import SamplingParams
@@ -92,9 +92,7 @@ class ServerState:
         self.settings = settings
         self.draining = False  # set on SIGTERM: new requests get 503 while old ones finish
         self.max_model_len = engine.engine.max_model_len
-        self.request_limits = RequestLimits(
-            engine.engine.model_config.vocab_size, self.max_model_len
-        )
+        self.request_limits: RequestLimits = engine.engine.request_limits
         tokenizer = engine.engine.tokenizer
         self.lanes = TokenizerLanes(tokenizer) if tokenizer is not None else None
         bound, why = token_bound(tokenizer) if tokenizer is not None else (None, "no tokenizer")
@@ -172,7 +170,7 @@ class ServerState:
         check, so the prompt scan is over at most max_model_len ids."""
         try:
             check_prompt_ids(ids, self.request_limits, param)
-            check_sampling_ids(params, self.request_limits)
+            check_sampling_params(params, self.request_limits)
         except InvalidRequest as exc:
             raise APIError(400, str(exc), param=exc.param) from exc
 

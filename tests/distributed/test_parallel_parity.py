@@ -225,3 +225,18 @@ def test_dp_replica_whose_workers_fail_fails_its_requests_not_the_caller(
     assert not llm.llm_engine.alive  # both replicas lost their workers
     with pytest.raises(RuntimeError, match="shut down|no data-parallel replica"):
         generate(llm, prompts()[:1])
+
+
+def test_tp_logprobs_equal_single_device(tiny_model_dir, make_llm):
+    """Rank 0 gathers the vocabulary shards, so its logprobs are the whole model's."""
+    path = tiny_model_dir("qwen2")
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3)
+    got = []
+    for llm in (make_llm(path), make_llm(path, tensor_parallel_size=2)):
+        out = llm.generate({"prompt_token_ids": prompts()[1]}, params, use_tqdm=False)[0]
+        got.append(out.outputs[0])
+    one, tp = got
+    assert one.token_ids == tp.token_ids
+    for a, b in zip(one.logprobs, tp.logprobs, strict=True):
+        assert list(a) == list(b)
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)

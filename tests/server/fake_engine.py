@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from graphwise.engine.client import EngineStats
+from graphwise.engine.validation import RequestLimits
 from graphwise.outputs import CompletionOutput, RequestOutput
 from graphwise.server.app import ServerSettings, build_app
 from graphwise.server.async_engine import AsyncEngine
@@ -35,6 +36,10 @@ class FakeEngine:
         self.fail_request: str | None = None  # the next request's output is this error
         self.gate = threading.Event()  # steps wait for it: lets tests keep requests queued
         self.gate.set()
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.model_config.vocab_size, self.max_model_len)
 
     def add_request(self, prompt: Any, params: Any, prompt_token_ids: list[int], request_id: str):
         self.requests[request_id] = (prompt_token_ids, params, [])
