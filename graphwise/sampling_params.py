@@ -25,6 +25,16 @@ class SamplingParams:
     # Log-probabilities of each sampled token and of the `logprobs` most likely ones (0: the
     # sampled token's alone), log-softmax of the model's raw logits (vLLM's default).
     logprobs: int | None = None
+    # Penalties (vLLM's semantics): presence and frequency over the generated tokens (OpenAI's),
+    # repetition over prompt and generated tokens (HF's: divide a positive logit, multiply a
+    # negative one). Filters: min_p (drop tokens under min_p x the top probability),
+    # logit_bias (token id -> added to its logit, clamped to [-100, 100]), allowed_token_ids.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     # Normalised forms, filled by __post_init__.
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
@@ -77,7 +87,41 @@ class SamplingParams:
                 raise ValueError("stop_token_ids must be a list of integers")
         if self.logprobs is not None and integer("logprobs") < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = number(name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        repetition = number("repetition_penalty")
+        if not (math.isfinite(repetition) and repetition > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition}")
+        if not 0.0 <= number("min_p") <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in self.logit_bias
+            ):
+                raise ValueError("logit_bias must map token ids (integers) to numbers")
+            for value in self.logit_bias.values():
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"logit_bias values must be numbers, got {value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"logit_bias values must be finite, got {value!r}")
+        if self.allowed_token_ids is not None and (
+            not isinstance(self.allowed_token_ids, list)
+            or not self.allowed_token_ids
+            or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.allowed_token_ids
+            )
+        ):
+            raise ValueError("allowed_token_ids must be a non-empty list of integers")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        """Any penalty that needs the tokens so far."""
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )

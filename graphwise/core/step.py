@@ -28,6 +28,7 @@ class NewRequest:
     # Token ids masked while the request has fewer than min_tokens outputs: its stop token ids
     # and the model's EOS ids (empty when min_tokens is 0).
     min_tokens_banned: tuple[int, ...] = ()
+    num_prompt_tokens: int = 0  # penalties tell prompt tokens from generated ones
 
 
 @dataclass(slots=True)

@@ -202,7 +202,9 @@ class Scheduler:
                 banned: tuple[int, ...] = ()
                 if p.min_tokens:
                     banned = tuple(sorted(set(p.stop_token_ids or ()) | seq.eos_token_ids))
-                out.new_requests.append(NewRequest(seq.request_id, p, banned))
+                out.new_requests.append(
+                    NewRequest(seq.request_id, p, banned, seq.num_prompt_tokens)
+                )
                 self._known_to_runner.add(seq.request_id)
                 self._resend.discard(seq.request_id)
             out.rows.append(

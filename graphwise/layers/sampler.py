@@ -31,6 +31,7 @@ class SamplingTensors:
     all_greedy: bool
     any_top_k_top_p: bool
     generators: list[torch.Generator | None]  # per row: a seeded request's own generator
+    min_p: torch.Tensor | None = None  # [N] float32, or None when no row uses it
 
 
 def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -83,6 +84,10 @@ def sample(
     random_rows = (temp >= GREEDY_TEMPERATURE) & (row_max.squeeze(1) > float("-inf"))
     temperature = torch.where(random_rows, temp, 1.0).clamp(max=_F32.max)
     scaled = scale_by_temperature(clean, row_max, temperature)
+    if t.min_p is not None:
+        # p / p_max = exp(scaled) (the row's largest scaled logit is 0): dropping p below
+        # min_p * p_max is dropping scaled below log(min_p); min_p = 0 drops nothing.
+        scaled = scaled.masked_fill(scaled < torch.log(t.min_p)[:, None], float("-inf"))
     if t.any_top_k_top_p:
         scaled = apply_top_k_top_p(scaled, t.top_k, t.top_p)
     probs = scaled.softmax(dim=-1)  # the largest logit is 0: the sum is >= 1, no 0 / 0

@@ -30,11 +30,14 @@ class StepInputs:
 class RunnerRequest:
     """What the runner holds for one request between steps."""
 
-    __slots__ = ("params", "banned", "table", "num_blocks", "generator")
+    __slots__ = ("params", "banned", "num_prompt_tokens", "table", "num_blocks", "generator")
 
-    def __init__(self, params: SamplingParams, banned: tuple[int, ...]) -> None:
+    def __init__(
+        self, params: SamplingParams, banned: tuple[int, ...], num_prompt_tokens: int = 0
+    ) -> None:
         self.params = params
         self.banned = banned
+        self.num_prompt_tokens = num_prompt_tokens
         self.table = np.zeros(16, dtype=np.int32)
         self.num_blocks = 0
         self.generator: torch.Generator | None = None
@@ -57,7 +60,7 @@ class RequestStates(dict[str, RunnerRequest]):
         for rid in step.finished_request_ids:
             self.pop(rid, None)
         for new in step.new_requests:
-            state = RunnerRequest(new.sampling_params, new.min_tokens_banned)
+            state = RunnerRequest(new.sampling_params, new.min_tokens_banned, new.num_prompt_tokens)
             old = self.get(new.request_id)
             if old is not None:  # sent again after a failed step: its random stream goes on
                 state.generator = old.generator

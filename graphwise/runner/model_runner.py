@@ -38,6 +38,7 @@ from graphwise.runner.inputs import (
     build_step_inputs,
     find_bad_rows,
 )
+from graphwise.runner.logits_processors import TokenHistory, apply_logits_processors
 from graphwise.runner.logprobs import log_softmax_rows, sampled_logprobs
 from graphwise.runner.step_handle import StepHandle, to_pinned
 
@@ -105,6 +106,7 @@ class ModelRunner:
         self.graph_plan = None  # this rank's GraphPlan, once planned
         self.default_generator = torch.Generator(device=device).manual_seed(config.seed)
         self.requests = RequestStates()
+        self.history = TokenHistory(device)  # tokens so far of requests with penalties
         self.upload = Uploader(device)
         self.tracer: Tracer = NULL_TRACER  # spans around the step's phases (explain --nvtx)
         # The last launched step's sampled tokens, on the device: the next step's inputs for
@@ -174,6 +176,7 @@ class ModelRunner:
     def capture_graphs(self, limits: RunnerLimits):  # -> CaptureStats | None
         """Capture the planned buckets on the real KV cache; what the capture took (None when
         no graph runs here)."""
+        self.history.set_max_len(limits.max_model_len)  # the last start-up call
         plan = self.graph_plan
         mode = self.config.use_cuda_graph
         if self.device.type != "cuda":
@@ -257,9 +260,13 @@ class ModelRunner:
         trace.push("prepare")
         try:
             self.requests.update(step)
+            for rid in step.finished_request_ids:
+                self.history.forget(rid)
             inputs = build_step_inputs(
                 step, self.requests, self.upload, self.block_size, self._last_tokens
             )
+            if self.is_driver:  # only rank 0 samples
+                self.history.record(step.rows, inputs.input_ids, self.requests, self.upload)
         finally:
             trace.pop()
         trace.push("forward")
@@ -324,9 +331,9 @@ class ModelRunner:
         return StepHandle(req_ids, host, used_graph, event, logprobs)
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        if self.vocab_limit is not None:  # ids past the tokenizer's vocabulary cannot be decoded
-            logits[:, self.vocab_limit :] = float("-inf")
-        self._mask_min_tokens(logits, inputs)
+        apply_logits_processors(
+            logits, inputs, self.requests, self.history, self.upload, self.vocab_limit
+        )
         params = self.sampling_tensors(inputs)
         if params is None:
             return logits.argmax(dim=-1)
@@ -352,6 +359,7 @@ class ModelRunner:
             gens.append(state.generator)
         (top_k,) = self.upload(torch.int64, top_ks)
         temperature, top_p = self.upload(torch.float32, temps, top_ps)
+        min_ps = [float(s.params.min_p) for s in states]
         return SamplingTensors(
             temperature=temperature,
             top_k=top_k,
@@ -359,19 +367,8 @@ class ModelRunner:
             all_greedy=False,
             any_top_k_top_p=any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps),
             generators=gens,
+            min_p=self.upload(torch.float32, min_ps)[0] if any(min_ps) else None,
         )
-
-    def _mask_min_tokens(self, logits: torch.Tensor, inputs: StepInputs) -> None:
-        rows: list[int] = []
-        cols: list[int] = []
-        for i, row in enumerate(inputs.sampled):
-            if row.ban_stop_tokens:
-                banned = self.requests[row.request_id].banned
-                rows.extend([i] * len(banned))
-                cols.extend(banned)
-        if rows:  # one upload (indexing with a Python list would copy synchronously)
-            rows_t, cols_t = self.upload(torch.int64, rows, cols)
-            logits.index_put_((rows_t, cols_t), logits.new_full((len(rows),), float("-inf")))
 
     def find_bad_rows(self, step: SchedulerOutput) -> dict[str, str]:
         """The rows of a failed step this runner cannot run, with why (see runner/inputs.py)."""

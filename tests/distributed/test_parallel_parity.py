@@ -240,3 +240,11 @@ def test_tp_logprobs_equal_single_device(tiny_model_dir, make_llm):
     for a, b in zip(one.logprobs, tp.logprobs, strict=True):
         assert list(a) == list(b)
         assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+def test_tp_penalties_and_filters_equal_single_device(tiny_model_dir, make_llm):
+    path = tiny_model_dir("llama")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.5,
+                            frequency_penalty=0.5, logit_bias={3: 2.0}, min_p=0.1)  # fmt: skip
+    single = generate(make_llm(path), prompts()[:3], params)
+    assert generate(make_llm(path, tensor_parallel_size=2), prompts()[:3], params) == single

@@ -1,0 +1,213 @@
+"""What a request's parameters do to its logits before sampling, batched on the device.
+
+In vLLM's order: `allowed_token_ids` (everything else masked), the `min_tokens` ban of stop and
+EOS ids, `logit_bias` (added, clamped to [-100, 100]), then the penalties: repetition over the
+prompt and the generated tokens (HF's rule), presence and frequency over the generated ones
+(OpenAI's). Rows that ask for nothing cost nothing; none of it syncs with the host, so it runs
+inside an async step.
+
+The penalties need every token so far, and with async scheduling the newest is known only on
+the device. `TokenHistory` therefore keeps, for each request with a penalty, its tokens by
+position in a device buffer, written from each step's input ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from graphwise.core.step import ScheduledRow
+    from graphwise.runner.inputs import RequestStates, StepInputs
+
+Upload = Callable[..., list[torch.Tensor]]
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for logit_bias values
+
+
+class TokenHistory:
+    """Tokens by position of the requests that need them, in a [slots, max_len] int32 device
+    buffer that is allocated on first use and grows by doubling its slots."""
+
+    def __init__(self, device: torch.device, first_slots: int = 16) -> None:
+        self.device = device
+        self.first_slots = first_slots
+        self.max_len = 0
+        self.buffer: torch.Tensor | None = None
+        self.slots: dict[str, int] = {}
+        self._free: list[int] = []
+
+    def set_max_len(self, max_len: int) -> None:
+        self.max_len = max_len
+
+    def forget(self, request_id: str) -> None:
+        slot = self.slots.pop(request_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def _slot(self, request_id: str) -> int:
+        slot = self.slots.get(request_id)
+        if slot is not None:
+            return slot
+        if not self._free:
+            self._grow()
+        slot = self.slots[request_id] = self._free.pop()
+        return slot
+
+    def _grow(self) -> None:
+        if not self.max_len:
+            raise RuntimeError("TokenHistory used before the runner knew max_model_len")
+        old = 0 if self.buffer is None else self.buffer.shape[0]
+        new = max(self.first_slots, 2 * old)
+        buffer = torch.zeros((new, self.max_len), dtype=torch.int32, device=self.device)
+        if self.buffer is not None:
+            buffer[:old] = self.buffer
+        self.buffer = buffer
+        self._free.extend(range(new - 1, old - 1, -1))
+
+    def record(
+        self, rows: list[ScheduledRow], input_ids: torch.Tensor, states: RequestStates,
+        upload: Upload,
+    ) -> None:  # fmt: skip
+        """Write this step's input ids of every tracked request at their positions."""
+        slots: list[int] = []
+        positions: list[int] = []
+        sources: list[int] = []
+        at = 0
+        for row in rows:
+            n = row.num_new_tokens
+            if states[row.request_id].params.penalized:
+                slot = self._slot(row.request_id)
+                c = row.num_computed_tokens
+                slots.extend([slot] * n)
+                positions.extend(range(c, c + n))
+                sources.extend(range(at, at + n))
+            at += n
+        if not slots:
+            return
+        assert self.buffer is not None
+        slot_t, pos_t, src_t = upload(torch.int64, slots, positions, sources)
+        values = input_ids.index_select(0, src_t).to(torch.int32)
+        self.buffer.index_put_((slot_t, pos_t), values)
+
+    def counts(
+        self,
+        request_ids: list[str],
+        lengths: list[int],
+        prompt_lengths: list[int],
+        vocab: int,
+        upload: Upload,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[R, vocab] int32 counts of each request's tokens so far: all of them, and the
+        generated ones (positions from its prompt length on)."""
+        assert self.buffer is not None
+        width = max(lengths)
+        slot_t, len_t, prompt_t = upload(
+            torch.int64, [self.slots[r] for r in request_ids], lengths, prompt_lengths
+        )
+        tokens = self.buffer.index_select(0, slot_t)[:, :width].long()
+        pos = torch.arange(width, device=self.device)
+        seen = pos[None, :] < len_t[:, None]
+        generated = seen & (pos[None, :] >= prompt_t[:, None])
+        every = torch.zeros((len(request_ids), vocab + 1), dtype=torch.int32, device=self.device)
+        outs = torch.zeros_like(every)
+        pad = torch.full_like(tokens, vocab)  # the spare column takes what is not counted
+        every.scatter_add_(
+            1, torch.where(seen, tokens, pad), torch.ones_like(tokens, dtype=torch.int32)
+        )
+        outs.scatter_add_(
+            1, torch.where(generated, tokens, pad), torch.ones_like(tokens, dtype=torch.int32)
+        )
+        return every[:, :vocab], outs[:, :vocab]
+
+
+def apply_logits_processors(
+    logits: torch.Tensor,
+    inputs: StepInputs,
+    states: RequestStates,
+    history: TokenHistory,
+    upload: Upload,
+    vocab_limit: int | None,
+) -> None:
+    """In place on [N, V] float32 logits of the step's sampled rows."""
+    vocab = logits.shape[-1]
+    if vocab_limit is not None:  # ids past the tokenizer's vocabulary cannot be decoded
+        logits[:, vocab_limit:] = float("-inf")
+    rows = [(i, states[row.request_id], row) for i, row in enumerate(inputs.sampled)]
+    _mask_to_allowed(logits, [(i, s.params.allowed_token_ids) for i, s, _ in rows], upload)
+    banned = [(i, s.banned) for i, s, row in rows if row.ban_stop_tokens and s.banned]
+    _set(logits, banned, float("-inf"), upload)
+    _add_bias(logits, [(i, s.params.logit_bias) for i, s, _ in rows], upload)
+    penalized = [(i, s, row) for i, s, row in rows if s.params.penalized]
+    if penalized:
+        _penalize(logits, penalized, history, upload, vocab)
+
+
+def _mask_to_allowed(
+    logits: torch.Tensor, allowed: list[tuple[int, list[int] | None]], upload: Upload
+) -> None:
+    allowed = [(i, ids) for i, ids in allowed if ids]
+    if not allowed:
+        return
+    rows = [i for i, ids in allowed for _ in ids]
+    cols = [t for _, ids in allowed for t in ids]
+    row_t, col_t, which = upload(torch.int64, rows, cols, [i for i, _ in allowed])
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    keep.index_put_((row_t, col_t), torch.ones_like(row_t, dtype=torch.bool))
+    drop = ~keep
+    restricted = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    restricted[which] = True
+    logits.masked_fill_(drop & restricted[:, None], float("-inf"))
+
+
+def _set(
+    logits: torch.Tensor, per_row: list[tuple[int, tuple[int, ...]]], value: float, upload: Upload
+) -> None:
+    if not per_row:
+        return
+    rows = [i for i, ids in per_row for _ in ids]
+    cols = [t for _, ids in per_row for t in ids]
+    row_t, col_t = upload(torch.int64, rows, cols)
+    logits.index_put_((row_t, col_t), logits.new_full((len(rows),), value))
+
+
+def _add_bias(
+    logits: torch.Tensor, biases: list[tuple[int, dict[int, float] | None]], upload: Upload
+) -> None:
+    biases = [(i, b) for i, b in biases if b]
+    if not biases:
+        return
+    rows = [i for i, b in biases for _ in b]
+    cols = [t for _, b in biases for t in b]
+    lim = LOGIT_BIAS_LIMIT
+    values = [max(-lim, min(lim, float(v))) for _, b in biases for v in b.values()]
+    row_t, col_t = upload(torch.int64, rows, cols)
+    (val_t,) = upload(torch.float32, values)
+    logits.index_put_((row_t, col_t), val_t, accumulate=True)
+
+
+def _penalize(
+    logits: torch.Tensor, penalized: list, history: TokenHistory, upload: Upload, vocab: int
+) -> None:
+    idx = [i for i, _, _ in penalized]
+    every, generated = history.counts(
+        [row.request_id for _, _, row in penalized],
+        [row.num_tokens_after for _, _, row in penalized],
+        [s.num_prompt_tokens for _, s, _ in penalized],
+        vocab,
+        upload,
+    )
+    (idx_t,) = upload(torch.int64, idx)
+    rep, pres, freq = upload(
+        torch.float32,
+        [s.params.repetition_penalty for _, s, _ in penalized],
+        [s.params.presence_penalty for _, s, _ in penalized],
+        [s.params.frequency_penalty for _, s, _ in penalized],
+    )
+    sub = logits.index_select(0, idx_t)
+    rep = rep[:, None]
+    repeated = torch.where(sub > 0, sub / rep, sub * rep)
+    sub = torch.where(every > 0, repeated, sub)
+    sub = sub - freq[:, None] * generated - pres[:, None] * (generated > 0)
+    logits.index_copy_(0, idx_t, sub)
