@@ -35,6 +35,10 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    # Words never generated (each as tokenized alone and after a space, vLLM's rule), and
+    # whether a stop string that ended the output stays in its text.
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool = False
     # Normalised forms, filled by __post_init__.
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
@@ -114,6 +118,11 @@ class SamplingParams:
             )
         ):
             raise ValueError("allowed_token_ids must be a non-empty list of integers")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, list)
+            or not all(isinstance(w, str) and w for w in self.bad_words)
+        ):
+            raise ValueError("bad_words must be a list of non-empty strings")
 
     @property
     def greedy(self) -> bool:

@@ -43,3 +43,17 @@ def encode_prompt(tokenizer: Any, prompt: str, model_name: str) -> list[int]:
             "pass prompt_token_ids instead of text"
         )
     return list(tokenizer.encode(prompt, add_special_tokens=True))
+
+
+def bad_words_token_ids(tokenizer: Any, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """The token sequences a list of bad words bans: each word as tokenized on its own and,
+    unless it starts with one, after a space (how it appears mid-sentence)."""
+    if tokenizer is None:
+        raise ValueError("bad_words needs the model's tokenizer (dummy weights have none)")
+    found: dict[tuple[int, ...], None] = {}
+    for word in words:
+        for text in (word,) if word.startswith(" ") else (word, " " + word):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids:
+                found[ids] = None
+    return tuple(found)

@@ -29,6 +29,7 @@ class NewRequest:
     # and the model's EOS ids (empty when min_tokens is 0).
     min_tokens_banned: tuple[int, ...] = ()
     num_prompt_tokens: int = 0  # penalties tell prompt tokens from generated ones
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never completed
 
 
 @dataclass(slots=True)

@@ -28,13 +28,13 @@ from graphwise.engine.client import EngineStats
 from graphwise.engine.output_processor import OutputProcessor
 from graphwise.engine.scheduler import RequestUpdate, Scheduler
 from graphwise.engine.sequence import Sequence
-from graphwise.engine.validation import RequestLimits, normalize_request
+from graphwise.engine.validation import InvalidRequest, RequestLimits, normalize_request
 from graphwise.executor import create_executor
 from graphwise.models.loader import ModelSource, load_tokenizer, model_config_of, resolve_source
 from graphwise.outputs import RequestOutput
 from graphwise.runner.step_handle import StepHandle
 from graphwise.sampling_params import SamplingParams
-from graphwise.tokenizer import encode_prompt
+from graphwise.tokenizer import bad_words_token_ids, encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,20 @@ class LLMEngine:
         max_total = self.max_model_len
         if params.max_tokens is not None:
             max_total = min(max_total, len(ids) + params.max_tokens)
-        seq = Sequence(rid, ids, params, self.eos_token_ids, max_total_tokens=max_total)
+        bad_words = ()
+        if params.bad_words:
+            try:
+                bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), "bad_words") from exc
+        seq = Sequence(
+            rid,
+            ids,
+            params,
+            self.eos_token_ids,
+            max_total_tokens=max_total,
+            bad_words_ids=bad_words,
+        )
         self.scheduler.add(seq)
         self.output_processor.add_request(
             rid, prompt, seq.prompt_token_ids, params, seq.arrival_time

@@ -130,7 +130,8 @@ class OutputProcessor:
         for stop in state.params.stop_strings:
             idx = text.find(stop, max(0, before - len(stop) + 1))
             if idx != -1:
-                state.text = text[:idx]
+                keep = len(stop) if state.params.include_stop_str_in_output else 0
+                state.text = text[: idx + keep]
                 return stop
         return None
 

@@ -203,7 +203,7 @@ class Scheduler:
                 if p.min_tokens:
                     banned = tuple(sorted(set(p.stop_token_ids or ()) | seq.eos_token_ids))
                 out.new_requests.append(
-                    NewRequest(seq.request_id, p, banned, seq.num_prompt_tokens)
+                    NewRequest(seq.request_id, p, banned, seq.num_prompt_tokens, seq.bad_words_ids)
                 )
                 self._known_to_runner.add(seq.request_id)
                 self._resend.discard(seq.request_id)

@@ -29,6 +29,7 @@ class Sequence:
         eos_token_ids: frozenset[int] = frozenset(),
         arrival_time: float | None = None,
         max_total_tokens: int = sys.maxsize,
+        bad_words_ids: tuple[tuple[int, ...], ...] = (),
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -44,6 +45,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
+        self.bad_words_ids = bad_words_ids  # params.bad_words as token sequences
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = SequenceStatus.WAITING
         # Tokens whose KV is in the cache; the scheduler advances it, preemption resets it.

@@ -30,17 +30,29 @@ class StepInputs:
 class RunnerRequest:
     """What the runner holds for one request between steps."""
 
-    __slots__ = ("params", "banned", "num_prompt_tokens", "table", "num_blocks", "generator")
+    __slots__ = (
+        "params", "banned", "num_prompt_tokens", "bad_words", "table", "num_blocks", "generator",
+    )  # fmt: skip
 
     def __init__(
-        self, params: SamplingParams, banned: tuple[int, ...], num_prompt_tokens: int = 0
+        self,
+        params: SamplingParams,
+        banned: tuple[int, ...],
+        num_prompt_tokens: int = 0,
+        bad_words: tuple[tuple[int, ...], ...] = (),
     ) -> None:
         self.params = params
         self.banned = banned
         self.num_prompt_tokens = num_prompt_tokens
+        self.bad_words = bad_words
         self.table = np.zeros(16, dtype=np.int32)
         self.num_blocks = 0
         self.generator: torch.Generator | None = None
+
+    @property
+    def needs_history(self) -> bool:
+        """Its tokens so far matter to sampling (penalties, multi-token bad words)."""
+        return self.params.penalized or any(len(w) > 1 for w in self.bad_words)
 
     def extend(self, block_ids: list[int], reset: bool) -> None:
         if reset:
@@ -60,7 +72,12 @@ class RequestStates(dict[str, RunnerRequest]):
         for rid in step.finished_request_ids:
             self.pop(rid, None)
         for new in step.new_requests:
-            state = RunnerRequest(new.sampling_params, new.min_tokens_banned, new.num_prompt_tokens)
+            state = RunnerRequest(
+                new.sampling_params,
+                new.min_tokens_banned,
+                new.num_prompt_tokens,
+                new.bad_words_ids,
+            )
             old = self.get(new.request_id)
             if old is not None:  # sent again after a failed step: its random stream goes on
                 state.generator = old.generator

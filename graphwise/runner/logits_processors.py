@@ -77,7 +77,7 @@ class TokenHistory:
         at = 0
         for row in rows:
             n = row.num_new_tokens
-            if states[row.request_id].params.penalized:
+            if states[row.request_id].needs_history:
                 slot = self._slot(row.request_id)
                 c = row.num_computed_tokens
                 slots.extend([slot] * n)
@@ -136,6 +136,7 @@ def apply_logits_processors(
         logits[:, vocab_limit:] = float("-inf")
     rows = [(i, states[row.request_id], row) for i, row in enumerate(inputs.sampled)]
     _mask_to_allowed(logits, [(i, s.params.allowed_token_ids) for i, s, _ in rows], upload)
+    _ban_bad_words(logits, [(i, s, row) for i, s, row in rows if s.bad_words], history, upload)
     banned = [(i, s.banned) for i, s, row in rows if row.ban_stop_tokens and s.banned]
     _set(logits, banned, float("-inf"), upload)
     _add_bias(logits, [(i, s.params.logit_bias) for i, s, _ in rows], upload)
@@ -159,6 +160,38 @@ def _mask_to_allowed(
     restricted = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     restricted[which] = True
     logits.masked_fill_(drop & restricted[:, None], float("-inf"))
+
+
+def _ban_bad_words(logits: torch.Tensor, rows: list, history: TokenHistory, upload: Upload) -> None:
+    """A one-token bad word is always banned; a longer one's last token when the tokens so far
+    end with the rest of it (checked on the device: the newest token may not be on the host)."""
+    singles = [(i, tuple(w[0] for w in s.bad_words if len(w) == 1)) for i, s, _ in rows]
+    _set(logits, [(i, ids) for i, ids in singles if ids], float("-inf"), upload)
+    pairs = [(i, row, w) for i, s, row in rows for w in s.bad_words if len(w) > 1]
+    if not pairs:
+        return
+    assert history.buffer is not None
+    width = max(len(w) for _, _, w in pairs) - 1  # prefix lengths, padded to the longest
+    slots, starts, prefixes, used, rows_i, lasts, fits = [], [], [], [], [], [], []
+    for i, row, w in pairs:
+        m = len(w) - 1
+        slots.append(history.slots[row.request_id])
+        starts.append(max(0, row.num_tokens_after - m))
+        fits.append(int(row.num_tokens_after >= m))  # enough tokens so far to end with it
+        prefixes.extend([*w[:-1], *([0] * (width - m))])
+        used.extend([1] * m + [0] * (width - m))
+        rows_i.append(i)
+        lasts.append(w[-1])
+    slot_t, start_t, prefix_t, used_t, row_t, last_t, fits_t = upload(
+        torch.int64, slots, starts, prefixes, used, rows_i, lasts, fits
+    )
+    offsets = torch.arange(width, device=logits.device)
+    cols = (start_t[:, None] + offsets[None, :]).clamp(max=history.buffer.shape[1] - 1)
+    tails = history.buffer[slot_t[:, None], cols].long()
+    prefix_t, used_t = prefix_t.view(len(pairs), width), used_t.view(len(pairs), width) > 0
+    match = ((tails == prefix_t) | ~used_t).all(dim=1) & (fits_t > 0)
+    penalty = torch.where(match, float("-inf"), 0.0).to(logits.dtype)
+    logits.index_put_((row_t, last_t), penalty, accumulate=True)
 
 
 def _set(

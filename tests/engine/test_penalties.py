@@ -155,3 +155,49 @@ def test_ids_outside_the_vocabulary_are_refused_at_admission(model_dir):
         with pytest.raises(InvalidRequest, match=field) as e:
             engine.add_request(None, params, prompt_token_ids=[1, 2])
         assert e.value.param == field
+
+
+def _round_trips(tok, ids: list[int]) -> str | None:
+    text = tok.decode(ids)
+    return text if text.strip() and tok.encode(text, add_special_tokens=False) == ids else None
+
+
+def test_bad_words_are_never_completed(tiny_chat_llm):
+    """A word of one token is banned outright; a word of two tokens only where its first token
+    was just generated: the output is the same up to there, then differs."""
+    llm = tiny_chat_llm
+    tok = llm.get_tokenizer()
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = llm.generate("The sun is", greedy, use_tqdm=False)[0].outputs[0].token_ids
+    pair = next((i for i in range(1, len(plain) - 1) if _round_trips(tok, plain[i : i + 2])), None)
+    assert pair is not None, "no two-token word in the greedy output"
+    word = _round_trips(tok, plain[pair : pair + 2])
+    banned = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=[word])
+    out = llm.generate("The sun is", banned, use_tqdm=False)[0].outputs[0].token_ids
+    assert out[: pair + 1] == plain[: pair + 1] and out[pair + 1] != plain[pair + 1]
+    sequences = [tok.encode(w, add_special_tokens=False) for w in (word, " " + word)]
+    for seq in sequences:
+        n = len(seq)
+        assert all(out[i : i + n] != seq for i in range(len(out) - n + 1))
+    single = _round_trips(tok, plain[:1])
+    if single is not None and len(tok.encode(single, add_special_tokens=False)) == 1:
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=[single])
+        first = llm.generate("The sun is", params, use_tqdm=False)[0].outputs[0].token_ids
+        assert plain[0] not in first
+
+
+def test_include_stop_str_in_output(tiny_chat_llm):
+    greedy = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    full = tiny_chat_llm.generate("The sun is", SamplingParams(**greedy), use_tqdm=False)
+    text = full[0].outputs[0].text
+    stop = text[6:9]
+    cut, kept = (
+        tiny_chat_llm.generate(
+            "The sun is",
+            SamplingParams(**greedy, stop=[stop], include_stop_str_in_output=include),
+            use_tqdm=False,
+        )[0].outputs[0]
+        for include in (False, True)
+    )
+    assert cut.text == text[: text.index(stop)]
+    assert kept.text == text[: text.index(stop) + len(stop)] and kept.stop_reason == stop
