@@ -97,8 +97,7 @@ class RequestStream:
             self._last_token_time = when
         if out.finished:
             m.e2e.observe(when - self.arrival)
-            reason = out.outputs[0].finish_reason or "abort"
-            m.request_success.labels(finished_reason=reason).inc()
+            m.count_finished(out.outputs[0].finish_reason or "abort")
 
     def close(self) -> None:
         """Idempotent. A request still in the engine (client gone, error) is aborted at once."""
@@ -108,11 +107,16 @@ class RequestStream:
         if not self.done:
             self.done = True
             self.owner.abort(self.request_id)
-            self.owner.metrics.request_success.labels(finished_reason="abort").inc()
+            self.owner.metrics.count_finished("abort")
 
 
 class AsyncEngine:
-    def __init__(self, engine: EngineClient, max_waiting_requests: int = 4096) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        max_waiting_requests: int = 4096,
+        model_name: str | None = None,
+    ) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.error: str | None = None  # why the engine thread died, if it did
@@ -126,7 +130,8 @@ class AsyncEngine:
         self._adds_sent = 0
         # (engine numbers, adds drained), replaced whole so that readers see one consistent pair.
         self._published = (self._take_snapshot(), 0)  # safe: the thread has not started
-        self.metrics = ServerMetrics(self.snapshot)
+        # Metrics are labelled with the name clients use (the first served name), as in vLLM.
+        self.metrics = ServerMetrics(self.snapshot, model_name or engine.model_name)
 
     # ---- asyncio side -----------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -218,7 +223,7 @@ class AsyncEngine:
             return
         except Exception as exc:
             logger.exception("add_request failed for %s", cmd.request_id)
-            self.metrics.request_success.labels(finished_reason="error").inc()
+            self.metrics.count_finished("error")
             self._deliver([(cmd.sink, EngineStepError(f"{type(exc).__name__}: {exc}"))])
             return
         self._sinks[cmd.request_id] = cmd.sink
@@ -247,7 +252,7 @@ class AsyncEngine:
             if out.finished:
                 del self._sinks[out.request_id]
             if out.error is not None:  # this request alone failed; the others run on
-                self.metrics.request_success.labels(finished_reason="error").inc()
+                self.metrics.count_finished("error")
                 items.append((sink, EngineStepError(out.error)))
             else:
                 items.append((sink, (out, now)))
@@ -256,7 +261,7 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         items = []
         if self._sinks and not isinstance(exc, ShutdownError):
-            self.metrics.request_success.labels(finished_reason="error").inc(len(self._sinks))
+            self.metrics.count_finished("error", len(self._sinks))
         for request_id, sink in list(self._sinks.items()):
             try:
                 self.engine.abort_request(request_id)

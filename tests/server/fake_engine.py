@@ -35,6 +35,7 @@ class FakeEngine:
         self.fail_request: str | None = None  # the next request's output is this error
         self.gate = threading.Event()  # steps wait for it: lets tests keep requests queued
         self.gate.set()
+        self.stats: dict[str, int] = {}  # more EngineStats fields for get_stats to report
 
     def add_request(self, prompt: Any, params: Any, prompt_token_ids: list[int], request_id: str):
         self.requests[request_id] = (prompt_token_ids, params, [])
@@ -75,16 +76,18 @@ class FakeEngine:
     def get_stats(self) -> EngineStats:
         # Everything counts as waiting, so the queue limit is easy to reach.
         return EngineStats(
-            num_waiting=len(self.requests), kv_blocks_total=8, steps_eager=self.steps
+            num_waiting=len(self.requests), kv_blocks_total=8, steps_eager=self.steps, **self.stats
         )
 
 
 BODY = {"prompt": [1, 2, 3], "max_tokens": 3}
 
 
-def run_app(fake: FakeEngine, test: Any, max_waiting: int = 16, **settings: Any) -> None:
-    engine = AsyncEngine(fake, max_waiting)  # type: ignore[arg-type]
-    app = build_app(engine, ServerSettings(served_model_names=["fake"], **settings))
+def run_app(
+    fake: FakeEngine, test: Any, max_waiting: int = 16, served: str = "fake", **settings: Any
+) -> None:
+    engine = AsyncEngine(fake, max_waiting, served)  # type: ignore[arg-type]
+    app = build_app(engine, ServerSettings(served_model_names=[served], **settings))
 
     async def main() -> None:
         async with app.router.lifespan_context(app):
