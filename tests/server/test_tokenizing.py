@@ -201,6 +201,9 @@ def test_body_limit() -> None:
     assert PromptLimits(1024, None).body_limit(32 << 20) == 32 << 20  # unknown density
     ids_only = PromptLimits(1024, None, text_prompts=False)
     assert ids_only.body_limit(32 << 20) == 1024 * 32 + 64 * 1024
+    # Room for a batch: that many contexts (the slack for the other fields once).
+    assert PromptLimits(1024, bound).body_limit(32 << 20, 16) == 16 * 1024 * 6 * 81 + 64 * 1024
+    assert ids_only.body_limit(32 << 20, 16) == 16 * 1024 * 32 + 64 * 1024
 
 
 def test_count_json_nodes() -> None:
