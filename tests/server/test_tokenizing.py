@@ -255,3 +255,13 @@ def test_a_long_input_never_queues_a_short_one() -> None:
     finally:
         release.set()
         lanes.shutdown()
+
+
+def test_render_chat_passes_template_variables(default_tokenizer: Any) -> None:
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    opened = render_chat(default_tokenizer, conversation, False, continue_final_message=True)
+    assert opened.endswith("<|im_start|>assistant\nHel")  # no end-of-turn: the model goes on
+    with pytest.raises(ValueError, match="'tokenize'"):
+        render_chat(default_tokenizer, conversation, template_kwargs={"tokenize": True})
+    plain = render_chat(default_tokenizer, conversation)
+    assert render_chat(default_tokenizer, conversation, template_kwargs={"x": 1}) == plain
