@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 Message = dict[str, str]
 
 
 def render_chat(
-    tokenizer: Any, conversation: list[Message], add_generation_prompt: bool = True
+    tokenizer: Any,
+    conversation: list[Message],
+    add_generation_prompt: bool = True,
+    *,
+    continue_final_message: bool = False,
+    documents: list[dict[str, str]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """The chat template's text for a conversation. Encoding it with add_special_tokens=False
     gives exactly HF's apply_chat_template(tokenize=True) ids; rendering apart lets the server
-    check the text's length before it pays for tokenizing."""
+    check the text's length before it pays for tokenizing.
+
+    `continue_final_message` leaves the last message open (the model continues it);
+    `documents` and `template_kwargs` (vLLM's chat_template_kwargs) reach the template as
+    variables. A template kwarg may not be one of apply_chat_template's own parameters
+    (`template_kwarg_conflicts`)."""
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the model has no chat template; send a plain prompt instead")
     if not isinstance(conversation, list) or not all(
@@ -20,12 +32,33 @@ def render_chat(
         for m in conversation
     ):
         raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
+    kwargs = dict(template_kwargs or {})
+    if conflicts := template_kwarg_conflicts(tokenizer, kwargs):
+        raise ValueError(f"template kwargs may not set {', '.join(map(repr, conflicts))}")
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
+    if documents is not None:
+        kwargs["documents"] = documents
     text = tokenizer.apply_chat_template(
-        conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
     )
     if not isinstance(text, str):
         raise TypeError(f"the chat template rendered {type(text).__name__}, not text")
     return text
+
+
+def template_kwarg_conflicts(tokenizer: Any, kwargs: dict[str, Any]) -> list[str]:
+    """The keys of `kwargs` that are apply_chat_template's own parameters (tokenize,
+    return_dict, tools, ...) or the template's `messages`: passed through, they would change
+    what it returns, or fail, rather than reach the template."""
+    if not kwargs:
+        return []
+    try:
+        params = inspect.signature(tokenizer.apply_chat_template).parameters
+    except (AttributeError, TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    own = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return [k for k in kwargs if k in own or k == "messages"]
 
 
 def apply_chat_template(

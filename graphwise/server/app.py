@@ -2,10 +2,15 @@
 
 Bodies are parsed by hand (not as FastAPI body parameters) so that every kind of bad input,
 from invalid UTF-8 to a wrong type, is answered with OpenAI's error JSON and a 400 naming the
-field. The body is bounded by what a request that fits the context can need, and a text that
+field; a field asking for what is not implemented is refused by name (protocol.REQUEST_FIELDS).
+The body is bounded by what a request of prompts that fit the context can need, and a text that
 cannot fit is refused before it is tokenized (tokenizing.PromptLimits); tokenization and chat
 templates run on worker threads with private copies of the tokenizer, a long prompt's lane
 apart from the short ones' (tokenizing.TokenizerLanes): one huge prompt stalls nobody.
+
+/v1/completions takes a batch of prompts (a list of texts or of id lists): each is checked like a
+single one and becomes an engine request of its own and a choice with its index; they are
+admitted, aborted and failed together.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ from graphwise.server.async_engine import (
     QueueFullError,
     RequestStream,
     ShutdownError,
+    group_outputs,
 )
 from graphwise.server.protocol import (
+    MAX_PROMPTS_PER_REQUEST,
     APIError,
     AssistantMessage,
     ChatChoice,
@@ -65,10 +72,13 @@ from graphwise.server.protocol import (
     validation_error,
 )
 from graphwise.server.tokenizing import PromptLimits, TokenizerLanes, token_bound
-from graphwise.tokenizer import render_chat
+from graphwise.tokenizer import render_chat, template_kwarg_conflicts
 
 logger = logging.getLogger(__name__)
 Req = TypeVar("Req", bound=BaseModel)
+# How many full contexts of prompt text a request body may carry (a batch of prompts).
+BODY_CONTEXTS = 16
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,21 +101,25 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.draining = False  # set on SIGTERM: new requests get 503 while old ones finish
+        self._unknown_logged: set[str] = set()
         self.max_model_len = engine.engine.max_model_len
         self.request_limits: RequestLimits = engine.engine.request_limits
         tokenizer = engine.engine.tokenizer
         self.lanes = TokenizerLanes(tokenizer) if tokenizer is not None else None
         bound, why = token_bound(tokenizer) if tokenizer is not None else (None, "no tokenizer")
         self.limits = PromptLimits(self.max_model_len, bound, text_prompts=tokenizer is not None)
-        self.max_body_bytes = self.limits.body_limit(settings.max_body_bytes)
+        # Room for a batch of prompts (/v1/completions takes up to MAX_PROMPTS_PER_REQUEST):
+        # BODY_CONTEXTS full contexts at the densest text the tokenizer allows.
+        self.max_body_bytes = self.limits.body_limit(settings.max_body_bytes, BODY_CONTEXTS)
         # A chat message takes about 5 (an object, its keys and values), 5 more per content
         # part; and a template spends tokens on every message, so messages < max_model_len.
-        self.max_json_nodes = 8 * self.max_model_len + 256
+        # A batch's prompts are one string or list each.
+        self.max_json_nodes = 8 * self.max_model_len + 256 + 2 * MAX_PROMPTS_PER_REQUEST
         self.body_limit_why = (
             "the server's limit"
             if self.max_body_bytes == settings.max_body_bytes
-            else f"the most that a request fitting this model's {self.max_model_len}-token "
-            "context can need"
+            else f"the most that {BODY_CONTEXTS} prompts filling this model's "
+            f"{self.max_model_len}-token context can need"
         )
         if bound is None and tokenizer is not None:
             logger.info("text prompts are not length-checked before tokenizing: %s", why)
@@ -114,6 +128,19 @@ class ServerState:
             self.max_body_bytes,
             why if bound is not None else "configured",
         )
+
+    def check_supported(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        """Refuses what asks for an unimplemented feature; logs each unknown field name once
+        (a bounded number of them: a client sending random names cannot fill the log)."""
+        for name in req.check_supported():
+            if name in self._unknown_logged or len(self._unknown_logged) >= 64:
+                continue
+            self._unknown_logged.add(name)
+            logger.warning(
+                "request field %s is not part of the API this server knows; ignored "
+                "(logged once per name)",
+                shown(name),
+            )
 
     def check_open(self, request: Request) -> None:
         """Shutting down? Authorized? Checked before the body is read."""
@@ -146,9 +173,7 @@ class ServerState:
             )
         return name
 
-    async def run_tokenizer(
-        self, fn: Callable[[Any], list[int]], param: str, size: int
-    ) -> list[int]:
+    async def run_tokenizer(self, fn: Callable[[Any], T], param: str, size: int) -> T:
         """fn(tokenizer) on a tokenizer thread; `size` (characters) picks its lane."""
         if self.lanes is None:
             raise APIError(
@@ -157,12 +182,11 @@ class ServerState:
                 param=param,
             )
         try:
-            return await self.lanes.run(lambda tok: list(fn(tok)), size)
+            return await self.lanes.run(fn, size)
         except APIError:
             raise
         except Exception as exc:  # template errors, odd text: the client's input, not our bug
-            reason = str(exc) if len(str(exc)) <= 200 else str(exc)[:197] + "..."
-            raise APIError(400, f"could not tokenize {param}: {reason}", param=param) from exc
+            raise APIError(400, f"could not tokenize {param}: {_short(exc)}", param=param) from exc
 
     def check_request(self, ids: list[int], params: SamplingParams, param: str) -> None:
         """The engine's own admission check (engine/validation.py), answered as a 400 naming the
@@ -174,9 +198,39 @@ class ServerState:
         except InvalidRequest as exc:
             raise APIError(400, str(exc), param=exc.param) from exc
 
-    def submit(self, request_id: str, ids: list[int], params: Any) -> RequestStream:
+    async def tokenize_prompts(
+        self, prompts: list[str | list[int]], names: list[str], add_special_tokens: bool
+    ) -> list[list[int]]:
+        """Each prompt's ids. Every text is checked against the context first (no tokenizing),
+        then all are tokenized in one job on the lane their total size picks."""
+        texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
+        for i, text in texts:
+            self.limits.check_text(text, names[i])
+        ids: list[list[int]] = [p if isinstance(p, list) else [] for p in prompts]
+        if not texts:
+            return ids
+
+        def encode_all(tok: Any) -> list[list[int]]:
+            out = []
+            for i, text in texts:
+                try:
+                    out.append(list(tok.encode(text, add_special_tokens=add_special_tokens)))
+                except Exception as exc:  # odd text: the client's input, not our bug
+                    raise APIError(
+                        400, f"could not tokenize {names[i]}: {_short(exc)}", param=names[i]
+                    ) from exc
+            return out
+
+        size = sum(len(text) for _, text in texts)
+        encoded = await self.run_tokenizer(encode_all, names[texts[0][0]], size)
+        for (i, _), one in zip(texts, encoded, strict=True):
+            ids[i] = one
+        return ids
+
+    def submit(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[RequestStream]:
+        """All of a client request's prompts into the engine, or none of them."""
         try:
-            return self.engine.submit(request_id, ids, params)
+            return self.engine.submit_many(requests)
         except QueueFullError as exc:
             raise APIError(
                 503,
@@ -187,6 +241,11 @@ class ServerState:
             ) from exc
         except EngineDeadError as exc:
             raise APIError(503, str(exc), "server_error", code="engine_dead") from exc
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 async def read_body(
@@ -274,17 +333,17 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def collect(request: Request, stream: RequestStream) -> RequestOutput:
-    """The final output of a non-streamed request; aborts it if the client goes away."""
+async def collect(request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
+    """The final outputs of non-streamed requests (the prompts of one client request), in
+    order. If the client goes away, or one of them fails, the others are aborted."""
 
-    async def last() -> RequestOutput:
-        final = None
-        async for out in stream.outputs():
-            final = out
-        assert final is not None
-        return final
+    async def finals() -> list[RequestOutput]:
+        last: dict[int, RequestOutput] = {}
+        async for i, out in group_outputs(streams):
+            last[i] = out
+        return [last[i] for i in range(len(streams))]
 
-    work = asyncio.ensure_future(last())
+    work = asyncio.ensure_future(finals())
     gone = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -297,34 +356,39 @@ async def collect(request: Request, stream: RequestStream) -> RequestOutput:
     finally:
         work.cancel()
         gone.cancel()
-        stream.close()  # no-op when it finished; otherwise frees its KV blocks now
+        for stream in streams:
+            stream.close()  # no-op when it finished; otherwise frees its KV blocks now
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that abort their request however the response ends."""
+    """Server-sent events that abort their requests however the response ends."""
 
-    def __init__(self, body: AsyncIterator[str], stream: RequestStream) -> None:
+    def __init__(
+        self, body: AsyncIterator[str], streams: list[RequestStream], request_id: str
+    ) -> None:
         super().__init__(
             body,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self._stream = stream
+        self._streams = streams
         self._body = body
+        self._request_id = request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = False
         try:
             await super().__call__(scope, receive, send)
             # Returning early without an error: the client disconnected and starlette
-            # cancelled the body (events() itself ends only once its request is done).
-            gone = not self._stream.done
+            # cancelled the body (events() itself ends only once its requests are done).
+            gone = not all(s.done for s in self._streams)
         except (ClientDisconnect, OSError):  # a send to a closed connection (ASGI 2.4)
             gone = True
         finally:
             # A disconnect cancels the body mid-iteration (or before it ever started, when a
             # generator's own `finally` would not run): abort here, where it always runs.
-            self._stream.close()
+            for stream in self._streams:
+                stream.close()
             aclose = getattr(self._body, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -335,7 +399,7 @@ class EventStream(StreamingResponse):
                 "client %s disconnected mid-stream (%s); request %s aborted",
                 peer,
                 scope.get("path"),
-                self._stream.request_id,
+                self._request_id,
             )
 
 
@@ -345,28 +409,46 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 
 async def events(
-    stream: RequestStream,
+    streams: list[RequestStream],
     first: BaseModel | None,
-    chunk: Callable[[RequestOutput], BaseModel | None],
+    chunk: Callable[[int, RequestOutput], BaseModel | None],
     usage_chunk: Callable[[UsageInfo], BaseModel] | None,
 ) -> AsyncIterator[str]:
-    """One request's SSE: an optional opening chunk, one per output, usage, then [DONE]."""
+    """A request's SSE: an optional opening chunk, one per output of any of its prompts as it
+    comes, usage (summed) once all are done, then [DONE]. An error ends it with an error chunk
+    and aborts the prompts still running."""
     if first is not None:
         yield sse(first)
+    finals: list[RequestOutput] = []
     try:
-        async for out in stream.outputs():
-            piece = chunk(out)
+        async for i, out in group_outputs(streams):
+            piece = chunk(i, out)
             if piece is not None:
                 yield sse(piece)
-            if out.finished and usage_chunk is not None:
-                yield sse(usage_chunk(usage_of(out)))
+            if out.finished:
+                finals.append(out)
     except _ENGINE_ERRORS as exc:
+        for stream in streams:
+            stream.close()
         yield sse(stream_error(exc).body())
+    else:
+        if usage_chunk is not None:
+            yield sse(usage_chunk(usage_of(finals)))
     yield "data: [DONE]\n\n"
 
 
-def usage_of(out: RequestOutput) -> UsageInfo:
-    return UsageInfo.of(len(out.prompt_token_ids), len(out.outputs[0].token_ids))
+def usage_of(outs: list[RequestOutput]) -> UsageInfo:
+    """Usage summed over the prompts of a request."""
+    return UsageInfo.of(
+        sum(len(o.prompt_token_ids) for o in outs), sum(len(o.outputs[0].token_ids) for o in outs)
+    )
+
+
+def response_id(prefix: str, client_id: str | None) -> tuple[str, str]:
+    """The id the client sees (vLLM's "<prefix>-<request_id>" when it sent one) and the base
+    of the engine's ids (always unique: clients may repeat theirs)."""
+    engine_id = new_id(prefix)
+    return (engine_id if client_id is None else f"{prefix}-{client_id}"), engine_id
 
 
 def _peer(request: Request) -> str:
@@ -453,24 +535,34 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         state.check_open(request)
         req = await parse_body(request, CompletionRequest, state)
         model = state.resolve_model(req.model)
-        req.check_supported()
-        prompt = req.single_prompt()
-        if isinstance(prompt, str):
-            state.limits.check_text(prompt, "prompt")  # before tokenizing: bounded, C speed
-            ids = await state.run_tokenizer(
-                lambda tok: tok.encode(prompt, add_special_tokens=True), "prompt", len(prompt)
+        state.check_supported(req)
+        prompts, batched = req.prompt_list()
+        if len(prompts) > engine.max_waiting_requests:  # could never be queued at once
+            raise APIError(
+                400,
+                f"prompt holds {len(prompts)} prompts; this server queues at most "
+                f"{engine.max_waiting_requests} requests",
+                param="prompt",
             )
-        else:
-            ids = list(prompt)
-        params = req.to_sampling_params(len(ids), state.max_model_len)
-        state.check_request(ids, params, "prompt")
-        rid, created = new_id("cmpl"), int(time.time())
-        stream = state.submit(rid, ids, params)
+        # In a batch each prompt is checked like a single one, and named `prompt.<i>`; one bad
+        # prompt refuses the whole request before any is submitted.
+        names = [f"prompt.{i}" if batched else "prompt" for i in range(len(prompts))]
+        all_ids = await state.tokenize_prompts(prompts, names, req.add_special_tokens)
+        all_params = []
+        for ids, name in zip(all_ids, names, strict=True):
+            params = req.to_sampling_params(len(ids), state.max_model_len, name)
+            state.check_request(ids, params, name)
+            all_params.append(params)
+        rid, engine_id = response_id("cmpl", req.request_id)
+        created = int(time.time())
+        engine_ids = [f"{engine_id}-{i}" for i in range(len(prompts))] if batched else [engine_id]
+        streams = state.submit(list(zip(engine_ids, all_ids, all_params, strict=True)))
 
-        def choice(out: RequestOutput, text: str) -> CompletionChoice:
+        def choice(i: int, out: RequestOutput, text: str) -> CompletionChoice:
             o = out.outputs[0]
             done = out.finished
             return CompletionChoice(
+                index=i,
                 text=text,
                 finish_reason=o.finish_reason if done else None,
                 stop_reason=o.stop_reason if done else None,
@@ -478,10 +570,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         if req.stream:
 
-            def chunk(out: RequestOutput) -> BaseModel | None:
+            def chunk(i: int, out: RequestOutput) -> BaseModel | None:
                 if not out.delta_text and not out.finished:
                     return None  # held back (a partial UTF-8 char, a possible stop string)
-                c = choice(out, out.delta_text)
+                c = choice(i, out, out.delta_text)
                 return CompletionResponse(id=rid, created=created, model=model, choices=[c])
 
             def usage_chunk(usage: UsageInfo) -> BaseModel:
@@ -489,15 +581,15 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     id=rid, created=created, model=model, choices=[], usage=usage
                 )
 
-            body = events(stream, None, chunk, usage_chunk if req.include_usage else None)
-            return EventStream(body, stream)
-        out = await collect(request, stream)
+            body = events(streams, None, chunk, usage_chunk if req.include_usage else None)
+            return EventStream(body, streams, rid)
+        outs = await collect(request, streams)
         resp = CompletionResponse(
             id=rid,
             created=created,
             model=model,
-            choices=[choice(out, out.outputs[0].text)],
-            usage=usage_of(out),
+            choices=[choice(i, out, out.outputs[0].text) for i, out in enumerate(outs)],
+            usage=usage_of(outs),
         )
         return JSONResponse(resp.model_dump())
 
@@ -506,20 +598,41 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         state.check_open(request)
         req = await parse_body(request, ChatCompletionRequest, state)
         model = state.resolve_model(req.model)
-        req.check_supported()
+        state.check_supported(req)
         conversation = [m.template_dict() for m in req.messages]
+        add_generation_prompt = req.generation_prompt()
+        template_kwargs = req.template_kwargs()
+        tokenizer = engine.engine.tokenizer
+        if tokenizer is not None and (
+            clash := template_kwarg_conflicts(tokenizer, template_kwargs)
+        ):
+            raise APIError(
+                400,
+                f"chat_template_kwargs may not set {shown(clash[0])}: it is a parameter of the "
+                "template call itself (use the request field of that name where there is one)",
+                param=f"chat_template_kwargs.{clash[0]}",
+            )
 
         def tokenize_chat(tok: Any) -> list[int]:
-            text = render_chat(tok, conversation, req.add_generation_prompt)
+            text = render_chat(
+                tok,
+                conversation,
+                add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                documents=req.documents,
+                template_kwargs=template_kwargs,
+            )
             state.limits.check_text(text, "messages")
-            return tok.encode(text, add_special_tokens=False)
+            return list(tok.encode(text, add_special_tokens=req.add_special_tokens))
 
         size = sum(len(m["content"]) for m in conversation)
+        size += sum(len(str(extra)) for extra in (req.documents, template_kwargs) if extra)
         ids = await state.run_tokenizer(tokenize_chat, "messages", size)
         params = req.to_sampling_params(len(ids), state.max_model_len)
         state.check_request(ids, params, "messages")
-        rid, created = new_id("chatcmpl"), int(time.time())
-        stream = state.submit(rid, ids, params)
+        rid, engine_id = response_id("chatcmpl", req.request_id)
+        created = int(time.time())
+        streams = state.submit([(engine_id, ids, params)])
 
         if req.stream:
 
@@ -528,18 +641,18 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     id=rid, created=created, model=model, choices=choices, usage=usage
                 )
 
-            def chunk(out: RequestOutput) -> BaseModel | None:
+            def chunk(i: int, out: RequestOutput) -> BaseModel | None:
                 if not out.delta_text and not out.finished:
                     return None
                 delta = DeltaMessage(content=out.delta_text or None)
                 reason = out.outputs[0].finish_reason if out.finished else None
-                return make([ChatStreamChoice(delta=delta, finish_reason=reason)])
+                return make([ChatStreamChoice(index=i, delta=delta, finish_reason=reason)])
 
             first = make([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
             usage_chunk = (lambda u: make([], u)) if req.include_usage else None
-            return EventStream(events(stream, first, chunk, usage_chunk), stream)
-        out = await collect(request, stream)
-        o = out.outputs[0]
+            return EventStream(events(streams, first, chunk, usage_chunk), streams, rid)
+        outs = await collect(request, streams)
+        o = outs[0].outputs[0]
         resp = ChatCompletionResponse(
             id=rid,
             created=created,
@@ -551,7 +664,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     stop_reason=o.stop_reason,
                 )
             ],
-            usage=usage_of(out),
+            usage=usage_of(outs),
         )
         return JSONResponse(resp.model_dump())
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from graphwise.engine.client import EngineClient
 from graphwise.outputs import RequestOutput
@@ -47,12 +47,31 @@ class ShutdownError(RuntimeError):
     """The server stopped before the request finished."""
 
 
+class Sink(Protocol):
+    """Where the engine thread's items for one request go (on the event loop)."""
+
+    def put_nowait(self, item: Any) -> None: ...
+
+
+class _Tagged:
+    """A request's sink in a group: its items go to the group's one queue, tagged with the
+    request's index, so the group reads them in the order the engine produced them."""
+
+    __slots__ = ("queue", "index")
+
+    def __init__(self, queue: asyncio.Queue[Any], index: int) -> None:
+        self.queue, self.index = queue, index
+
+    def put_nowait(self, item: Any) -> None:
+        self.queue.put_nowait((self.index, item))
+
+
 @dataclass
 class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    sink: asyncio.Queue[Any]
+    sink: Sink
 
 
 @dataclass
@@ -64,28 +83,34 @@ _STOP = object()
 
 
 class RequestStream:
-    """One request's outputs, in order. Iterate `outputs()`, then always call `close()`."""
+    """One request's outputs, in order. Iterate `outputs()` (or `group_outputs` for the
+    requests of one `submit_many`), then always call `close()`."""
 
     def __init__(self, owner: AsyncEngine, request_id: str) -> None:
         self.owner = owner
         self.request_id = request_id
         self.arrival = time.monotonic()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.sink: Sink = self.queue
         self.done = False  # the engine holds nothing more for it (finished or failed)
         self._closed = False
         self._last_token_time: float | None = None
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
+        assert self.sink is self.queue, "a grouped request is read through group_outputs"
         while not self.done:
-            item = await self.queue.get()
-            if isinstance(item, BaseException):
-                self.done = True  # the engine thread already dropped it
-                raise item
-            out, when = item
-            self._observe(out, when)
-            if out.finished:
-                self.done = True
-            yield out
+            yield self.accept(await self.queue.get())
+
+    def accept(self, item: Any) -> RequestOutput:
+        """The output an item of the engine thread's carries; raises the error it carries."""
+        if isinstance(item, BaseException):
+            self.done = True  # the engine thread already dropped it
+            raise item
+        out, when = item
+        self._observe(out, when)
+        if out.finished:
+            self.done = True
+        return out
 
     def _observe(self, out: RequestOutput, when: float) -> None:
         m = self.owner.metrics
@@ -97,8 +122,7 @@ class RequestStream:
             self._last_token_time = when
         if out.finished:
             m.e2e.observe(when - self.arrival)
-            reason = out.outputs[0].finish_reason or "abort"
-            m.request_success.labels(finished_reason=reason).inc()
+            m.count_finished(out.outputs[0].finish_reason or "abort")
 
     def close(self) -> None:
         """Idempotent. A request still in the engine (client gone, error) is aborted at once."""
@@ -108,11 +132,33 @@ class RequestStream:
         if not self.done:
             self.done = True
             self.owner.abort(self.request_id)
-            self.owner.metrics.request_success.labels(finished_reason="abort").inc()
+            self.owner.metrics.count_finished("abort")
+
+
+async def group_outputs(
+    streams: list[RequestStream],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, output) of the requests of one `submit_many`, in the order the engine produced
+    them, until all are done; the first error is raised."""
+    if len(streams) == 1:
+        async for out in streams[0].outputs():
+            yield 0, out
+        return
+    shared = streams[0].queue  # _Tagged sinks put every stream's items here
+    while not all(s.done for s in streams):
+        i, item = await shared.get()
+        stream = streams[i]
+        if not stream.done:  # (nothing follows a finished or failed output; a guard)
+            yield i, stream.accept(item)
 
 
 class AsyncEngine:
-    def __init__(self, engine: EngineClient, max_waiting_requests: int = 4096) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        max_waiting_requests: int = 4096,
+        model_name: str | None = None,
+    ) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.error: str | None = None  # why the engine thread died, if it did
@@ -120,13 +166,14 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="graphwise-engine", daemon=True)
         # Owned by the engine thread only.
-        self._sinks: dict[str, asyncio.Queue[Any]] = {}
+        self._sinks: dict[str, Sink] = {}
         self._adds_drained = 0
         # Owned by the event loop only: adds put in the inbox (the thread counts those it took).
         self._adds_sent = 0
         # (engine numbers, adds drained), replaced whole so that readers see one consistent pair.
         self._published = (self._take_snapshot(), 0)  # safe: the thread has not started
-        self.metrics = ServerMetrics(self.snapshot)
+        # Metrics are labelled with the name clients use (the first served name), as in vLLM.
+        self.metrics = ServerMetrics(self.snapshot, model_name or engine.model_name)
 
     # ---- asyncio side -----------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -158,16 +205,32 @@ class AsyncEngine:
     def submit(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> RequestStream:
+        return self.submit_many([(request_id, prompt_token_ids, params)])[0]
+
+    def submit_many(
+        self, requests: list[tuple[str, list[int], SamplingParams]]
+    ) -> list[RequestStream]:
+        """Queue several requests (the prompts of one client request): all, or none when the
+        queue has no room for all of them."""
         if not self.alive:
             raise EngineDeadError(self.error or "the engine is not running")
-        if self.num_waiting() >= self.max_waiting_requests:
+        waiting = self.num_waiting()
+        if waiting + len(requests) > self.max_waiting_requests:
+            if len(requests) == 1:
+                raise QueueFullError(f"{waiting} requests are already waiting; retry later")
             raise QueueFullError(
-                f"{self.max_waiting_requests} requests are already waiting; retry later"
+                f"{waiting} requests are already waiting and the queue holds "
+                f"{self.max_waiting_requests}: no room for {len(requests)} more; retry later"
             )
-        stream = RequestStream(self, request_id)
-        self._adds_sent += 1
-        self._inbox.put(_Add(request_id, prompt_token_ids, params, stream.queue))
-        return stream
+        streams = [RequestStream(self, request_id) for request_id, _, _ in requests]
+        if len(streams) > 1:  # one queue for the group, read by group_outputs
+            for i, stream in enumerate(streams):
+                stream.queue = streams[0].queue
+                stream.sink = _Tagged(streams[0].queue, i)
+        for stream, (request_id, prompt_token_ids, params) in zip(streams, requests, strict=True):
+            self._adds_sent += 1
+            self._inbox.put(_Add(request_id, prompt_token_ids, params, stream.sink))
+        return streams
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -218,7 +281,7 @@ class AsyncEngine:
             return
         except Exception as exc:
             logger.exception("add_request failed for %s", cmd.request_id)
-            self.metrics.request_success.labels(finished_reason="error").inc()
+            self.metrics.count_finished("error")
             self._deliver([(cmd.sink, EngineStepError(f"{type(exc).__name__}: {exc}"))])
             return
         self._sinks[cmd.request_id] = cmd.sink
@@ -239,7 +302,7 @@ class AsyncEngine:
             self._fail_all(EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}"))
             return
         now = time.monotonic()
-        items: list[tuple[asyncio.Queue[Any], Any]] = []
+        items: list[tuple[Sink, Any]] = []
         for out in outputs:
             sink = self._sinks.get(out.request_id)
             if sink is None:
@@ -247,7 +310,7 @@ class AsyncEngine:
             if out.finished:
                 del self._sinks[out.request_id]
             if out.error is not None:  # this request alone failed; the others run on
-                self.metrics.request_success.labels(finished_reason="error").inc()
+                self.metrics.count_finished("error")
                 items.append((sink, EngineStepError(out.error)))
             else:
                 items.append((sink, (out, now)))
@@ -256,7 +319,7 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         items = []
         if self._sinks and not isinstance(exc, ShutdownError):
-            self.metrics.request_success.labels(finished_reason="error").inc(len(self._sinks))
+            self.metrics.count_finished("error", len(self._sinks))
         for request_id, sink in list(self._sinks.items()):
             try:
                 self.engine.abort_request(request_id)
@@ -266,7 +329,7 @@ class AsyncEngine:
         self._sinks.clear()
         self._deliver(items)
 
-    def _deliver(self, items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    def _deliver(self, items: list[tuple[Sink, Any]]) -> None:
         if not items or self._loop is None:
             return
         try:
@@ -284,6 +347,6 @@ class AsyncEngine:
             logger.exception("could not read engine statistics")
 
 
-def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+def _put_all(items: list[tuple[Sink, Any]]) -> None:
     for sink, item in items:
         sink.put_nowait(item)

@@ -100,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
-    async_engine = AsyncEngine(engine, args.max_waiting_requests)
+    served_model_names = list(args.served_model_name or [engine.model_name])
+    async_engine = AsyncEngine(engine, args.max_waiting_requests, served_model_names[0])
     settings = ServerSettings(
-        served_model_names=list(args.served_model_name or [engine.model_name]),
+        served_model_names=served_model_names,
         model_root=_model_root(args),
         api_key=args.api_key or None,
         engine_stop_timeout_s=args.shutdown_timeout,

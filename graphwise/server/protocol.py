@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
@@ -112,29 +113,140 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's: refused when true (check_supported)
 
 
-# OpenAI fields we do not implement. Silently ignoring them would return something the client
-# did not ask for, so a non-default value is a 400 (the defaults are fine: clients send them).
-_UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1),
-    "tools": (None, []),
-    "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
+# ------------------------------------------------------------------------ the field table
+@dataclass(frozen=True)
+class Ignored:
+    """Accepted with any value, and ignored: `why` says why that changes nothing the client
+    gets back."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Not implemented: any value but these (what clients send when they do not ask for the
+    feature; a callable tests a value) is a 400 naming the field. Silently ignoring it would
+    return something the client did not ask for."""
+
+    defaults: tuple[Any, ...] = (None,)
+    hint: str = ""
+
+
+def _text_format(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("type") == "text"
+
+
+# Every request field of OpenAI's and vLLM's completion and chat APIs that the request models
+# below do not declare: those they declare are the implemented ones. One table for both routes
+# (a chat-only field sent to /v1/completions is treated the same way); the README shows it, and
+# tests/server/test_request_fields.py checks it against vLLM's field lists.
+REQUEST_FIELDS: dict[str, Ignored | Refused] = {
+    # ---- accepted and ignored
+    "user": Ignored("an end-user id for OpenAI's abuse monitoring; nothing is kept per user"),
+    "safety_identifier": Ignored("OpenAI's newer name for `user`"),
+    "service_tier": Ignored("OpenAI's billing and latency tier; this server has one tier"),
+    "store": Ignored("asks OpenAI to keep the completion for its dashboard; nothing is stored"),
+    "metadata": Ignored("tags for stored completions (see `store`)"),
+    "prompt_cache_key": Ignored(
+        "OpenAI's cache-routing hint; the prefix cache here matches prompts by content"
+    ),
+    "prediction": Ignored("OpenAI's predicted output only speeds decoding up; output is the same"),
+    "parallel_tool_calls": Ignored("matters only with `tools`, which are refused"),
+    "return_tokens_as_token_ids": Ignored(
+        "changes only how logprobs name tokens, and logprobs are refused"
+    ),
+    "mm_processor_kwargs": Ignored(
+        "options for a multimodal processor; only text content is accepted, so none runs"
+    ),
+    # ---- refused unless default: not implemented (yet)
+    "n": Refused((1, None), "send one request per sample"),
+    "best_of": Refused((None, 1)),
+    "use_beam_search": Refused((False, None)),
+    "length_penalty": Refused((1, None)),
+    "echo": Refused((None, False)),
+    "suffix": Refused((None, "")),
+    "logprobs": Refused((None, False)),
+    "top_logprobs": Refused((None, 0)),
+    "prompt_logprobs": Refused(),
+    "logprob_token_ids": Refused(),
+    "return_token_ids": Refused((None, False)),
+    "return_token_offsets": Refused((None, False)),
+    "logit_bias": Refused((None, {})),
+    "presence_penalty": Refused((None, 0)),
+    "frequency_penalty": Refused((None, 0)),
+    "repetition_penalty": Refused((None, 1)),
+    "min_p": Refused((None, 0)),
+    "allowed_token_ids": Refused(),
+    "bad_words": Refused((None, [])),
+    "include_stop_str_in_output": Refused((False, None)),
+    "spaces_between_special_tokens": Refused((True, None)),
+    "truncate_prompt_tokens": Refused(),
+    "truncation_side": Refused(),
+    "prompt_embeds": Refused(),
+    "response_format": Refused((None, _text_format), "only {'type': 'text'} is supported"),
+    "structured_outputs": Refused(),
+    "guided_json": Refused(),
+    "guided_regex": Refused(),
+    "guided_choice": Refused(),
+    "guided_grammar": Refused(),
+    "structural_tag": Refused(),
+    "guided_decoding_backend": Refused(),
+    "guided_whitespace_pattern": Refused(),
+    "tools": Refused((None, [])),
+    "tool_choice": Refused((None, "none", "auto")),
+    "functions": Refused((None, [])),
+    "function_call": Refused((None, "none", "auto")),
+    "include_reasoning": Refused((True, None), "no reasoning parser: reasoning stays in content"),
+    "chat_template": Refused((None,), "the model's own template is used"),
+    "priority": Refused((0, None), "requests are scheduled first come, first served"),
+    "logits_processors": Refused((None, [])),
+    "cache_salt": Refused((None,), "the prefix cache is not salted per request"),
+    "kv_transfer_params": Refused(),
+    "ec_transfer_params": Refused(),
+    "vllm_xargs": Refused((None, {})),
+    "repetition_detection": Refused(),
+    "max_repetition_pattern_size": Refused((0, None)),
+    "min_repetition_pattern_size": Refused((0, None)),
+    "repetition_min_count": Refused((0, None)),
+    "thinking_token_budget": Refused((None, -1)),
+    "modalities": Refused((None, ["text"])),
+    "audio": Refused(),
+    "web_search_options": Refused(),
+    "verbosity": Refused(),
 }
+# A field inside another: refused in the same way.
+NESTED_REFUSED = {"stream_options.continuous_usage_stats": Refused((False, None))}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """JSON equality: 0 and 0.0 are the same, False and 0 are not."""
+    if callable(default):
+        return bool(default(value))
+    if isinstance(value, bool) or isinstance(default, bool):
+        return type(value) is type(default) and value == default
+    if isinstance(value, (int, float)) and isinstance(default, (int, float)):
+        return value == default
+    return type(value) is type(default) and value == default
+
+
+def refuse_unless_default(name: str, value: Any, rule: Refused) -> None:
+    if any(_same(value, d) for d in rule.defaults):
+        return
+    hint = f"; {rule.hint}" if rule.hint else ""
+    raise APIError(
+        400,
+        f"{name} is not supported by this server (got {shown(value)}){hint}",
+        param=name,
+        code="unsupported_field",
+    )
 
 
 class _SamplingRequest(BaseModel):
-    # extra="allow" keeps unknown fields in model_extra, so unsupported ones can be refused.
+    # extra="allow" keeps undeclared fields in model_extra, where REQUEST_FIELDS judges them.
     model_config = ConfigDict(strict=True, extra="allow")
 
     model: str | None = None
@@ -149,20 +261,28 @@ class _SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    # vLLM's: the response id is "<cmpl|chatcmpl>-<request_id>" (the engine's own id stays
+    # unique whatever clients send).
+    request_id: str | None = Field(None, min_length=1, max_length=256)
 
-    def check_supported(self) -> None:
-        if self.n != 1:
-            raise APIError(
-                400, f"n must be 1 (got {self.n}); send one request per sample", param="n"
-            )
+    def check_supported(self) -> list[str]:
+        """A 400 for the first field, in request order, that asks for what is not implemented
+        (REQUEST_FIELDS). Returns the fields nobody knows (ignored, as vLLM does; the server
+        logs each name once)."""
+        unknown = []
         for name, value in (self.model_extra or {}).items():
-            allowed = _UNSUPPORTED_UNLESS.get(name)
-            if allowed is not None and not any(value == a for a in allowed):
-                raise APIError(400, f"{name} is not supported by this server", param=name)
+            rule = REQUEST_FIELDS.get(name)
+            if isinstance(rule, Refused):
+                refuse_unless_default(name, value, rule)
+            elif rule is None:
+                unknown.append(name)
+        if self.stream_options is not None:
+            name = "stream_options.continuous_usage_stats"
+            value = self.stream_options.continuous_usage_stats
+            refuse_unless_default(name, value, NESTED_REFUSED[name])
+        return unknown
 
     prompt_param: ClassVar[str] = "prompt"
 
@@ -176,24 +296,31 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def to_sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
-        """Engine parameters; raises APIError(400) if the prompt plus output would not fit."""
+    def to_sampling_params(
+        self, prompt_len: int, max_model_len: int, prompt_param: str | None = None
+    ) -> SamplingParams:
+        """Engine parameters; raises APIError(400) if the prompt plus output would not fit.
+        `prompt_param` names the prompt in errors (`prompt.3` in a batch)."""
+        prompt_param = prompt_param or self.prompt_param
+        what = {"prompt": "the prompt", "messages": "the conversation"}.get(
+            prompt_param, prompt_param
+        )
         room = max_model_len - prompt_len
         if room < 1:
             raise APIError(
                 400,
-                f"this model's maximum context length is {max_model_len} tokens, and the prompt "
-                f"is {prompt_len} tokens, leaving no room for output",
-                param=self.prompt_param,
+                f"this model's maximum context length is {max_model_len} tokens, and "
+                f"{what} is {prompt_len} tokens, leaving no room for output",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         max_tokens = self.requested_max_tokens()
         if max_tokens is not None and max_tokens > room:
             raise APIError(
                 400,
-                f"this model's maximum context length is {max_model_len} tokens; the prompt is "
-                f"{prompt_len} tokens and {max_tokens} output tokens were requested "
-                f"(at most {room} fit)",
+                f"this model's maximum context length is {max_model_len} tokens; "
+                f"{what} is {prompt_len} tokens and {max_tokens} output tokens were "
+                f"requested (at most {room} fit)",
                 param=self.max_tokens_param(),
                 code="context_length_exceeded",
             )
@@ -216,20 +343,28 @@ class _SamplingRequest(BaseModel):
             raise APIError(400, str(exc), param=param) from exc
 
 
+# The most prompts one /v1/completions request may carry (OpenAI's own cap is 2048).
+MAX_PROMPTS_PER_REQUEST = 1024
+
+
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    add_special_tokens: bool = True  # vLLM's: BOS and the like, as the tokenizer adds them
 
-    def single_prompt(self) -> str | list[int]:
+    def prompt_list(self) -> tuple[list[str | list[int]], bool]:
+        """The prompts, and whether the request is a batch (a list of prompts, even of one):
+        then each is a choice of its own and is named `prompt.<i>` in errors."""
         p = self.prompt
-        if isinstance(p, str) or all(isinstance(t, int) for t in p):
-            return p  # type: ignore[return-value]
-        if len(p) != 1:
+        if isinstance(p, str) or all(isinstance(t, int) for t in p):  # `[]`: one empty id list
+            return [p], False  # type: ignore[list-item]
+        if len(p) > MAX_PROMPTS_PER_REQUEST:
             raise APIError(
                 400,
-                f"prompt holds {len(p)} prompts; this server takes one per request",
+                f"prompt holds {len(p)} prompts; at most {MAX_PROMPTS_PER_REQUEST} are accepted "
+                "in one request",
                 param="prompt",
             )
-        return p[0]  # type: ignore[return-value]
+        return list(p), True  # type: ignore[arg-type]
 
 
 class TextPart(_Strict):
@@ -257,6 +392,12 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
+    # vLLM's chat extras, passed to the chat template.
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # on top of what the template writes (vLLM's default)
+    documents: list[dict[str, str]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Annotated[str, Field(max_length=32)] | None = None
 
     prompt_param: ClassVar[str] = "messages"
 
@@ -268,6 +409,27 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def generation_prompt(self) -> bool:
+        """add_generation_prompt, off by default when the last message is to be continued
+        (both asked for explicitly is a 400, as in vLLM)."""
+        if not self.continue_final_message:
+            return self.add_generation_prompt
+        if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+            raise APIError(
+                400,
+                "continue_final_message and add_generation_prompt cannot both be true",
+                param="continue_final_message",
+            )
+        return False
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """What the chat template sees beyond the messages: chat_template_kwargs, and
+        reasoning_effort when given (as vLLM passes it)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+        return kwargs
 
 
 # --------------------------------------------------------------------------------- responses

@@ -228,16 +228,18 @@ class PromptLimits:
     bound: TokenBound | None  # None: text prompts of unknown density (or none at all)
     text_prompts: bool = True  # False: the model has no tokenizer, only token ids are taken
 
-    def body_limit(self, configured: int) -> int:
-        """The most request-body bytes that a request fitting the context can need (its text
-        at the most bytes per token, JSON-escaped, plus the other fields), within `configured`.
-        Text the tokenizer would drop, or a chat template trim, counts against it too."""
+    def body_limit(self, configured: int, contexts: int = 1) -> int:
+        """The most request-body bytes that `contexts` prompts filling the context can need
+        (their text at the most bytes per token, JSON-escaped, plus the other fields), within
+        `configured`. Text the tokenizer would drop, or a chat template trim, counts against it
+        too. Ordinary text takes ~100 times fewer bytes per token than this bound allows, so
+        a batch of many prompts fits in a few contexts' worth."""
         if self.text_prompts and self.bound is None:
             return configured
         per_token = MIN_BODY_BYTES_PER_TOKEN
         if self.bound is not None:
             per_token = max(per_token, JSON_BYTES_PER_TEXT_BYTE * self.bound.bytes_per_token)
-        return min(configured, self.max_model_len * per_token + BODY_SLACK_BYTES)
+        return min(configured, contexts * self.max_model_len * per_token + BODY_SLACK_BYTES)
 
     def check_text(self, text: str, param: str) -> None:
         """Refuses (400) a text certain to leave no room for output, without tokenizing it."""

@@ -74,11 +74,19 @@ def free_port() -> int:
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:
-    """One sample's value from Prometheus text (`labels` like 'mode="eager"')."""
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" (\S+)"
-    match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
-    assert match, f"metric {name}{{{labels}}} not found"
-    return float(match.group(1))
+    """One sample's value from Prometheus text: the sample `name` whose labels include those
+    given (`labels` like 'mode="eager"'; every sample also carries model_name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and wanted.items() <= sample.labels.items()
+    ]
+    assert len(found) == 1, f"metric {name}{{{labels}}}: {len(found)} samples match"
+    return float(found[0])
 
 
 def start_server(tmp_dir: Path, *extra: str) -> Server:

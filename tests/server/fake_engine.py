@@ -36,6 +36,10 @@ class FakeEngine:
         self.fail_request: str | None = None  # the next request's output is this error
         self.gate = threading.Event()  # steps wait for it: lets tests keep requests queued
         self.gate.set()
+        self.stats: dict[str, int] = {}  # more EngineStats fields for get_stats to report
+        self.added: list[tuple[str, list[int], Any]] = []  # every add_request, in order
+        self.aborted: list[str] = []  # requests aborted while the engine held them
+        self.fail_first_token: int | None = None  # a request whose prompt starts so fails
 
     @property
     def request_limits(self) -> RequestLimits:
@@ -43,9 +47,13 @@ class FakeEngine:
 
     def add_request(self, prompt: Any, params: Any, prompt_token_ids: list[int], request_id: str):
         self.requests[request_id] = (prompt_token_ids, params, [])
+        self.added.append((request_id, prompt_token_ids, params))
 
     def abort_request(self, request_id: str) -> bool:
-        return self.requests.pop(request_id, None) is not None
+        if self.requests.pop(request_id, None) is None:
+            return False
+        self.aborted.append(request_id)
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -58,12 +66,13 @@ class FakeEngine:
         self.steps += 1
         outs = []
         for rid, (prompt, params, tokens) in list(self.requests.items()):
-            if self.fail_request is not None:
+            fails = self.fail_first_token is not None and prompt[:1] == [self.fail_first_token]
+            if self.fail_request is not None or fails:
                 del self.requests[rid]
                 failed = RequestOutput(
                     rid, None, prompt, [CompletionOutput(0, "", [], "error")], True
                 )
-                failed.error = self.fail_request
+                failed.error = self.fail_request or f"request {rid} failed"
                 outs.append(failed)
                 continue
             tokens.append(7)
@@ -80,16 +89,18 @@ class FakeEngine:
     def get_stats(self) -> EngineStats:
         # Everything counts as waiting, so the queue limit is easy to reach.
         return EngineStats(
-            num_waiting=len(self.requests), kv_blocks_total=8, steps_eager=self.steps
+            num_waiting=len(self.requests), kv_blocks_total=8, steps_eager=self.steps, **self.stats
         )
 
 
 BODY = {"prompt": [1, 2, 3], "max_tokens": 3}
 
 
-def run_app(fake: FakeEngine, test: Any, max_waiting: int = 16, **settings: Any) -> None:
-    engine = AsyncEngine(fake, max_waiting)  # type: ignore[arg-type]
-    app = build_app(engine, ServerSettings(served_model_names=["fake"], **settings))
+def run_app(
+    fake: FakeEngine, test: Any, max_waiting: int = 16, served: str = "fake", **settings: Any
+) -> None:
+    engine = AsyncEngine(fake, max_waiting, served)  # type: ignore[arg-type]
+    app = build_app(engine, ServerSettings(served_model_names=[served], **settings))
 
     async def main() -> None:
         async with app.router.lifespan_context(app):

@@ -153,3 +153,57 @@ def test_models_health_metrics(client, http: httpx.Client, model_name: str, metr
 def test_health_and_metrics_need_no_key(server, path: str) -> None:
     with httpx.Client(trust_env=False, timeout=10) as c:
         assert c.get(server.url + path).status_code == 200
+
+
+def test_batched_prompts_match_single_requests(client, model_name: str, metric, http) -> None:
+    """Several prompts in one request answer as the same requests sent one by one would (greedy),
+    each as the choice with its index, usage summed; streamed, the same texts."""
+    prompts = ["The capital of France is", [504, 3575, 282, 4649, 314], "One, two, three,"]
+    kwargs = dict(model=model_name, temperature=0, max_tokens=8)
+    singles = [client.completions.create(prompt=p, **kwargs) for p in prompts]
+    batch = client.completions.create(prompt=[prompts[0], prompts[2]], **kwargs)
+    ids = client.completions.create(prompt=[prompts[1], prompts[1]], **kwargs)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == [
+        singles[0].choices[0].text,
+        singles[2].choices[0].text,
+    ]
+    assert [c.text for c in ids.choices] == [singles[1].choices[0].text] * 2
+    both = (singles[0].usage, singles[2].usage)
+    assert batch.usage.prompt_tokens == sum(u.prompt_tokens for u in both)
+    assert batch.usage.completion_tokens == sum(u.completion_tokens for u in both)
+
+    chunks = list(
+        client.completions.create(
+            prompt=[prompts[0], prompts[2]],
+            stream=True,
+            stream_options={"include_usage": True},
+            **kwargs,
+        )
+    )
+    texts = {0: "", 1: ""}
+    for c in chunks[:-1]:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == {0: batch.choices[0].text, 1: batch.choices[1].text}
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == batch.usage.total_tokens
+
+
+def test_prefix_cache_counters_from_the_engine(client, model_name: str, metric, http) -> None:
+    """The engine's prefix-cache numbers (in 16-token blocks) reach /metrics, labelled with
+    the served model name."""
+    label = f'model_name="{model_name}"'
+
+    def counters() -> tuple[float, float]:
+        text = http.get("/metrics").text
+        assert metric(text, "graphwise:num_preemptions_total", label) >= 0
+        return tuple(
+            metric(text, f"graphwise:prefix_cache_{k}_total", label) for k in ("queries", "hits")
+        )  # type: ignore[return-value]
+
+    long_prompt = list(range(1000, 1040))  # two full 16-token blocks and a partial one
+    queries, hits = counters()
+    client.completions.create(model=model_name, prompt=long_prompt, max_tokens=1)
+    client.completions.create(model=model_name, prompt=long_prompt, max_tokens=1)
+    queries2, hits2 = counters()
+    assert queries2 - queries >= 4  # two lookups of two full blocks each
+    assert hits2 - hits >= 2  # the second request found the first's blocks

@@ -70,8 +70,10 @@ def _post(body: bytes, length: int | None = None, stream: bool = False) -> bytes
     return b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % length + body
 
 
-def _body(stream: bool = False, max_tokens: int = 60) -> bytes:
-    return json.dumps({"prompt": [1, 2, 3], "max_tokens": max_tokens, "stream": stream}).encode()
+def _body(stream: bool = False, max_tokens: int = 60, prompts: int = 0) -> bytes:
+    """One prompt, or a batch of `prompts`."""
+    prompt = [[1, 2, 3]] * prompts if prompts else [1, 2, 3]
+    return json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": stream}).encode()
 
 
 def _wait_for(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 5.0) -> None:
@@ -96,6 +98,12 @@ def _wait_engine_empty(fake: FakeEngine, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def _assert_all_aborted(fake: FakeEngine, n: int) -> None:
+    """The last request's n prompts were aborted, not left to finish."""
+    last = [rid for rid, _, _ in fake.added[-n:]]
+    assert set(last) <= set(fake.aborted), (last, fake.aborted[-n:])
+
+
 @pytest.mark.parametrize(
     "partial",
     [
@@ -117,11 +125,12 @@ def test_disconnect_while_sending_the_body(
     assert not live.fake.requests
 
 
+@pytest.mark.parametrize("prompts", [0, 3], ids=["one-prompt", "batch"])
 def test_disconnect_mid_stream_aborts_the_request(
-    live: LiveServer, caplog: pytest.LogCaptureFixture
+    live: LiveServer, caplog: pytest.LogCaptureFixture, prompts: int
 ) -> None:
     caplog.set_level(logging.INFO)
-    sock = live.send(_post(_body(stream=True)))
+    sock = live.send(_post(_body(stream=True, prompts=prompts)))
     assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     # A reset rather than a polite close: what a killed client or a dropped link looks like.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -129,21 +138,24 @@ def test_disconnect_mid_stream_aborts_the_request(
     _wait_for(caplog, "disconnected mid-stream")
     _wait_engine_empty(live.fake)
     _assert_quiet(caplog, "disconnected mid-stream")
+    _assert_all_aborted(live.fake, max(prompts, 1))
 
 
+@pytest.mark.parametrize("prompts", [0, 3], ids=["one-prompt", "batch"])
 def test_disconnect_while_waiting_for_a_whole_response(
-    live: LiveServer, caplog: pytest.LogCaptureFixture
+    live: LiveServer, caplog: pytest.LogCaptureFixture, prompts: int
 ) -> None:
     caplog.set_level(logging.INFO)
-    sock = live.send(_post(_body()))
+    sock = live.send(_post(_body(prompts=prompts)))
     deadline = time.monotonic() + 5
-    while not live.fake.requests:  # in the engine now
+    while len(live.fake.requests) < max(prompts, 1):  # in the engine now
         assert time.monotonic() < deadline
         time.sleep(0.01)
     sock.close()
     _wait_for(caplog, "disconnected while its request was in the engine")
     _wait_engine_empty(live.fake)
     _assert_quiet(caplog, "disconnected while its request was in the engine")
+    _assert_all_aborted(live.fake, max(prompts, 1))
 
 
 def test_a_stalled_body_gets_408_and_the_connection_closes(live: LiveServer) -> None:

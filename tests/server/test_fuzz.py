@@ -136,6 +136,11 @@ SAMPLING = {
     "logprobs": st.sampled_from([None, False]),  # the defaults of what is not implemented
     "echo": st.sampled_from([None, False]),
     "response_format": st.sampled_from([None, {"type": "text"}]),
+    "presence_penalty": st.sampled_from([None, 0, 0.0, 0.5]),  # 0.5: refused by name
+    "priority": st.sampled_from([0, 1]),
+    "request_id": st.one_of(TEXT, st.text(max_size=300)),
+    "add_special_tokens": st.booleans(),
+    "service_tier": TEXT,  # accepted and ignored
 }
 # Values of the wrong type, out of range, or absurd, for any field.
 HOSTILE = st.one_of(
@@ -183,6 +188,17 @@ CHAT_FIELDS = {
     "messages": st.lists(MESSAGE, min_size=1, max_size=4),
     "max_completion_tokens": st.one_of(st.none(), st.integers(1, 70)),
     "add_generation_prompt": st.booleans(),
+    "continue_final_message": st.booleans(),
+    "chat_template_kwargs": st.one_of(
+        st.none(),
+        st.dictionaries(
+            st.one_of(TEXT, st.sampled_from(["tokenize", "messages", "tools", "bos_token"])),
+            ANY_JSON,
+            max_size=3,
+        ),
+    ),
+    "documents": st.one_of(st.none(), st.lists(st.dictionaries(TEXT, TEXT, max_size=2))),
+    "reasoning_effort": st.one_of(st.none(), TEXT),
     **SAMPLING,
 }
 
@@ -241,7 +257,9 @@ def check_response(resp: httpx.Response) -> None:
             assert "error" not in chunk, chunk
         return
     body = resp.json()
-    assert body["choices"] and body["usage"]["total_tokens"] <= MAX_MODEL_LEN
+    choices = body["choices"]  # one per prompt of a batch, each fitting the context
+    assert [c["index"] for c in choices] == list(range(len(choices))) and choices
+    assert body["usage"]["total_tokens"] <= MAX_MODEL_LEN * len(choices)
 
 
 def _run(server: InProcessServer, path: str, body: bytes) -> httpx.Response:

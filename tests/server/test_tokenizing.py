@@ -201,6 +201,9 @@ def test_body_limit() -> None:
     assert PromptLimits(1024, None).body_limit(32 << 20) == 32 << 20  # unknown density
     ids_only = PromptLimits(1024, None, text_prompts=False)
     assert ids_only.body_limit(32 << 20) == 1024 * 32 + 64 * 1024
+    # Room for a batch: that many contexts (the slack for the other fields once).
+    assert PromptLimits(1024, bound).body_limit(32 << 20, 16) == 16 * 1024 * 6 * 81 + 64 * 1024
+    assert ids_only.body_limit(32 << 20, 16) == 16 * 1024 * 32 + 64 * 1024
 
 
 def test_count_json_nodes() -> None:
@@ -252,3 +255,13 @@ def test_a_long_input_never_queues_a_short_one() -> None:
     finally:
         release.set()
         lanes.shutdown()
+
+
+def test_render_chat_passes_template_variables(default_tokenizer: Any) -> None:
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    opened = render_chat(default_tokenizer, conversation, False, continue_final_message=True)
+    assert opened.endswith("<|im_start|>assistant\nHel")  # no end-of-turn: the model goes on
+    with pytest.raises(ValueError, match="'tokenize'"):
+        render_chat(default_tokenizer, conversation, template_kwargs={"tokenize": True})
+    plain = render_chat(default_tokenizer, conversation)
+    assert render_chat(default_tokenizer, conversation, template_kwargs={"x": 1}) == plain
