@@ -50,6 +50,7 @@ from graphwise.server.async_engine import (
     ShutdownError,
     group_outputs,
 )
+from graphwise.server.logprobs import chat_logprobs, completion_logprobs
 from graphwise.server.protocol import (
     MAX_PROMPTS_PER_REQUEST,
     APIError,
@@ -58,6 +59,7 @@ from graphwise.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatStreamChoice,
     CompletionChoice,
     CompletionRequest,
@@ -558,22 +560,38 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         engine_ids = [f"{engine_id}-{i}" for i in range(len(prompts))] if batched else [engine_id]
         streams = state.submit(list(zip(engine_ids, all_ids, all_params, strict=True)))
 
-        def choice(i: int, out: RequestOutput, text: str) -> CompletionChoice:
+        top = req.logprobs
+        offsets = [0] * len(prompts)  # characters already sent, by choice (text_offset)
+
+        def choice(i: int, out: RequestOutput, text: str, tokens: list[int]) -> CompletionChoice:
             o = out.outputs[0]
             done = out.finished
-            return CompletionChoice(
+            c = CompletionChoice(
                 index=i,
                 text=text,
                 finish_reason=o.finish_reason if done else None,
                 stop_reason=o.stop_reason if done else None,
             )
+            if top is not None and o.logprobs is not None:
+                entries = o.logprobs[len(o.logprobs) - len(tokens) :]
+                c.logprobs = completion_logprobs(
+                    tokens, entries, top, offsets[i], req.return_tokens_as_token_ids
+                )
+                offsets[i] += sum(
+                    len(e[t].decoded_token or "") for t, e in zip(tokens, entries, strict=True)
+                )
+            return c
 
         if req.stream:
 
             def chunk(i: int, out: RequestOutput) -> BaseModel | None:
-                if not out.delta_text and not out.finished:
+                if (
+                    not out.finished
+                    and not out.delta_text
+                    and (top is None or not out.delta_token_ids)
+                ):
                     return None  # held back (a partial UTF-8 char, a possible stop string)
-                c = choice(i, out, out.delta_text)
+                c = choice(i, out, out.delta_text, out.delta_token_ids)
                 return CompletionResponse(id=rid, created=created, model=model, choices=[c])
 
             def usage_chunk(usage: UsageInfo) -> BaseModel:
@@ -588,7 +606,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             id=rid,
             created=created,
             model=model,
-            choices=[choice(i, out, out.outputs[0].text) for i, out in enumerate(outs)],
+            choices=[
+                choice(i, out, out.outputs[0].text, out.outputs[0].token_ids)
+                for i, out in enumerate(outs)
+            ],
             usage=usage_of(outs),
         )
         return JSONResponse(resp.model_dump())
@@ -633,6 +654,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         rid, engine_id = response_id("chatcmpl", req.request_id)
         created = int(time.time())
         streams = state.submit([(engine_id, ids, params)])
+        top = params.logprobs
+
+        def chat_lp(out: RequestOutput, tokens: list[int]) -> ChatLogprobs | None:
+            o = out.outputs[0]
+            if top is None or o.logprobs is None:
+                return None
+            entries = o.logprobs[len(o.logprobs) - len(tokens) :]
+            return chat_logprobs(tokens, entries, top, req.return_tokens_as_token_ids)
 
         if req.stream:
 
@@ -642,11 +671,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 )
 
             def chunk(i: int, out: RequestOutput) -> BaseModel | None:
-                if not out.delta_text and not out.finished:
+                wants_lp = top is not None and bool(out.delta_token_ids)
+                if not out.delta_text and not out.finished and not wants_lp:
                     return None
                 delta = DeltaMessage(content=out.delta_text or None)
                 reason = out.outputs[0].finish_reason if out.finished else None
-                return make([ChatStreamChoice(index=i, delta=delta, finish_reason=reason)])
+                c = ChatStreamChoice(index=i, delta=delta, finish_reason=reason)
+                c.logprobs = chat_lp(out, out.delta_token_ids)
+                return make([c])
 
             first = make([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
             usage_chunk = (lambda u: make([], u)) if req.include_usage else None
@@ -660,6 +692,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             choices=[
                 ChatChoice(
                     message=AssistantMessage(content=o.text),
+                    logprobs=chat_lp(outs[0], o.token_ids),
                     finish_reason=o.finish_reason,
                     stop_reason=o.stop_reason,
                 )

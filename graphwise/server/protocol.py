@@ -156,9 +156,6 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
     ),
     "prediction": Ignored("OpenAI's predicted output only speeds decoding up; output is the same"),
     "parallel_tool_calls": Ignored("matters only with `tools`, which are refused"),
-    "return_tokens_as_token_ids": Ignored(
-        "changes only how logprobs name tokens, and logprobs are refused"
-    ),
     "mm_processor_kwargs": Ignored(
         "options for a multimodal processor; only text content is accepted, so none runs"
     ),
@@ -169,20 +166,10 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
     "length_penalty": Refused((1, None)),
     "echo": Refused((None, False)),
     "suffix": Refused((None, "")),
-    "logprobs": Refused((None, False)),
-    "top_logprobs": Refused((None, 0)),
     "prompt_logprobs": Refused(),
     "logprob_token_ids": Refused(),
     "return_token_ids": Refused((None, False)),
     "return_token_offsets": Refused((None, False)),
-    "logit_bias": Refused((None, {})),
-    "presence_penalty": Refused((None, 0)),
-    "frequency_penalty": Refused((None, 0)),
-    "repetition_penalty": Refused((None, 1)),
-    "min_p": Refused((None, 0)),
-    "allowed_token_ids": Refused(),
-    "bad_words": Refused((None, [])),
-    "include_stop_str_in_output": Refused((False, None)),
     "spaces_between_special_tokens": Refused((True, None)),
     "truncate_prompt_tokens": Refused(),
     "truncation_side": Refused(),
@@ -261,6 +248,18 @@ class _SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # Penalties and filters, with vLLM's names and semantics (SamplingParams checks the values).
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False)
+    min_p: float | None = Field(None, allow_inf_nan=False)
+    # OpenAI's logit_bias keys are token ids written as strings.
+    logit_bias: Annotated[dict[str, float], Field(max_length=4096)] | None = None
+    allowed_token_ids: Annotated[list[int], Field(max_length=1 << 18)] | None = None
+    bad_words: Annotated[list[str], Field(max_length=256)] | None = None
+    include_stop_str_in_output: bool = False
+    # vLLM's: logprobs name tokens "token_id:<id>" instead of their text.
+    return_tokens_as_token_ids: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's: the response id is "<cmpl|chatcmpl>-<request_id>" (the engine's own id stays
@@ -288,6 +287,23 @@ class _SamplingRequest(BaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return None
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, value in self.logit_bias.items():
+            if not key.lstrip("-").isdigit():
+                raise APIError(
+                    400,
+                    f"logit_bias keys are token ids written as strings, got {shown(key)}",
+                    param="logit_bias",
+                )
+            out[int(key)] = value
+        return out
 
     def max_tokens_param(self) -> str:
         return "max_tokens"
@@ -336,6 +352,17 @@ class _SamplingRequest(BaseModel):
                 ignore_eos=self.ignore_eos,
                 seed=self.seed,
                 skip_special_tokens=self.skip_special_tokens,
+                logprobs=self.requested_logprobs(),
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0
+                if self.repetition_penalty is None
+                else self.repetition_penalty,
+                min_p=self.min_p or 0.0,
+                logit_bias=self.logit_bias_ids(),
+                allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words,
+                include_stop_str_in_output=self.include_stop_str_in_output,
             )
         except ValueError as exc:  # SamplingParams names the field first
             first = str(exc).split(" ", 1)[0]
@@ -350,6 +377,12 @@ MAX_PROMPTS_PER_REQUEST = 1024
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     add_special_tokens: bool = True  # vLLM's: BOS and the like, as the tokenizer adds them
+    # OpenAI's legacy completions: the top `logprobs` of each token (0: the token's own only);
+    # the engine caps it at max_logprobs.
+    logprobs: int | None = Field(None, ge=0)
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompt_list(self) -> tuple[list[str | list[int]], bool]:
         """The prompts, and whether the request is a batch (a list of prompts, even of one):
@@ -391,6 +424,9 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # OpenAI's chat: logprobs of the output tokens, with `top_logprobs` most likely (0-20).
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     # vLLM's chat extras, passed to the chat template.
     continue_final_message: bool = False
@@ -409,6 +445,13 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def requested_logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
 
     def generation_prompt(self) -> bool:
         """add_generation_prompt, off by default when the last message is to be continued
@@ -454,10 +497,19 @@ class _Response(BaseModel):
     system_fingerprint: str | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: by token, its text, logprob, the top ones and its text offset."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -473,10 +525,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -500,7 +566,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
