@@ -32,6 +32,7 @@ class RunnerRequest:
 
     __slots__ = (
         "params", "banned", "num_prompt_tokens", "bad_words", "table", "num_blocks", "generator",
+        "special",
     )  # fmt: skip
 
     def __init__(
@@ -45,6 +46,16 @@ class RunnerRequest:
         self.banned = banned
         self.num_prompt_tokens = num_prompt_tokens
         self.bad_words = bad_words
+        # Asks for logprobs or a logits processor: a step of requests that ask for none skips
+        # those paths altogether (see RequestStates.num_special).
+        self.special = bool(
+            params.logprobs is not None
+            or params.penalized
+            or params.min_p
+            or params.logit_bias
+            or params.allowed_token_ids
+            or bad_words
+        )
         self.table = np.zeros(16, dtype=np.int32)
         self.num_blocks = 0
         self.generator: torch.Generator | None = None
@@ -67,6 +78,24 @@ class RunnerRequest:
 
 
 class RequestStates(dict[str, RunnerRequest]):
+    """The runner's requests by id; counts those that are `special`, so that the common step,
+    where none is, pays nothing for logprobs and processors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_special = 0
+
+    def __setitem__(self, key: str, value: RunnerRequest) -> None:
+        old = self.get(key)
+        self.num_special += int(value.special) - int(old is not None and old.special)
+        super().__setitem__(key, value)
+
+    def pop(self, key: str, default: RunnerRequest | None = None) -> RunnerRequest | None:  # type: ignore[override]
+        value = super().pop(key, default)
+        if value is not None and value is not default and value.special:
+            self.num_special -= 1
+        return value
+
     def update(self, step: SchedulerOutput) -> None:
         """Forget finished requests, learn new ones, grow the block tables of this step's rows."""
         for rid in step.finished_request_ids:

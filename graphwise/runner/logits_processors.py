@@ -134,6 +134,15 @@ def apply_logits_processors(
     vocab = logits.shape[-1]
     if vocab_limit is not None:  # ids past the tokenizer's vocabulary cannot be decoded
         logits[:, vocab_limit:] = float("-inf")
+    if not states.num_special:  # the common step: at most the min_tokens ban
+        if any(row.ban_stop_tokens for row in inputs.sampled):
+            banned = [
+                (i, states[row.request_id].banned)
+                for i, row in enumerate(inputs.sampled)
+                if row.ban_stop_tokens and states[row.request_id].banned
+            ]
+            _set(logits, banned, float("-inf"), upload)
+        return
     rows = [(i, states[row.request_id], row) for i, row in enumerate(inputs.sampled)]
     _mask_to_allowed(logits, [(i, s.params.allowed_token_ids) for i, s, _ in rows], upload)
     _ban_bad_words(logits, [(i, s, row) for i, s, row in rows if s.bad_words], history, upload)

@@ -265,7 +265,7 @@ class ModelRunner:
             inputs = build_step_inputs(
                 step, self.requests, self.upload, self.block_size, self._last_tokens
             )
-            if self.is_driver:  # only rank 0 samples
+            if self.is_driver and self.requests.num_special:  # only rank 0 samples
                 self.history.record(step.rows, inputs.input_ids, self.requests, self.upload)
         finally:
             trace.pop()
@@ -300,11 +300,15 @@ class ModelRunner:
         logprobs = None
         if self.is_driver:
             assert logits is not None
-            wanted = [
-                (i, k)
-                for i, row in enumerate(inputs.sampled)
-                if (k := self.requests[row.request_id].params.logprobs) is not None
-            ]
+            wanted = (
+                [
+                    (i, k)
+                    for i, row in enumerate(inputs.sampled)
+                    if (k := self.requests[row.request_id].params.logprobs) is not None
+                ]
+                if self.requests.num_special
+                else []
+            )
             # Of the raw logits, before any masking (vLLM's default "raw_logprobs").
             raw = log_softmax_rows(logits, wanted, self.upload)
             tokens = self._sample(logits, inputs)
