@@ -224,9 +224,12 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = []
     for b in batch_sizes:
-        # Mean bytes per decode step: all weights, plus every sequence's KV so far.
+        # Mean bytes per decode step: the weights (only the experts a batch picks), plus every
+        # sequence's KV so far.
         mean_context = args.input_len + args.output_len / 2
-        floor_bytes = weights_bytes + b * mean_context * kv_per_token
+        floor_bytes = engine.model_config.decode_step_bytes(
+            weights_bytes, engine.dtype, b, mean_context
+        )
         floor_ms = floor_bytes / bandwidth * 1e3
         for mode in modes:
             logger.info("batch %d: %s", b, mode)
