@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -72,8 +73,8 @@ def main() -> None:
                 y = fn(x).float()
                 ref = x.float() @ w.float().t()
                 err = ((y - ref).abs().max() / ref.abs().max()).item()
-                t_q = _bench(lambda: fn(x))
-                t_bf16 = _bench(lambda: F.linear(x, w_bf16))
+                t_q = _bench(partial(fn, x))
+                t_bf16 = _bench(partial(F.linear, x, w_bf16))
                 row = {
                     "format": fmt,
                     "shape": sname,

@@ -329,20 +329,20 @@ def _kquant_step(
     else:
         QS: tl.constexpr = 16 if KIND == 3 else 48
         c = tl.arange(0, 4)
-        l = tl.arange(0, 32)
+        el = tl.arange(0, 32)
         d = _f16_at(base, n_mask)
         dmin = _f16_at(base + 2, n_mask)
         sc_lo, mn_lo = _kquant_scale_min(base + 4, n_mask, c * 2)
         sc_hi, mn_hi = _kquant_scale_min(base + 4, n_mask, c * 2 + 1)
         msk = n_mask[:, None, None]
         q = tl.load(
-            base[:, None, None] + QS + (c[:, None] * 32 + l[None, :])[None, :, :], mask=msk, other=0
+            base[:, None, None] + QS + (c[:, None] * 32 + el[None, :])[None, :, :], mask=msk, other=0
         )
         q_lo = q & 0xF
         q_hi = q >> 4
         if KIND == 4:
             qh = tl.load(
-                base[:, None, None] + 16 + l[None, None, :], mask=msk, other=0
+                base[:, None, None] + 16 + el[None, None, :], mask=msk, other=0
             )  # [BN,1,32]
             q_lo = q_lo | (((qh >> (c * 2)[None, :, None]) & 1) << 4)
             q_hi = q_hi | (((qh >> (c * 2 + 1)[None, :, None]) & 1) << 4)
@@ -352,7 +352,7 @@ def _kquant_step(
         v_hi = (d[:, None] * sc_hi)[:, :, None] * q_hi.to(tl.float32) - (dmin[:, None] * mn_hi)[
             :, :, None
         ]
-        cols = k0 + (c[:, None] * 64 + l[None, :]).reshape(128)
+        cols = k0 + (c[:, None] * 64 + el[None, :]).reshape(128)
         acc = _acc_plane(
             acc, v_lo.reshape(BLOCK_N, 128), cols, x_ptr, offs_m, M, stride_xm, BLOCK_M, IEEE
         )
