@@ -168,16 +168,21 @@ def _f16_at(ptrs, mask):
 
 @triton.jit
 def _acc_plane(
-    acc, vals, cols, x_ptr, offs_m, M, stride_xm, BLOCK_M: tl.constexpr, IEEE: tl.constexpr
+    acc, vals, cols, x_ptr, offs_m, M, stride_xm, K, n_mask, MODE: tl.constexpr, IEEE: tl.constexpr
 ):
-    """acc += x[:, cols] @ vals^T; vals fp32 [BLOCK_N, P], cols int [P] (absolute columns)."""
-    if BLOCK_M == 1:
-        xv = tl.load(x_ptr + cols).to(tl.float32)
-        acc += tl.sum(vals * xv[None, :], axis=1)
-    else:
+    """Consume one plane: vals fp32 [BLOCK_N, P] whose column j is weight column ``cols[j]``.
+
+    MODE 0 (GEMV, one x row): acc [BLOCK_N, P] += vals * x[cols] (reduced once at the end);
+    MODE 1 (GEMM): acc [BLOCK_M, BLOCK_N] += x[:, cols] @ vals^T;
+    MODE 2 (dequantize): store vals at ``x_ptr`` [BLOCK_N] (row pointers) + cols.
+    """
+    if MODE == 0:
+        xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        acc += vals * xv[None, :]
+    elif MODE == 1:
         xt = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-            mask=(offs_m < M)[:, None],
+            mask=(offs_m < M)[:, None] & (cols < K)[None, :],
             other=0.0,
         )
         w = tl.trans(vals.to(xt.dtype))
@@ -185,6 +190,9 @@ def _acc_plane(
             acc += tl.dot(xt, w, input_precision="ieee")
         else:
             acc += tl.dot(xt, w)
+    else:
+        ptrs = x_ptr[:, None] + cols[None, :]
+        tl.store(ptrs, vals.to(x_ptr.dtype.element_ty), mask=n_mask[:, None] & (cols < K)[None, :])
     return acc
 
 
@@ -194,33 +202,49 @@ def _legacy_step(
     w_rows,
     n_mask,
     chunk,
-    nblk,
+    K,
     x_ptr,
     offs_m,
     M,
     stride_xm,
     KIND: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """8 blocks of 32 (Q8_0 = 0, Q4_0 = 1, Q4_1 = 2) starting at block ``chunk * 8``."""
+    """8 blocks of 32 (Q8_0 = 0, Q4_0 = 1, Q4_1 = 2) from block ``chunk * 8``; blocks past
+    the row's end are masked (K need only be a multiple of 32)."""
     BB: tl.constexpr = 34 if KIND == 0 else (18 if KIND == 1 else 20)
-    g = tl.arange(0, 8)
-    blk = chunk * 8 + g
-    gmask = n_mask[:, None] & (blk < nblk)[None, :]
-    base = w_rows[:, None] + (blk * BB)[None, :]  # [BN, 8] byte offset of each block
-    d = _f16_at(base, gmask)
+    nblk = K // 32
     if KIND == 0:
         j = tl.arange(0, 32)
-        q = tl.load(base[:, :, None] + 2 + j[None, None, :], mask=gmask[:, :, None], other=0)
-        v = q.to(tl.int8, bitcast=True).to(tl.float32) * d[:, :, None]
-        cols = (tl.minimum(blk, nblk - 1)[:, None] * 32 + j[None, :]).reshape(256)
-        acc = _acc_plane(
-            acc, v.reshape(BLOCK_N, 256), cols, x_ptr, offs_m, M, stride_xm, BLOCK_M, IEEE
-        )
+        for half in tl.static_range(2):
+            hb = chunk * 8 + half * 4 + tl.arange(0, 4)
+            hmask = n_mask[:, None] & (hb < nblk)[None, :]
+            hbase = w_rows[:, None] + (hb * BB)[None, :]
+            dh = _f16_at(hbase, hmask)
+            q = tl.load(hbase[:, :, None] + 2 + j[None, None, :], mask=hmask[:, :, None], other=0)
+            v = q.to(tl.int8, bitcast=True).to(tl.float32) * dh[:, :, None]
+            cols = (hb[:, None] * 32 + j[None, :]).reshape(128)
+            acc = _acc_plane(
+                acc,
+                v.reshape(BLOCK_N, 128),
+                cols,
+                x_ptr,
+                offs_m,
+                M,
+                stride_xm,
+                K,
+                n_mask,
+                MODE,
+                IEEE,
+            )
     else:
         QO: tl.constexpr = 2 if KIND == 1 else 4
+        blk = chunk * 8 + tl.arange(0, 8)
+        gmask = n_mask[:, None] & (blk < nblk)[None, :]
+        base = w_rows[:, None] + (blk * BB)[None, :]  # [BN, 8] byte offset of each block
+        d = _f16_at(base, gmask)
         j = tl.arange(0, 16)
         q = tl.load(base[:, :, None] + QO + j[None, None, :], mask=gmask[:, :, None], other=0)
         lo = (q & 0xF).to(tl.float32)
@@ -232,16 +256,22 @@ def _legacy_step(
             m = _f16_at(base + 2, gmask)
             lo = d[:, :, None] * lo + m[:, :, None]
             hi = d[:, :, None] * hi + m[:, :, None]
-        # columns past the last block: clamp to a valid column (the values there are 0)
-        blk_c = tl.minimum(blk, nblk - 1)
-        cols_lo = (blk_c[:, None] * 32 + j[None, :]).reshape(128)
-        lo = tl.where(gmask[:, :, None], lo, 0.0)
-        hi = tl.where(gmask[:, :, None], hi, 0.0)
+        cols = (blk[:, None] * 32 + j[None, :]).reshape(128)
         acc = _acc_plane(
-            acc, lo.reshape(BLOCK_N, 128), cols_lo, x_ptr, offs_m, M, stride_xm, BLOCK_M, IEEE
+            acc, lo.reshape(BLOCK_N, 128), cols, x_ptr, offs_m, M, stride_xm, K, n_mask, MODE, IEEE
         )
         acc = _acc_plane(
-            acc, hi.reshape(BLOCK_N, 128), cols_lo + 16, x_ptr, offs_m, M, stride_xm, BLOCK_M, IEEE
+            acc,
+            hi.reshape(BLOCK_N, 128),
+            cols + 16,
+            x_ptr,
+            offs_m,
+            M,
+            stride_xm,
+            K,
+            n_mask,
+            MODE,
+            IEEE,
         )
     return acc
 
@@ -266,12 +296,13 @@ def _kquant_step(
     w_rows,
     n_mask,
     chunk,
+    K,
     x_ptr,
     offs_m,
     M,
     stride_xm,
     KIND: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -279,11 +310,11 @@ def _kquant_step(
     BB: tl.constexpr = 144 if KIND == 3 else (176 if KIND == 4 else 210)
     base = w_rows + chunk * BB  # [BN]
     k0 = chunk * 256
+    msk = n_mask[:, None, None]
     if KIND == 5:
         # ql byte 64h + t: element 128h + t (low nibble), 128h + 64 + t (high nibble)
         h = tl.arange(0, 2)
         t = tl.arange(0, 64)
-        msk = n_mask[:, None, None]
         ql = tl.load(
             base[:, None, None] + (h[:, None] * 64 + t[None, :])[None, :, :], mask=msk, other=0
         )
@@ -312,7 +343,9 @@ def _kquant_step(
             offs_m,
             M,
             stride_xm,
-            BLOCK_M,
+            K,
+            n_mask,
+            MODE,
             IEEE,
         )
         acc = _acc_plane(
@@ -323,7 +356,9 @@ def _kquant_step(
             offs_m,
             M,
             stride_xm,
-            BLOCK_M,
+            K,
+            n_mask,
+            MODE,
             IEEE,
         )
     else:
@@ -334,9 +369,10 @@ def _kquant_step(
         dmin = _f16_at(base + 2, n_mask)
         sc_lo, mn_lo = _kquant_scale_min(base + 4, n_mask, c * 2)
         sc_hi, mn_hi = _kquant_scale_min(base + 4, n_mask, c * 2 + 1)
-        msk = n_mask[:, None, None]
         q = tl.load(
-            base[:, None, None] + QS + (c[:, None] * 32 + el[None, :])[None, :, :], mask=msk, other=0
+            base[:, None, None] + QS + (c[:, None] * 32 + el[None, :])[None, :, :],
+            mask=msk,
+            other=0,
         )
         q_lo = q & 0xF
         q_hi = q >> 4
@@ -354,16 +390,91 @@ def _kquant_step(
         ]
         cols = k0 + (c[:, None] * 64 + el[None, :]).reshape(128)
         acc = _acc_plane(
-            acc, v_lo.reshape(BLOCK_N, 128), cols, x_ptr, offs_m, M, stride_xm, BLOCK_M, IEEE
+            acc,
+            v_lo.reshape(BLOCK_N, 128),
+            cols,
+            x_ptr,
+            offs_m,
+            M,
+            stride_xm,
+            K,
+            n_mask,
+            MODE,
+            IEEE,
         )
         acc = _acc_plane(
-            acc, v_hi.reshape(BLOCK_N, 128), cols + 32, x_ptr, offs_m, M, stride_xm, BLOCK_M, IEEE
+            acc,
+            v_hi.reshape(BLOCK_N, 128),
+            cols + 32,
+            x_ptr,
+            offs_m,
+            M,
+            stride_xm,
+            K,
+            n_mask,
+            MODE,
+            IEEE,
         )
     return acc
 
 
 @triton.jit
-def _gguf_linear_kernel(
+def _step(
+    acc,
+    w_rows,
+    n_mask,
+    chunk,
+    K,
+    x_ptr,
+    offs_m,
+    M,
+    stride_xm,
+    KIND: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    if KIND <= 2:
+        acc = _legacy_step(
+            acc, w_rows, n_mask, chunk, K, x_ptr, offs_m, M, stride_xm, KIND, MODE, BLOCK_N, IEEE
+        )
+    else:
+        acc = _kquant_step(
+            acc, w_rows, n_mask, chunk, K, x_ptr, offs_m, M, stride_xm, KIND, MODE, BLOCK_N, IEEE
+        )
+    return acc
+
+
+@triton.jit
+def _gguf_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    KIND: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One x row per program (grid axis 1), BLOCK_N weight rows; fp32 FMA, one reduction."""
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64) * stride_wn
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+    for chunk in range(0, tl.cdiv(K, 256)):
+        acc = _step(acc, w_rows, n_mask, chunk, K, x_row, offs_n, 1, 0, KIND, 0, BLOCK_N, IEEE)
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + row * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gguf_gemm_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
@@ -383,72 +494,91 @@ def _gguf_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64) * stride_wn
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     x_base = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
     offs_mr = tl.arange(0, BLOCK_M)  # rows relative to x_base
     m_left = M - pid_m * BLOCK_M
-    if BLOCK_M == 1:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    n_chunks = tl.cdiv(K, 256)
-    if KIND <= 2:
-        nblk = K // 32
-        for chunk in range(0, n_chunks):
-            acc = _legacy_step(
-                acc,
-                w_rows,
-                n_mask,
-                chunk,
-                nblk,
-                x_base,
-                offs_mr,
-                m_left,
-                stride_xm,
-                KIND,
-                BLOCK_M,
-                BLOCK_N,
-                IEEE,
-            )
-    else:
-        for chunk in range(0, n_chunks):
-            acc = _kquant_step(
-                acc,
-                w_rows,
-                n_mask,
-                chunk,
-                x_base,
-                offs_mr,
-                m_left,
-                stride_xm,
-                KIND,
-                BLOCK_M,
-                BLOCK_N,
-                IEEE,
-            )
-    if BLOCK_M == 1:
-        tl.store(
-            y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n,
-            acc.to(y_ptr.dtype.element_ty),
-            mask=n_mask,
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for chunk in range(0, tl.cdiv(K, 256)):
+        acc = _step(
+            acc,
+            w_rows,
+            n_mask,
+            chunk,
+            K,
+            x_base,
+            offs_mr,
+            m_left,
+            stride_xm,
+            KIND,
+            1,
+            BLOCK_N,
+            IEEE,
         )
-    else:
-        y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
+    offs_m = pid_m * BLOCK_M + offs_mr
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gguf_dequant_kernel(
+    w_ptr, out_ptr, N, K, stride_wn, stride_on, KIND: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Grid (row tiles, 256-element chunks): write dequant(W) in out's dtype."""
+    pid_n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64) * stride_wn
+    out_rows = out_ptr + offs_n.to(tl.int64) * stride_on
+    _step(0.0, w_rows, n_mask, chunk, K, out_rows, offs_n, 0, 0, KIND, 2, BLOCK_N, False)
 
 
 _KIND = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
+# Above this many rows of x, gguf_linear dequantizes to a scratch matrix and calls torch's GEMM
+# (cuBLAS): the fused kernel re-dequantizes each weight tile for every M tile.
+FUSED_MAX_M = 16
 
 
-def _tiles(M: int, N: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for M rows of x."""
-    if M == 1:
-        return 1, 8, 4, 2
-    if M <= 16:
-        return 16, 32, 4, 2
-    if M <= 64:
-        return 64, 32, 4, 2
-    return 64, 64, 4, 2
+def _check(packed: torch.Tensor, name: str, out_features: int, in_features: int) -> None:
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.stride(1) != 1:
+        raise ValueError(
+            f"packed GGUF weight must be a row-contiguous uint8 matrix, got {packed.dtype} "
+            f"{tuple(packed.shape)}"
+        )
+    if tuple(packed.shape) != (out_features, bytes_per_row(name, in_features)):
+        raise ValueError(
+            f"packed {name} weight is {tuple(packed.shape)}; expected "
+            f"({out_features}, {bytes_per_row(name, in_features)}) for {out_features}x{in_features}"
+        )
+
+
+def gguf_dequantize(
+    packed: torch.Tensor,
+    qtype: object,
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+    block_n: int = 16,
+) -> torch.Tensor:
+    """dequant(packed) as ``dtype`` [out_features, in_features], on packed's device (Triton)."""
+    name = qtype_name(qtype)
+    _check(packed, name, out_features, in_features)
+    if out is None:
+        out = torch.empty(out_features, in_features, device=packed.device, dtype=dtype)
+    grid = (triton.cdiv(out_features, block_n), triton.cdiv(in_features, _CHUNK))
+    _gguf_dequant_kernel[grid](
+        packed,
+        out,
+        out_features,
+        in_features,
+        packed.stride(0),
+        out.stride(0),
+        KIND=_KIND[name],
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return out
 
 
 def gguf_linear(
@@ -458,27 +588,22 @@ def gguf_linear(
     out_features: int,
     in_features: int,
     out: torch.Tensor | None = None,
+    fused_max_m: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequant(packed)^T in one kernel that reads the packed bytes directly.
+    """y = x @ dequant(packed)^T, reading the packed bytes directly.
 
     x: [..., in_features] (fp32/fp16/bf16, last axis contiguous); packed: uint8
     [out_features, bytes_per_row(qtype, in_features)] on x's device. Returns [..., out_features]
-    in x's dtype; accumulation is fp32. M = 1 takes a GEMV path (no tensor cores, one x row per
-    program); larger M uses tl.dot tiles.
+    in x's dtype, accumulated in fp32. M = 1: the GEMV kernel (FMA, one x row per program);
+    1 < M <= ``fused_max_m`` (default FUSED_MAX_M): the fused tl.dot kernel; larger M (prefill):
+    dequantize into a scratch matrix of x's dtype, then ``F.linear``. The M-dependent choice is
+    made from shapes only, so every path can be captured in a CUDA graph.
     """
     name = qtype_name(qtype)
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.stride(1) != 1:
-        raise ValueError(
-            f"packed GGUF weight must be a row-contiguous uint8 matrix, got {packed.dtype} {tuple(packed.shape)}"
-        )
-    if packed.shape != (out_features, bytes_per_row(name, in_features)):
-        raise ValueError(
-            f"packed {name} weight is {tuple(packed.shape)}; expected "
-            f"({out_features}, {bytes_per_row(name, in_features)}) for {out_features}x{in_features}"
-        )
+    _check(packed, name, out_features, in_features)
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
     lead = x.shape[:-1]
@@ -491,12 +616,34 @@ def gguf_linear(
     y2 = out.view(-1, out_features)
     if M == 0:
         return out
-    bm, bn, warps, stages = _tiles(M, out_features)
-    bm = block_m or bm
-    bn = block_n or bn
-    warps = num_warps or warps
+    kind = _KIND[name]
+    ieee = x.dtype == torch.float32
+    if M > (FUSED_MAX_M if fused_max_m is None else fused_max_m):
+        w = gguf_dequantize(packed, name, out_features, in_features, dtype=x.dtype)
+        torch.matmul(x2, w.t(), out=y2)
+        return out
+    if M == 1 and block_m in (None, 1):
+        bn = block_n or 8
+        grid = (triton.cdiv(out_features, bn), 1)
+        _gguf_gemv_kernel[grid](
+            x2,
+            packed,
+            y2,
+            out_features,
+            in_features,
+            x2.stride(0),
+            packed.stride(0),
+            y2.stride(0),
+            KIND=kind,
+            BLOCK_N=bn,
+            IEEE=ieee,
+            num_warps=num_warps or 4,
+        )
+        return out
+    bm = block_m or 16
+    bn = block_n or 32
     grid = (triton.cdiv(out_features, bn), triton.cdiv(M, bm))
-    _gguf_linear_kernel[grid](
+    _gguf_gemm_kernel[grid](
         x2,
         packed,
         y2,
@@ -506,12 +653,12 @@ def gguf_linear(
         x2.stride(0),
         packed.stride(0),
         y2.stride(0),
-        KIND=_KIND[name],
+        KIND=kind,
         BLOCK_M=bm,
         BLOCK_N=bn,
-        IEEE=x.dtype == torch.float32,
-        num_warps=warps,
-        num_stages=stages,
+        IEEE=ieee,
+        num_warps=num_warps or 4,
+        num_stages=2,
     )
     return out
 
