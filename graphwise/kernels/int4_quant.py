@@ -154,6 +154,68 @@ def random_int4(
 
 
 @triton.jit
+def _tile_cols(pid_n, N, AWQ: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Output column of each tile column (storage order) and its mask."""
+    c = tl.arange(0, BLOCK_N)
+    if AWQ:  # tile column 8p + j is output column 8p + AWQ_PACK_ORDER[j]
+        j = c % 8
+        offs_n = pid_n * BLOCK_N + (c // 8) * 8 + (j % 4) * 2 + j // 4
+    else:
+        offs_n = pid_n * BLOCK_N + c
+    return offs_n, offs_n < N
+
+
+@triton.jit
+def _int4_tile(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    k0,
+    pid_n,
+    offs_n,
+    n_mask,
+    N,
+    GROUP,
+    stride_qw,
+    stride_s,
+    stride_z,
+    AWQ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 [BLOCK_K, BLOCK_N] weight tile at rows k0.. (one group), columns in storage order.
+
+    Packed words are loaded once each, as contiguous tiles, and split into their 8 codes in
+    registers."""
+    shifts = tl.arange(0, 8) * 4
+    g = k0 // GROUP  # BLOCK_K divides GROUP
+    s = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if AWQ:
+        offs_p = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # packed columns
+        p_mask = offs_p < N // 8
+        zp = tl.load(z_ptr + g * stride_z + offs_p, mask=p_mask, other=0)
+        z = tl.reshape((zp[:, None] >> shifts[None, :]) & 0xF, [BLOCK_N])
+        k = k0 + tl.arange(0, BLOCK_K)
+        pw = tl.load(
+            qw_ptr + k.to(tl.int64)[:, None] * stride_qw + offs_p[None, :],
+            mask=p_mask[None, :],
+            other=0,
+        )  # [BK, BN / 8]
+        q = tl.reshape((pw[:, :, None] >> shifts[None, None, :]) & 0xF, [BLOCK_K, BLOCK_N])
+    else:
+        zp = tl.load(z_ptr + g * stride_z + offs_n // 8, mask=n_mask, other=0)
+        z = ((zp >> ((offs_n % 8) * 4)) & 0xF) + 1
+        kp = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        pw = tl.load(
+            qw_ptr + kp.to(tl.int64)[:, None] * stride_qw + offs_n[None, :],
+            mask=n_mask[None, :],
+            other=0,
+        )  # [BK / 8, BN]
+        q = tl.reshape((pw[:, None, :] >> shifts[None, :, None]) & 0xF, [BLOCK_K, BLOCK_N])
+    return (q - z[None, :]).to(tl.float32) * s[None, :]
+
+
+@triton.jit
 def _int4_linear_kernel(
     x_ptr,
     qw_ptr,
@@ -175,71 +237,158 @@ def _int4_linear_kernel(
     BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    """BLOCK_M == 1: GEMV, fp32 FMA into a [BLOCK_K, BLOCK_N] accumulator reduced once at the
+    end; else tl.dot tiles."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_n, n_mask = _tile_cols(pid_n, N, AWQ, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    # bit position of each output column inside its packed int32 (qzeros; AWQ's qweight too)
-    if AWQ:
-        o = offs_n % 8
-        col_shift = (o // 2 + 4 * (o % 2)) * 4
-    else:
-        col_shift = (offs_n % 8) * 4
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if BLOCK_M == 1:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        g = k0 // GROUP  # BLOCK_K divides GROUP: one group per tile
-        s = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + g * stride_z + offs_n // 8, mask=n_mask, other=0)
-        z = (zp >> col_shift) & 0xF
-        if not AWQ:
-            z = z + 1
-        if AWQ:
-            pw = tl.load(
-                qw_ptr + k.to(tl.int64)[:, None] * stride_qw + (offs_n // 8)[None, :],
-                mask=n_mask[None, :],
-                other=0,
-            )
-            q = (pw >> col_shift[None, :]) & 0xF
-        else:
-            pw = tl.load(
-                qw_ptr + (k // 8).to(tl.int64)[:, None] * stride_qw + offs_n[None, :],
-                mask=n_mask[None, :],
-                other=0,
-            )
-            q = (pw >> ((k % 8) * 4)[:, None]) & 0xF
-        w = (q - z[None, :]).to(tl.float32) * s[None, :]  # [BLOCK_K, BLOCK_N]
+        k = k0 + tl.arange(0, BLOCK_K)
+        w = _int4_tile(
+            qw_ptr,
+            s_ptr,
+            z_ptr,
+            k0,
+            pid_n,
+            offs_n,
+            n_mask,
+            N,
+            GROUP,
+            stride_qw,
+            stride_s,
+            stride_z,
+            AWQ,
+            BLOCK_N,
+            BLOCK_K,
+        )
         if BLOCK_M == 1:
             xv = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + k).to(tl.float32)
-            acc += tl.sum(w * xv[:, None], axis=0)
+            acc += w * xv[:, None]
         else:
-            xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0)
+            xt = tl.load(
+                x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + k[None, :],
+                mask=m_mask[:, None],
+                other=0.0,
+            )
             if IEEE:
                 acc += tl.dot(xt, w.to(xt.dtype), input_precision="ieee")
             else:
                 acc += tl.dot(xt, w.to(xt.dtype))
     if BLOCK_M == 1:
+        y = tl.sum(acc, axis=0)
         tl.store(
             y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n,
-            acc.to(y_ptr.dtype.element_ty),
+            y.to(y_ptr.dtype.element_ty),
             mask=n_mask,
         )
     else:
-        y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        yp = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _int4_dequant_kernel(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    N,
+    GROUP,
+    stride_qw,
+    stride_s,
+    stride_z,
+    stride_o,
+    AWQ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Grid (column tiles, row tiles): out [K, N] = dequant(W) in out's dtype."""
+    pid_n = tl.program_id(0)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_n, n_mask = _tile_cols(pid_n, N, AWQ, BLOCK_N)
+    w = _int4_tile(
+        qw_ptr,
+        s_ptr,
+        z_ptr,
+        k0,
+        pid_n,
+        offs_n,
+        n_mask,
+        N,
+        GROUP,
+        stride_qw,
+        stride_s,
+        stride_z,
+        AWQ,
+        BLOCK_N,
+        BLOCK_K,
+    )
+    k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(
+        out_ptr + k.to(tl.int64)[:, None] * stride_o + offs_n[None, :],
+        w.to(out_ptr.dtype.element_ty),
+        mask=n_mask[None, :],
+    )
+
+
+# Above this many rows of x, int4_linear dequantizes to a scratch matrix and calls torch's GEMM.
+FUSED_MAX_M = 64
+
+
+def _fit_block_k(bk: int, group_size: int) -> int:
+    while group_size % bk:
+        bk //= 2
+    if bk < 8:
+        raise ValueError(f"INT4 group_size={group_size} has no power-of-2 tile of at least 8")
+    return bk
+
+
+def int4_dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    group_size: int,
+    fmt: str,
+    dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dequant(W) as ``dtype`` [in_features, out_features] on qweight's device (Triton)."""
+    _check_format(fmt)
+    in_features = qweight.shape[0] * (1 if fmt == "awq" else 8)
+    out_features = qweight.shape[1] * (8 if fmt == "awq" else 1)
+    if out is None:
+        out = torch.empty(in_features, out_features, device=qweight.device, dtype=dtype)
+    bn, bk = 64, _fit_block_k(64, group_size)
+    grid = (triton.cdiv(out_features, bn), in_features // bk)
+    _int4_dequant_kernel[grid](
+        qweight,
+        scales,
+        qzeros,
+        out,
+        out_features,
+        group_size,
+        qweight.stride(0),
+        scales.stride(0),
+        qzeros.stride(0),
+        out.stride(0),
+        AWQ=fmt == "awq",
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=4,
+    )
+    return out
 
 
 def _tiles(M: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
     if M == 1:
-        return 1, 32, 128, 4
+        return 1, 64, 64, 4
     if M <= 16:
         return 16, 64, 128, 4
     if M <= 64:
@@ -255,6 +404,7 @@ def int4_linear(
     group_size: int,
     fmt: str,
     out: torch.Tensor | None = None,
+    fused_max_m: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -263,7 +413,9 @@ def int4_linear(
     """y = x @ dequant(qweight, scales, zeros) for an AWQ or GPTQ (desc_act=False) layer.
 
     x: [..., in_features] (fp32/fp16/bf16); ``zeros`` is the checkpoint's ``qzeros``. Returns
-    [..., out_features] in x's dtype, accumulated in fp32. No host syncs (graph-capturable).
+    [..., out_features] in x's dtype, accumulated in fp32. M <= ``fused_max_m`` (default
+    FUSED_MAX_M) runs the fused kernel (GEMV for M = 1); larger M (prefill) dequantizes into a
+    scratch matrix of x's dtype and calls torch's GEMM. No host syncs (graph-capturable).
     """
     _check_format(fmt)
     if qweight.dtype != torch.int32 or zeros.dtype != torch.int32:
@@ -294,12 +446,13 @@ def int4_linear(
     y2 = out.view(-1, out_features)
     if M == 0:
         return out
+    if M > (FUSED_MAX_M if fused_max_m is None else fused_max_m):
+        w = int4_dequantize(qweight, scales, zeros, group_size, fmt, dtype=x.dtype)
+        torch.matmul(x2, w, out=y2)
+        return out
     bm, bn, bk, warps = _tiles(M)
     bm, bn, bk, warps = block_m or bm, block_n or bn, block_k or bk, num_warps or warps
-    while group_size % bk:
-        bk //= 2
-    if bk < 8:
-        raise ValueError(f"INT4 group_size={group_size} has no power-of-2 tile of at least 8")
+    bk = _fit_block_k(bk, group_size)
     grid = (triton.cdiv(out_features, bn), triton.cdiv(M, bm))
     _int4_linear_kernel[grid](
         x2,

@@ -46,7 +46,7 @@ def test_reference_dequantize_edge_scales(name):
     packed = gq.random_packed(name, 8, k, seed=5)
     elems, nbytes = gq.block_shape(name)
     blocks = packed.view(-1, nbytes)
-    specials = torch.tensor([0.0, -0.0, -1.5, 6.0e-8, 3.0e4, -2.0**-14], dtype=torch.float16)
+    specials = torch.tensor([0.0, -0.0, -1.5, 6.0e-8, 3.0e4, -(2.0**-14)], dtype=torch.float16)
     offs = {"Q6_K": [208], "Q8_0": [0], "Q4_0": [0]}.get(name, [0, 2])
     for i in range(blocks.shape[0]):
         for off in offs:
