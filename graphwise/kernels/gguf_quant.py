@@ -167,116 +167,6 @@ def _f16_at(ptrs, mask):
 
 
 @triton.jit
-def _acc_plane(
-    acc, vals, cols, x_ptr, offs_m, M, stride_xm, K, n_mask, MODE: tl.constexpr, IEEE: tl.constexpr
-):
-    """Consume one plane: vals fp32 [BLOCK_N, P] whose column j is weight column ``cols[j]``.
-
-    MODE 0 (GEMV, one x row): acc [BLOCK_N, P] += vals * x[cols] (reduced once at the end);
-    MODE 1 (GEMM): acc [BLOCK_M, BLOCK_N] += x[:, cols] @ vals^T;
-    MODE 2 (dequantize): store vals at ``x_ptr`` [BLOCK_N] (row pointers) + cols.
-    """
-    if MODE == 0:
-        xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += vals * xv[None, :]
-    elif MODE == 1:
-        xt = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-            mask=(offs_m < M)[:, None] & (cols < K)[None, :],
-            other=0.0,
-        )
-        w = tl.trans(vals.to(xt.dtype))
-        if IEEE:
-            acc += tl.dot(xt, w, input_precision="ieee")
-        else:
-            acc += tl.dot(xt, w)
-    else:
-        ptrs = x_ptr[:, None] + cols[None, :]
-        tl.store(ptrs, vals.to(x_ptr.dtype.element_ty), mask=n_mask[:, None] & (cols < K)[None, :])
-    return acc
-
-
-@triton.jit
-def _legacy_step(
-    acc,
-    w_rows,
-    n_mask,
-    chunk,
-    K,
-    x_ptr,
-    offs_m,
-    M,
-    stride_xm,
-    KIND: tl.constexpr,
-    MODE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """8 blocks of 32 (Q8_0 = 0, Q4_0 = 1, Q4_1 = 2) from block ``chunk * 8``; blocks past
-    the row's end are masked (K need only be a multiple of 32)."""
-    BB: tl.constexpr = 34 if KIND == 0 else (18 if KIND == 1 else 20)
-    nblk = K // 32
-    if KIND == 0:
-        j = tl.arange(0, 32)
-        for half in tl.static_range(2):
-            hb = chunk * 8 + half * 4 + tl.arange(0, 4)
-            hmask = n_mask[:, None] & (hb < nblk)[None, :]
-            hbase = w_rows[:, None] + (hb * BB)[None, :]
-            dh = _f16_at(hbase, hmask)
-            q = tl.load(hbase[:, :, None] + 2 + j[None, None, :], mask=hmask[:, :, None], other=0)
-            v = q.to(tl.int8, bitcast=True).to(tl.float32) * dh[:, :, None]
-            cols = (hb[:, None] * 32 + j[None, :]).reshape(128)
-            acc = _acc_plane(
-                acc,
-                v.reshape(BLOCK_N, 128),
-                cols,
-                x_ptr,
-                offs_m,
-                M,
-                stride_xm,
-                K,
-                n_mask,
-                MODE,
-                IEEE,
-            )
-    else:
-        QO: tl.constexpr = 2 if KIND == 1 else 4
-        blk = chunk * 8 + tl.arange(0, 8)
-        gmask = n_mask[:, None] & (blk < nblk)[None, :]
-        base = w_rows[:, None] + (blk * BB)[None, :]  # [BN, 8] byte offset of each block
-        d = _f16_at(base, gmask)
-        j = tl.arange(0, 16)
-        q = tl.load(base[:, :, None] + QO + j[None, None, :], mask=gmask[:, :, None], other=0)
-        lo = (q & 0xF).to(tl.float32)
-        hi = (q >> 4).to(tl.float32)
-        if KIND == 1:
-            lo = d[:, :, None] * (lo - 8.0)
-            hi = d[:, :, None] * (hi - 8.0)
-        else:
-            m = _f16_at(base + 2, gmask)
-            lo = d[:, :, None] * lo + m[:, :, None]
-            hi = d[:, :, None] * hi + m[:, :, None]
-        cols = (blk[:, None] * 32 + j[None, :]).reshape(128)
-        acc = _acc_plane(
-            acc, lo.reshape(BLOCK_N, 128), cols, x_ptr, offs_m, M, stride_xm, K, n_mask, MODE, IEEE
-        )
-        acc = _acc_plane(
-            acc,
-            hi.reshape(BLOCK_N, 128),
-            cols + 16,
-            x_ptr,
-            offs_m,
-            M,
-            stride_xm,
-            K,
-            n_mask,
-            MODE,
-            IEEE,
-        )
-    return acc
-
-
-@triton.jit
 def _kquant_scale_min(sb, n_mask, s):
     """6-bit (scale, min) of sub-blocks ``s`` [S] from the 12 scale bytes at ``sb`` [BN]."""
     ptr = sb[:, None]
@@ -291,27 +181,58 @@ def _kquant_scale_min(sb, n_mask, s):
 
 
 @triton.jit
-def _kquant_step(
-    acc,
-    w_rows,
-    n_mask,
-    chunk,
-    K,
-    x_ptr,
-    offs_m,
-    M,
-    stride_xm,
-    KIND: tl.constexpr,
-    MODE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """One super-block of 256 (Q4_K = 3, Q5_K = 4, Q6_K = 5)."""
-    BB: tl.constexpr = 144 if KIND == 3 else (176 if KIND == 4 else 210)
-    base = w_rows + chunk * BB  # [BN]
-    k0 = chunk * 256
+def _planes(w_rows, n_mask, chunk, K, KIND: tl.constexpr):
+    """Dequantize one 256-element chunk of BLOCK_N rows as two planes in storage order.
+
+    Returns (lo, cols_lo, hi, cols_hi): fp32 [BLOCK_N, G, S] values and int [G, S] weight
+    columns (G * S = 128; columns >= K only past the end of a legacy row, values there 0).
+    Q8_0: blocks 0-3 / 4-7 of the chunk; Q4_0/Q4_1: low / high nibbles of 8 blocks; Q4_K/Q5_K:
+    even / odd sub-blocks; Q6_K: low / high nibbles of ql."""
     msk = n_mask[:, None, None]
-    if KIND == 5:
+    if KIND <= 2:
+        BB: tl.constexpr = 34 if KIND == 0 else (18 if KIND == 1 else 20)
+        G: tl.constexpr = 4 if KIND == 0 else 8
+        nblk = K // 32
+        g = tl.arange(0, G)
+        if KIND == 0:
+            j = tl.arange(0, 32)
+            blk_lo = chunk * 8 + g
+            blk_hi = blk_lo + 4
+            gm_lo = n_mask[:, None] & (blk_lo < nblk)[None, :]
+            gm_hi = n_mask[:, None] & (blk_hi < nblk)[None, :]
+            base_lo = w_rows[:, None] + (blk_lo * BB)[None, :]
+            base_hi = w_rows[:, None] + (blk_hi * BB)[None, :]
+            q_lo = tl.load(
+                base_lo[:, :, None] + 2 + j[None, None, :], mask=gm_lo[:, :, None], other=0
+            )
+            q_hi = tl.load(
+                base_hi[:, :, None] + 2 + j[None, None, :], mask=gm_hi[:, :, None], other=0
+            )
+            lo = q_lo.to(tl.int8, bitcast=True).to(tl.float32) * _f16_at(base_lo, gm_lo)[:, :, None]
+            hi = q_hi.to(tl.int8, bitcast=True).to(tl.float32) * _f16_at(base_hi, gm_hi)[:, :, None]
+            cols_lo = blk_lo[:, None] * 32 + j[None, :]
+            cols_hi = blk_hi[:, None] * 32 + j[None, :]
+        else:
+            QO: tl.constexpr = 2 if KIND == 1 else 4
+            j = tl.arange(0, 16)
+            blk = chunk * 8 + g
+            gm = n_mask[:, None] & (blk < nblk)[None, :]
+            base = w_rows[:, None] + (blk * BB)[None, :]
+            d = _f16_at(base, gm)[:, :, None]
+            q = tl.load(base[:, :, None] + QO + j[None, None, :], mask=gm[:, :, None], other=0)
+            lo = (q & 0xF).to(tl.float32)
+            hi = (q >> 4).to(tl.float32)
+            if KIND == 1:
+                lo = d * (lo - 8.0)
+                hi = d * (hi - 8.0)
+            else:
+                m = _f16_at(base + 2, gm)[:, :, None]
+                lo = d * lo + m
+                hi = d * hi + m
+            cols_lo = blk[:, None] * 32 + j[None, :]
+            cols_hi = cols_lo + 16
+    elif KIND == 5:
+        base = w_rows + chunk * 210  # [BN]
         # ql byte 64h + t: element 128h + t (low nibble), 128h + 64 + t (high nibble)
         h = tl.arange(0, 2)
         t = tl.arange(0, 64)
@@ -323,50 +244,25 @@ def _kquant_step(
             mask=msk,
             other=0,
         )
-        shift = (t // 32) * 2  # [64]
-        qh_lo = (qh >> shift[None, None, :]) & 3
-        qh_hi = (qh >> (shift + 4)[None, None, :]) & 3
-        q_lo = ((ql & 0xF) | (qh_lo << 4)).to(tl.float32) - 32.0
-        q_hi = ((ql >> 4) | (qh_hi << 4)).to(tl.float32) - 32.0
-        d = _f16_at(base + 208, n_mask)  # [BN]
+        shift = (t // 32) * 2
+        q_lo = ((ql & 0xF) | (((qh >> shift[None, None, :]) & 3) << 4)).to(tl.float32) - 32.0
+        q_hi = ((ql >> 4) | (((qh >> (shift + 4)[None, None, :]) & 3) << 4)).to(tl.float32) - 32.0
+        d = _f16_at(base + 208, n_mask)[:, None, None]
         sidx = h[:, None] * 8 + (t // 16)[None, :]  # [2, 64] scale index of the low plane
         sc_lo = tl.load(base[:, None, None] + 192 + sidx[None, :, :], mask=msk, other=0)
         sc_hi = tl.load(base[:, None, None] + 196 + sidx[None, :, :], mask=msk, other=0)
-        ds_lo = d[:, None, None] * sc_lo.to(tl.int8, bitcast=True).to(tl.float32)
-        ds_hi = d[:, None, None] * sc_hi.to(tl.int8, bitcast=True).to(tl.float32)
-        cols = k0 + (h[:, None] * 128 + t[None, :]).reshape(128)
-        acc = _acc_plane(
-            acc,
-            (ds_lo * q_lo).reshape(BLOCK_N, 128),
-            cols,
-            x_ptr,
-            offs_m,
-            M,
-            stride_xm,
-            K,
-            n_mask,
-            MODE,
-            IEEE,
-        )
-        acc = _acc_plane(
-            acc,
-            (ds_hi * q_hi).reshape(BLOCK_N, 128),
-            cols + 64,
-            x_ptr,
-            offs_m,
-            M,
-            stride_xm,
-            K,
-            n_mask,
-            MODE,
-            IEEE,
-        )
+        lo = (d * sc_lo.to(tl.int8, bitcast=True).to(tl.float32)) * q_lo
+        hi = (d * sc_hi.to(tl.int8, bitcast=True).to(tl.float32)) * q_hi
+        cols_lo = chunk * 256 + h[:, None] * 128 + t[None, :]
+        cols_hi = cols_lo + 64
     else:
+        BB: tl.constexpr = 144 if KIND == 3 else 176
         QS: tl.constexpr = 16 if KIND == 3 else 48
+        base = w_rows + chunk * BB  # [BN]
         c = tl.arange(0, 4)
         el = tl.arange(0, 32)
-        d = _f16_at(base, n_mask)
-        dmin = _f16_at(base + 2, n_mask)
+        d = _f16_at(base, n_mask)[:, None]
+        dmin = _f16_at(base + 2, n_mask)[:, None]
         sc_lo, mn_lo = _kquant_scale_min(base + 4, n_mask, c * 2)
         sc_hi, mn_hi = _kquant_scale_min(base + 4, n_mask, c * 2 + 1)
         q = tl.load(
@@ -382,67 +278,39 @@ def _kquant_step(
             )  # [BN,1,32]
             q_lo = q_lo | (((qh >> (c * 2)[None, :, None]) & 1) << 4)
             q_hi = q_hi | (((qh >> (c * 2 + 1)[None, :, None]) & 1) << 4)
-        v_lo = (d[:, None] * sc_lo)[:, :, None] * q_lo.to(tl.float32) - (dmin[:, None] * mn_lo)[
-            :, :, None
-        ]
-        v_hi = (d[:, None] * sc_hi)[:, :, None] * q_hi.to(tl.float32) - (dmin[:, None] * mn_hi)[
-            :, :, None
-        ]
-        cols = k0 + (c[:, None] * 64 + el[None, :]).reshape(128)
-        acc = _acc_plane(
-            acc,
-            v_lo.reshape(BLOCK_N, 128),
-            cols,
-            x_ptr,
-            offs_m,
-            M,
-            stride_xm,
-            K,
-            n_mask,
-            MODE,
-            IEEE,
-        )
-        acc = _acc_plane(
-            acc,
-            v_hi.reshape(BLOCK_N, 128),
-            cols + 32,
-            x_ptr,
-            offs_m,
-            M,
-            stride_xm,
-            K,
-            n_mask,
-            MODE,
-            IEEE,
-        )
+        lo = (d * sc_lo)[:, :, None] * q_lo.to(tl.float32) - (dmin * mn_lo)[:, :, None]
+        hi = (d * sc_hi)[:, :, None] * q_hi.to(tl.float32) - (dmin * mn_hi)[:, :, None]
+        cols_lo = chunk * 256 + c[:, None] * 64 + el[None, :]
+        cols_hi = cols_lo + 32
+    return lo, cols_lo, hi, cols_hi
+
+
+@triton.jit
+def _plane_dot(
+    acc, vals, cols, x_base, offs_m, M, stride_xm, K, BLOCK_N: tl.constexpr, IEEE: tl.constexpr
+):
+    """acc [BLOCK_M, BLOCK_N] += x[:, cols] @ vals^T for a [BLOCK_N, G, S] plane."""
+    v = tl.reshape(vals, [BLOCK_N, 128])
+    c = tl.reshape(cols, [128])
+    xt = tl.load(
+        x_base + offs_m[:, None] * stride_xm + c[None, :],
+        mask=(offs_m < M)[:, None] & (c < K)[None, :],
+        other=0.0,
+    )
+    if IEEE:
+        acc += tl.dot(xt, tl.trans(v.to(xt.dtype)), input_precision="ieee")
+    else:
+        acc += tl.dot(xt, tl.trans(v.to(xt.dtype)))
     return acc
 
 
 @triton.jit
-def _step(
-    acc,
-    w_rows,
-    n_mask,
-    chunk,
-    K,
-    x_ptr,
-    offs_m,
-    M,
-    stride_xm,
-    KIND: tl.constexpr,
-    MODE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    if KIND <= 2:
-        acc = _legacy_step(
-            acc, w_rows, n_mask, chunk, K, x_ptr, offs_m, M, stride_xm, KIND, MODE, BLOCK_N, IEEE
-        )
-    else:
-        acc = _kquant_step(
-            acc, w_rows, n_mask, chunk, K, x_ptr, offs_m, M, stride_xm, KIND, MODE, BLOCK_N, IEEE
-        )
-    return acc
+def _split_range(K, SPLIT_K: tl.constexpr):
+    """This program's chunks [first, last) when the 256-element chunks are split SPLIT_K ways."""
+    n_chunks = tl.cdiv(K, 256)
+    per = tl.cdiv(n_chunks, SPLIT_K)
+    first = tl.program_id(2) * per
+    return first, tl.minimum(first + per, n_chunks)
 
 
 @triton.jit
@@ -455,22 +323,30 @@ def _gguf_gemv_kernel(
     stride_xm,
     stride_wn,
     stride_ym,
+    stride_ys,
     KIND: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """One x row per program (grid axis 1), BLOCK_N weight rows; fp32 FMA, one reduction."""
+    """Grid (row tiles, x rows, K splits). fp32 FMA into per-plane accumulators, reduced once;
+    with SPLIT_K > 1, y is an fp32 [SPLIT_K, M, N] buffer of partial sums."""
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64) * stride_wn
     x_row = x_ptr + row * stride_xm
-    acc = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
-    for chunk in range(0, tl.cdiv(K, 256)):
-        acc = _step(acc, w_rows, n_mask, chunk, K, x_row, offs_n, 1, 0, KIND, 0, BLOCK_N, IEEE)
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + row * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    G: tl.constexpr = 8 if (KIND == 1 or KIND == 2) else (2 if KIND == 5 else 4)
+    acc_lo = tl.zeros([BLOCK_N, G, 128 // G], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_N, G, 128 // G], dtype=tl.float32)
+    first, last = _split_range(K, SPLIT_K)
+    for chunk in range(first, last):
+        lo, cl, hi, ch = _planes(w_rows, n_mask, chunk, K, KIND)
+        acc_lo += lo * tl.load(x_row + cl, mask=cl < K, other=0.0).to(tl.float32)[None, :, :]
+        acc_hi += hi * tl.load(x_row + ch, mask=ch < K, other=0.0).to(tl.float32)[None, :, :]
+    y = tl.sum(tl.sum(acc_lo, axis=2), axis=1) + tl.sum(tl.sum(acc_hi, axis=2), axis=1)
+    y_ptrs = y_ptr + tl.program_id(2).to(tl.int64) * stride_ys + row * stride_ym + offs_n
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -484,9 +360,11 @@ def _gguf_gemm_kernel(
     stride_xm,
     stride_wn,
     stride_ym,
+    stride_ys,
     KIND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -498,24 +376,14 @@ def _gguf_gemm_kernel(
     offs_mr = tl.arange(0, BLOCK_M)  # rows relative to x_base
     m_left = M - pid_m * BLOCK_M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for chunk in range(0, tl.cdiv(K, 256)):
-        acc = _step(
-            acc,
-            w_rows,
-            n_mask,
-            chunk,
-            K,
-            x_base,
-            offs_mr,
-            m_left,
-            stride_xm,
-            KIND,
-            1,
-            BLOCK_N,
-            IEEE,
-        )
+    first, last = _split_range(K, SPLIT_K)
+    for chunk in range(first, last):
+        lo, cl, hi, ch = _planes(w_rows, n_mask, chunk, K, KIND)
+        acc = _plane_dot(acc, lo, cl, x_base, offs_mr, m_left, stride_xm, K, BLOCK_N, IEEE)
+        acc = _plane_dot(acc, hi, ch, x_base, offs_mr, m_left, stride_xm, K, BLOCK_N, IEEE)
     offs_m = pid_m * BLOCK_M + offs_mr
-    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y = y_ptr + tl.program_id(2).to(tl.int64) * stride_ys
+    y += offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_mask[None, :])
 
 
@@ -524,19 +392,34 @@ def _gguf_dequant_kernel(
     w_ptr, out_ptr, N, K, stride_wn, stride_on, KIND: tl.constexpr, BLOCK_N: tl.constexpr
 ):
     """Grid (row tiles, 256-element chunks): write dequant(W) in out's dtype."""
-    pid_n = tl.program_id(0)
-    chunk = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64) * stride_wn
-    out_rows = out_ptr + offs_n.to(tl.int64) * stride_on
-    _step(0.0, w_rows, n_mask, chunk, K, out_rows, offs_n, 0, 0, KIND, 2, BLOCK_N, False)
+    out_rows = (out_ptr + offs_n.to(tl.int64) * stride_on)[:, None, None]
+    lo, cl, hi, ch = _planes(w_rows, n_mask, tl.program_id(1), K, KIND)
+    dt = out_ptr.dtype.element_ty
+    tl.store(
+        out_rows + cl[None, :, :], lo.to(dt), mask=n_mask[:, None, None] & (cl < K)[None, :, :]
+    )
+    tl.store(
+        out_rows + ch[None, :, :], hi.to(dt), mask=n_mask[:, None, None] & (ch < K)[None, :, :]
+    )
 
 
 _KIND = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
 # Above this many rows of x, gguf_linear dequantizes to a scratch matrix and calls torch's GEMM
 # (cuBLAS): the fused kernel re-dequantizes each weight tile for every M tile.
 FUSED_MAX_M = 16
+# Programs a fused launch aims for: enough to keep every SM of an H100/H200 streaming.
+_TARGET_PROGRAMS = 2048
+
+
+def _split_k(programs: int, n_chunks: int) -> int:
+    """K splits that bring ``programs`` up to about _TARGET_PROGRAMS (at least 4 chunks each)."""
+    split = 1
+    while programs * split * 2 <= _TARGET_PROGRAMS and n_chunks >= split * 2 * 4:
+        split *= 2
+    return split
 
 
 def _check(packed: torch.Tensor, name: str, out_features: int, in_features: int) -> None:
@@ -559,7 +442,7 @@ def gguf_dequantize(
     in_features: int,
     dtype: torch.dtype = torch.bfloat16,
     out: torch.Tensor | None = None,
-    block_n: int = 16,
+    block_n: int = 8,
 ) -> torch.Tensor:
     """dequant(packed) as ``dtype`` [out_features, in_features], on packed's device (Triton)."""
     name = qtype_name(qtype)
@@ -592,6 +475,7 @@ def gguf_linear(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(packed)^T, reading the packed bytes directly.
 
@@ -599,8 +483,9 @@ def gguf_linear(
     [out_features, bytes_per_row(qtype, in_features)] on x's device. Returns [..., out_features]
     in x's dtype, accumulated in fp32. M = 1: the GEMV kernel (FMA, one x row per program);
     1 < M <= ``fused_max_m`` (default FUSED_MAX_M): the fused tl.dot kernel; larger M (prefill):
-    dequantize into a scratch matrix of x's dtype, then ``F.linear``. The M-dependent choice is
-    made from shapes only, so every path can be captured in a CUDA graph.
+    dequantize into a scratch matrix of x's dtype, then ``torch.matmul``. Narrow outputs split K
+    (fp32 partial sums added by torch). Every choice depends on shapes only, so every path can
+    be captured in a CUDA graph.
     """
     name = qtype_name(qtype)
     _check(packed, name, out_features, in_features)
@@ -617,49 +502,60 @@ def gguf_linear(
     if M == 0:
         return out
     kind = _KIND[name]
-    ieee = x.dtype == torch.float32
     if M > (FUSED_MAX_M if fused_max_m is None else fused_max_m):
         w = gguf_dequantize(packed, name, out_features, in_features, dtype=x.dtype)
         torch.matmul(x2, w.t(), out=y2)
         return out
-    if M == 1 and block_m in (None, 1):
-        bn = block_n or 8
-        grid = (triton.cdiv(out_features, bn), 1)
+    gemv = M == 1 and block_m in (None, 1)
+    bm = 1 if gemv else (block_m or 16)
+    bn = block_n or (8 if gemv else 32)
+    programs = triton.cdiv(out_features, bn) * triton.cdiv(M, bm)
+    split = split_k or _split_k(programs, triton.cdiv(in_features, _CHUNK))
+    dst = (
+        y2
+        if split == 1
+        else torch.empty(split, M, out_features, device=x.device, dtype=torch.float32)
+    )
+    stride_ys = 0 if split == 1 else dst.stride(0)
+    grid = (triton.cdiv(out_features, bn), triton.cdiv(M, bm), split)
+    if gemv:
         _gguf_gemv_kernel[grid](
             x2,
             packed,
-            y2,
+            dst,
             out_features,
             in_features,
             x2.stride(0),
             packed.stride(0),
-            y2.stride(0),
+            dst.stride(-2),
+            stride_ys,
             KIND=kind,
             BLOCK_N=bn,
-            IEEE=ieee,
+            SPLIT_K=split,
             num_warps=num_warps or 4,
         )
-        return out
-    bm = block_m or 16
-    bn = block_n or 32
-    grid = (triton.cdiv(out_features, bn), triton.cdiv(M, bm))
-    _gguf_gemm_kernel[grid](
-        x2,
-        packed,
-        y2,
-        M,
-        out_features,
-        in_features,
-        x2.stride(0),
-        packed.stride(0),
-        y2.stride(0),
-        KIND=kind,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        IEEE=ieee,
-        num_warps=num_warps or 4,
-        num_stages=2,
-    )
+    else:
+        _gguf_gemm_kernel[grid](
+            x2,
+            packed,
+            dst,
+            M,
+            out_features,
+            in_features,
+            x2.stride(0),
+            packed.stride(0),
+            dst.stride(-2),
+            stride_ys,
+            KIND=kind,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            SPLIT_K=split,
+            IEEE=x.dtype == torch.float32,
+            num_warps=num_warps or 4,
+            num_stages=2,
+        )
+    if split > 1:
+        y2.copy_(dst.sum(0))
     return out
 
 

@@ -231,10 +231,12 @@ def _int4_linear_kernel(
     stride_s,
     stride_z,
     stride_ym,
+    stride_ys,
     AWQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """BLOCK_M == 1: GEMV, fp32 FMA into a [BLOCK_K, BLOCK_N] accumulator reduced once at the
@@ -248,7 +250,12 @@ def _int4_linear_kernel(
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    n_tiles = K // BLOCK_K
+    per = tl.cdiv(n_tiles, SPLIT_K)
+    first = tl.program_id(2) * per
+    last = tl.minimum(first + per, n_tiles)
+    for kt in range(first, last):
+        k0 = kt * BLOCK_K
         k = k0 + tl.arange(0, BLOCK_K)
         w = _int4_tile(
             qw_ptr,
@@ -280,6 +287,7 @@ def _int4_linear_kernel(
                 acc += tl.dot(xt, w.to(xt.dtype), input_precision="ieee")
             else:
                 acc += tl.dot(xt, w.to(xt.dtype))
+    y_ptr += tl.program_id(2).to(tl.int64) * stride_ys  # this split's partial sums
     if BLOCK_M == 1:
         y = tl.sum(acc, axis=0)
         tl.store(
@@ -337,8 +345,62 @@ def _int4_dequant_kernel(
     )
 
 
+@triton.jit
+def _awq_dequant_kernel(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    N,
+    GROUP,
+    stride_qw,
+    stride_s,
+    stride_z,
+    stride_o,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """AWQ dequantize kept 3-D ([k, packed column, nibble]): the interleaved column order goes
+    straight into the store addresses instead of through a register reshape."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < N // 8
+    j = tl.arange(0, 8)
+    shifts = j * 4
+    cols = offs_p[:, None] * 8 + ((j % 4) * 2 + j // 4)[None, :]  # [BP, 8] output columns
+    k0 = tl.program_id(1) * BLOCK_K
+    g = k0 // GROUP
+    s = tl.load(s_ptr + g * stride_s + cols, mask=p_mask[:, None], other=0.0).to(tl.float32)
+    zp = tl.load(z_ptr + g * stride_z + offs_p, mask=p_mask, other=0)
+    z = (zp[:, None] >> shifts[None, :]) & 0xF
+    k = k0 + tl.arange(0, BLOCK_K)
+    pw = tl.load(
+        qw_ptr + k.to(tl.int64)[:, None] * stride_qw + offs_p[None, :],
+        mask=p_mask[None, :],
+        other=0,
+    )
+    q = (pw[:, :, None] >> shifts[None, None, :]) & 0xF
+    w = (q - z[None, :, :]).to(tl.float32) * s[None, :, :]
+    tl.store(
+        out_ptr + k.to(tl.int64)[:, None, None] * stride_o + cols[None, :, :],
+        w.to(out_ptr.dtype.element_ty),
+        mask=p_mask[None, :, None],
+    )
+
+
 # Above this many rows of x, int4_linear dequantizes to a scratch matrix and calls torch's GEMM.
 FUSED_MAX_M = 64
+
+
+# Programs a fused launch aims for: enough to keep every SM of an H100/H200 streaming.
+_TARGET_PROGRAMS = 2048
+
+
+def _split_k(programs: int, n_tiles: int) -> int:
+    """K splits that bring ``programs`` up to about _TARGET_PROGRAMS (at least 4 tiles each)."""
+    split = 1
+    while programs * split * 2 <= _TARGET_PROGRAMS and n_tiles >= split * 2 * 4:
+        split *= 2
+    return split
 
 
 def _fit_block_k(bk: int, group_size: int) -> int:
@@ -364,7 +426,27 @@ def int4_dequantize(
     out_features = qweight.shape[1] * (8 if fmt == "awq" else 1)
     if out is None:
         out = torch.empty(in_features, out_features, device=qweight.device, dtype=dtype)
-    bn, bk = 64, _fit_block_k(64, group_size)
+    bk = _fit_block_k(64, group_size)
+    if fmt == "awq":
+        bp = 8
+        grid = (triton.cdiv(out_features // 8, bp), in_features // bk)
+        _awq_dequant_kernel[grid](
+            qweight,
+            scales,
+            qzeros,
+            out,
+            out_features,
+            group_size,
+            qweight.stride(0),
+            scales.stride(0),
+            qzeros.stride(0),
+            out.stride(0),
+            BLOCK_P=bp,
+            BLOCK_K=bk,
+            num_warps=4,
+        )
+        return out
+    bn = 64
     grid = (triton.cdiv(out_features, bn), in_features // bk)
     _int4_dequant_kernel[grid](
         qweight,
@@ -377,7 +459,7 @@ def int4_dequantize(
         scales.stride(0),
         qzeros.stride(0),
         out.stride(0),
-        AWQ=fmt == "awq",
+        AWQ=False,
         BLOCK_N=bn,
         BLOCK_K=bk,
         num_warps=4,
@@ -409,6 +491,7 @@ def int4_linear(
     block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(qweight, scales, zeros) for an AWQ or GPTQ (desc_act=False) layer.
 
@@ -453,13 +536,20 @@ def int4_linear(
     bm, bn, bk, warps = _tiles(M)
     bm, bn, bk, warps = block_m or bm, block_n or bn, block_k or bk, num_warps or warps
     bk = _fit_block_k(bk, group_size)
-    grid = (triton.cdiv(out_features, bn), triton.cdiv(M, bm))
+    programs = triton.cdiv(out_features, bn) * triton.cdiv(M, bm)
+    split = split_k or _split_k(programs, in_features // bk)
+    dst = (
+        y2
+        if split == 1
+        else torch.empty(split, M, out_features, device=x.device, dtype=torch.float32)
+    )
+    grid = (triton.cdiv(out_features, bn), triton.cdiv(M, bm), split)
     _int4_linear_kernel[grid](
         x2,
         qweight,
         scales,
         zeros,
-        y2,
+        dst,
         M,
         out_features,
         in_features,
@@ -468,13 +558,17 @@ def int4_linear(
         qweight.stride(0),
         scales.stride(0),
         zeros.stride(0),
-        y2.stride(0),
+        dst.stride(-2),
+        0 if split == 1 else dst.stride(0),
         AWQ=fmt == "awq",
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        SPLIT_K=split,
         IEEE=x.dtype == torch.float32,
         num_warps=warps,
         num_stages=3,
     )
+    if split > 1:
+        y2.copy_(dst.sum(0))
     return out

@@ -122,6 +122,20 @@ def test_gguf_linear_interpreter(kern, name, m, fused_max_m):
     assert err < 1e-5, err
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("m,split", [(1, 2), (1, 3), (4, 3)])
+def test_gguf_linear_split_k_interpreter(kern, name, m, split):
+    """K split across programs (fp32 partial sums), including a split left without chunks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, k = 24, 1024 if name.endswith("_K") else 544  # 4 or 3 chunks (17 legacy blocks)
+    packed, w = _case(name, n, k, device, seed=split)
+    x = torch.randn(m, k, device=device)
+    got = gq.gguf_linear(x, packed, name, n, k, split_k=split)
+    ref = x.double() @ w.double().T
+    err = (got.double() - ref).abs().max() / ref.abs().max()
+    assert err < 1e-5, err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", QTYPES)

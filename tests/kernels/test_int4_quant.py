@@ -121,6 +121,19 @@ def test_int4_linear_interpreter(kern, fmt, gs, k, n, m, fused_max_m):
     assert got.shape == (m, n) and err < 1e-5, err
 
 
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+@pytest.mark.parametrize("m,split", [(1, 3), (6, 2)])
+def test_int4_linear_split_k_interpreter(kern, fmt, m, split):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qw, s, qz = iq.random_int4(fmt, 32, 256, 32, device, seed=split, dtype=torch.float32)
+    w = iq.dequantize(qw, s, qz, 32, fmt)
+    x = torch.randn(m, 256, device=device)
+    got = iq.int4_linear(x, qw, s, qz, 32, fmt, block_k=32, split_k=split)
+    ref = x.double() @ w.double()
+    err = (got.double() - ref).abs().max() / ref.abs().max()
+    assert err < 1e-5, err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
