@@ -3,7 +3,8 @@
 For each format at Qwen2.5-7B-like shapes and each M: kernel time (triton.testing.do_bench,
 median), GB/s of the packed weight bytes, the bf16 F.linear time of the same shape, and the
 max error against an fp32 dequantize-then-matmul reference, relative to max |reference|.
-Writes a JSON list of rows to --out.  Needs a CUDA GPU.
+Times are CUDA-graph replays (triton.testing.do_bench_cudagraph): the GPU time, without the
+host's launch overhead. Writes {"meta", "rows"} JSON to --out.  Needs a CUDA GPU.
   python scripts/quant_kernel_bench.py --out out/quant-kernels.json [--formats Q4_K,awq] [--m 1,8,64]
 """
 
@@ -28,9 +29,13 @@ INT4_FORMATS = ["awq", "gptq"]
 
 
 def _bench(fn) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (as the engine runs decode), so that the
+    host's launch overhead of these few-microsecond kernels is not what gets measured."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
 def _gguf_case(fmt: str, n: int, k: int, dev: str):

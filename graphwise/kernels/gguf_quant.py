@@ -508,7 +508,7 @@ def gguf_linear(
         return out
     gemv = M == 1 and block_m in (None, 1)
     bm = 1 if gemv else (block_m or 16)
-    bn = block_n or (8 if gemv else 32)
+    bn = block_n or (8 if gemv else 64)
     programs = triton.cdiv(out_features, bn) * triton.cdiv(M, bm)
     split = split_k or _split_k(programs, triton.cdiv(in_features, _CHUNK))
     dst = (
