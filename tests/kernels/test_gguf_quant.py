@@ -12,13 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
 gq = pytest.importorskip("graphwise.kernels.gguf_quant", reason="triton is not installed")
 
 QTYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
 
 
+@pytest.fixture(scope="module")
+def gguf():
+    """The ``gguf`` package (the reference); only the bit-exactness tests need it."""
+    return pytest.importorskip("gguf")
+
+
 def _gguf_ref(packed: torch.Tensor, name: str) -> np.ndarray:
+    import gguf
+
     return gguf.quants.dequantize(packed.cpu().numpy(), gguf.GGMLQuantizationType[name])
 
 
@@ -31,7 +38,7 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 @pytest.mark.parametrize("name", QTYPES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_reference_dequantize_is_bit_exact(name, seed):
+def test_reference_dequantize_is_bit_exact(gguf, name, seed):
     k = 512 if name.endswith("_K") else 96
     packed = gq.random_packed(name, 24, k, seed=seed)
     got = gq.dequantize(packed, name, k)
@@ -40,7 +47,7 @@ def test_reference_dequantize_is_bit_exact(name, seed):
 
 
 @pytest.mark.parametrize("name", QTYPES)
-def test_reference_dequantize_edge_scales(name):
+def test_reference_dequantize_edge_scales(gguf, name):
     """Zero, negative, subnormal and large fp16 scales, every code value (random bytes)."""
     k = 256
     packed = gq.random_packed(name, 8, k, seed=5)
@@ -54,7 +61,7 @@ def test_reference_dequantize_edge_scales(name):
     assert _same_bits(gq.dequantize(packed, name, k).numpy(), _gguf_ref(packed, name))
 
 
-def test_reference_dequantize_default_model_tensors():
+def test_reference_dequantize_default_model_tensors(gguf):
     """The embedded default model's own tensors (Q4_1 layers, the Q8_0 embedding)."""
     from graphwise.models.default import default_model_path
 
@@ -78,7 +85,7 @@ def test_reference_dequantize_default_model_tensors():
     assert seen.get("Q4_1", 0) > 0
 
 
-def test_bytes_per_row_and_errors():
+def test_bytes_per_row_and_errors(gguf):
     assert gq.bytes_per_row("Q4_K", 3584) == 14 * 144
     assert gq.bytes_per_row("q8_0", 576) == 18 * 34
     assert gq.bytes_per_row(gguf.GGMLQuantizationType.Q6_K, 256) == 210
