@@ -100,7 +100,18 @@ def main() -> None:
             torch.cuda.empty_cache()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import os
+
+    import triton
+
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": os.environ.get("GRAPHWISE_COMMIT", "unknown"),
+        "timing": "triton.testing.do_bench_cudagraph median, ms",
+        "max_rel_err": "max|y - ref| / max|ref|, ref = fp32 x @ fp32 dequant(W)^T; bf16 x",
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {len(rows)} rows to {out}")
 
