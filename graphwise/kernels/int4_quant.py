@@ -301,6 +301,63 @@ def _int4_linear_kernel(
 
 
 @triton.jit
+def _gptq_gemv_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
+    N,
+    K,
+    GROUP,
+    stride_xm,
+    stride_qw,
+    stride_s,
+    stride_z,
+    stride_ym,
+    stride_ys,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """GPTQ, one x row per program: per tile (inside one group) sum_k q[k, n] x[k] and sum_k x[k]
+    in fp32, then y[n] += s[n] (qx[n] - z[n] sx): only an unpack and an FMA per weight; the
+    codes stay [BK / 8, 8, BN] (no register reshape)."""
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    i = tl.arange(0, BLOCK_K // 8)
+    j = tl.arange(0, 8)
+    shifts = j * 4
+    zsh = (offs_n % 8) * 4
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    n_tiles = K // BLOCK_K
+    per = tl.cdiv(n_tiles, SPLIT_K)
+    first = tl.program_id(2) * per
+    last = tl.minimum(first + per, n_tiles)
+    for kt in range(first, last):
+        k0 = kt * BLOCK_K
+        pw = tl.load(
+            qw_ptr + (k0 // 8 + i).to(tl.int64)[:, None] * stride_qw + offs_n[None, :],
+            mask=n_mask[None, :],
+            other=0,
+        )
+        q = ((pw[:, None, :] >> shifts[None, :, None]) & 0xF).to(tl.float32)  # [BK/8, 8, BN]
+        xv = tl.load(x_row + k0 + i[:, None] * 8 + j[None, :]).to(tl.float32)  # [BK/8, 8]
+        qx = tl.sum(tl.sum(q * xv[:, :, None], axis=0), axis=0)
+        sx = tl.sum(tl.sum(xv, axis=1), axis=0)
+        g = k0 // GROUP
+        sc = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zp = tl.load(z_ptr + g * stride_z + offs_n // 8, mask=n_mask, other=0)
+        z = (((zp >> zsh) & 0xF) + 1).to(tl.float32)
+        acc += sc * (qx - z * sx)
+    y_ptrs = y_ptr + tl.program_id(2).to(tl.int64) * stride_ys + row * stride_ym + offs_n
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _int4_dequant_kernel(
     qw_ptr,
     s_ptr,
@@ -387,6 +444,8 @@ def _awq_dequant_kernel(
     )
 
 
+# GPTQ at M = 1 through _gptq_gemv_kernel (False: the general kernel).
+GPTQ_GEMV = True
 # Above this many rows of x, int4_linear dequantizes to a scratch matrix and calls torch's GEMM.
 FUSED_MAX_M = 64
 
@@ -467,11 +526,11 @@ def int4_dequantize(
     return out
 
 
-def _tiles(M: int) -> tuple[int, int, int, int]:
+def _tiles(M: int, fmt: str) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): the best of a small sweep on the H200 at
     Qwen2.5-7B shapes (K splits then fill the GPU for narrow outputs)."""
     if M == 1:
-        return 1, 16, 128, 4
+        return (1, 64, 128, 2) if fmt == "gptq" else (1, 16, 128, 2)
     if M <= 16:
         return 16, 64, 128, 4
     if M <= 64:
@@ -538,7 +597,7 @@ def int4_linear(
         w = int4_dequantize(qweight, scales, zeros, group_size, fmt, dtype=x.dtype)
         torch.matmul(x2, w, out=y2)
         return out
-    bm, bn, bk, warps = _tiles(M)
+    bm, bn, bk, warps = _tiles(M, fmt)
     bm, bn, bk, warps = block_m or bm, block_n or bn, block_k or bk, num_warps or warps
     bk = _fit_block_k(bk, group_size)
     programs = triton.cdiv(out_features, bn) * triton.cdiv(M, bm)
@@ -549,31 +608,53 @@ def int4_linear(
         else torch.empty(split, M, out_features, device=x.device, dtype=torch.float32)
     )
     grid = (triton.cdiv(out_features, bn), triton.cdiv(M, bm), split)
-    _int4_linear_kernel[grid](
-        x2,
-        qweight,
-        scales,
-        zeros,
-        dst,
-        M,
-        out_features,
-        in_features,
-        group_size,
-        x2.stride(0),
-        qweight.stride(0),
-        scales.stride(0),
-        zeros.stride(0),
-        dst.stride(-2),
-        0 if split == 1 else dst.stride(0),
-        AWQ=fmt == "awq",
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        SPLIT_K=split,
-        IEEE=x.dtype == torch.float32,
-        num_warps=warps,
-        num_stages=3,
-    )
+    if fmt == "gptq" and M == 1 and block_m in (None, 1) and GPTQ_GEMV:
+        _gptq_gemv_kernel[grid](
+            x2,
+            qweight,
+            scales,
+            zeros,
+            dst,
+            out_features,
+            in_features,
+            group_size,
+            x2.stride(0),
+            qweight.stride(0),
+            scales.stride(0),
+            zeros.stride(0),
+            dst.stride(-2),
+            0 if split == 1 else dst.stride(0),
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            SPLIT_K=split,
+            num_warps=warps,
+        )
+    else:
+        _int4_linear_kernel[grid](
+            x2,
+            qweight,
+            scales,
+            zeros,
+            dst,
+            M,
+            out_features,
+            in_features,
+            group_size,
+            x2.stride(0),
+            qweight.stride(0),
+            scales.stride(0),
+            zeros.stride(0),
+            dst.stride(-2),
+            0 if split == 1 else dst.stride(0),
+            AWQ=fmt == "awq",
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            SPLIT_K=split,
+            IEEE=x.dtype == torch.float32,
+            num_warps=warps,
+            num_stages=3,
+        )
     if split > 1:
         y2.copy_(dst.sum(0))
     return out
