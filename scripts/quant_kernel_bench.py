@@ -61,7 +61,16 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(GGUF_FORMATS + INT4_FORMATS))
     ap.add_argument("--m", default="1,8,64", help="comma-separated token counts")
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    ap.add_argument(
+        "--grouped-gemv",
+        action="store_true",
+        help="GGUF M=1 through the per-group-scale GEMV kernel (gguf_quant.GROUPED_GEMV)",
+    )
     args = ap.parse_args()
+    if args.grouped_gemv:
+        from graphwise.kernels import gguf_quant
+
+        gguf_quant.GROUPED_GEMV = True
     if not torch.cuda.is_available():
         raise SystemExit("quant_kernel_bench needs a CUDA GPU")
     dev = "cuda"
@@ -109,6 +118,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "commit": os.environ.get("GRAPHWISE_COMMIT", "unknown"),
+        "gguf_grouped_gemv": args.grouped_gemv,
         "timing": "triton.testing.do_bench_cudagraph median, ms",
         "max_rel_err": "max|y - ref| / max|ref|, ref = fp32 x @ fp32 dequant(W)^T; bf16 x",
     }

@@ -143,6 +143,34 @@ def test_gguf_linear_split_k_interpreter(kern, name, m, split):
     assert err < 1e-5, err
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K"])
+@pytest.mark.parametrize("split", [1, 3])
+def test_gguf_grouped_gemv_interpreter(kern, monkeypatch, name, split):
+    """The per-group-scale GEMV variant (off by default until measured on a GPU)."""
+    monkeypatch.setattr(gq, "GROUPED_GEMV", True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, k = 24, 1024 if name.endswith("_K") else 544
+    packed, w = _case(name, n, k, device, seed=split)
+    x = torch.randn(1, k, device=device)
+    got = gq.gguf_linear(x, packed, name, n, k, split_k=split)
+    ref = x.double() @ w.double().T
+    err = (got.double() - ref).abs().max() / ref.abs().max()
+    assert err < 1e-5, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gguf_grouped_gemv_gpu(monkeypatch, grouped):
+    monkeypatch.setattr(gq, "GROUPED_GEMV", grouped)
+    for name in ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K"):
+        packed, w = _case(name, 4096, 4096, "cuda")
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.T
+        got = gq.gguf_linear(x, packed, name, 4096, 4096)
+        assert ((got.float() - ref).abs().max() / ref.abs().max()).item() < 1.5e-2, name
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", QTYPES)
