@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -12,6 +13,9 @@ GREEDY_TEMPERATURE = 1e-5
 
 @dataclass
 class SamplingParams:
+    # Completions sampled from the prompt (vLLM's `n`): its KV is computed once and shared
+    # copy-on-write; child i samples with `seed + i` when a seed is given.
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -63,6 +67,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             return value
 
+        if integer("n") < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
         temperature = number("temperature")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
@@ -123,6 +129,12 @@ class SamplingParams:
             or not all(isinstance(w, str) and w for w in self.bad_words)
         ):
             raise ValueError("bad_words must be a list of non-empty strings")
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of sample `index` of an n > 1 request: n = 1, and seed + index when
+        seeded (vLLM V1's rule), so each sample equals a lone request with that seed."""
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,12 @@ What the runner must remember between steps (a request's sampling parameters, it
 its seeded generator) it is told once: a request's parameters arrive in `new_requests` the first
 time it is scheduled, its block table grows by the `new_block_ids` of each row, and
 `finished_request_ids` tells it whose state to drop.
+
+Parallel sampling (n > 1): the step that computes a prompt's last chunk also carries a row for
+each other sample, right after the prompt's row, with no new tokens (`fork_of` names the prompt's
+request): it shares the prompt's KV blocks and samples from the same last position. Copies of
+shared blocks (copy-on-write) travel in `block_copies` and are made on every rank before the
+step's forward.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class ScheduledRow:
     reset_block_table: bool = False  # the table is `new_block_ids` alone (new or resumed)
     sample: bool = False  # this step samples the request's next token
     ban_stop_tokens: bool = False  # below min_tokens: mask NewRequest.min_tokens_banned
+    # A forked sample (num_new_tokens 0): the request whose row, just before, computes the
+    # prompt's last position; this row samples from that position's logits too.
+    fork_of: str | None = None
 
     @property
     def num_tokens_after(self) -> int:
@@ -64,6 +73,9 @@ class SchedulerOutput:
     # Requests that finished or were aborted since the last step: the runner drops their state.
     finished_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
+    # KV blocks to copy (src, dst) in every layer before the forward (copy-on-write of blocks
+    # that forked samples share).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
     num_prefill_tokens: int = 0  # prompt tokens computed by this step
     num_context_tokens: int = 0  # KV positions the step reads, summed over its rows
 

@@ -4,6 +4,13 @@ A full block is identified by the hash of its tokens chained with the hash of th
 it, so two sequences with the same prefix map to the same blocks. A block whose reference count
 drops to zero keeps its contents and its hash in an LRU "free" list: it is reused by a later
 sequence with the same prefix, or recycled (and forgotten) when a fresh block is needed.
+
+Parallel sampling (n > 1) forks a sequence once its prompt's KV is computed: the samples share
+all of its blocks (`fork`). A shared block that is not full is copied when a sequence first
+writes into it while others still hold it (copy-on-write, in `allocate_slots`): the writer gets
+a fresh block and the copy (src, dst) is queued for the runner, which makes it on every layer
+before the step's forward (`take_copies`). The last holder writes in place, so n samples cost
+n - 1 copies of one block, and none when the prompt ends on a block boundary.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.prefix_hits = 0
         self.prefix_queries = 0
+        # Copy-on-write copies (src, dst) made since the scheduler last took them.
+        self.copies: list[tuple[int, int]] = []
 
     # ---- accounting -------------------------------------------------------------------
     @property
@@ -128,22 +137,55 @@ class BlockManager:
         seq.num_computed_tokens = len(cached) * self.block_size
 
     def allocate_slots(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow the block table to hold `num_tokens` tokens; False if the pool is too small."""
-        need = self.blocks_needed(num_tokens) - len(seq.block_table)
-        if need <= 0:
+        """Grow the block table to hold `num_tokens` tokens; False if the pool is too small.
+        The step writes from position `seq.num_computed_tokens` on: if that position lies in a
+        block other sequences share (a fork's last prompt block), the sequence first gets its
+        own copy of it (copy-on-write). All or nothing."""
+        table = seq.block_table
+        first = seq.num_computed_tokens // self.block_size
+        cow = first < len(table) and self.ref_counts[table[first]] > 1
+        need = max(0, self.blocks_needed(num_tokens) - len(table)) + int(cow)
+        if need == 0:
             return True
         if need > len(self.free):
             return False
+        if cow:
+            src, dst = table[first], self._take_free_block()
+            self.ref_counts[src] -= 1  # still > 0: the other holders keep it
+            table[first] = dst
+            self.copies.append((src, dst))
+            seq.num_blocks_sent = 0  # the runner gets the whole (changed) table again
+            need -= 1
         for _ in range(need):
-            block, _ = self.free.popitem(last=False)
-            old = self.hashes[block]
-            if old is not None:  # recycled: its cached contents are about to be overwritten
-                if self.hash_to_block.get(old) == block:
-                    del self.hash_to_block[old]
-                self.hashes[block] = None
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            table.append(self._take_free_block())
         return True
+
+    def _take_free_block(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        old = self.hashes[block]
+        if old is not None:  # recycled: its cached contents are about to be overwritten
+            if self.hash_to_block.get(old) == block:
+                del self.hash_to_block[old]
+            self.hashes[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child shares every block of the parent (whose KV up to its
+        num_computed_tokens the child takes as its own): no copy until one of them writes
+        into a shared block that is not full (allocate_slots)."""
+        assert not child.block_table, "the child already holds blocks"
+        for block in parent.block_table:
+            self.ref_counts[block] += 1  # held by the parent: never in the free list
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_registered_blocks = parent.num_registered_blocks
+        child.num_blocks_sent = 0
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The copy-on-write copies queued since the last call, for the next step to make."""
+        copies, self.copies = self.copies, []
+        return copies
 
     def release(self, seq: Sequence) -> None:
         """Drop a sequence's blocks; cached ones stay findable until recycled."""

@@ -187,6 +187,8 @@ class LLMEngine:
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.scheduler.requests or rid in self.output_processor.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
+        if rid in self.output_processor.samples:
+            raise ValueError(f"request_id {rid!r} is already in use")
         max_total = self.max_model_len
         if params.max_tokens is not None:
             max_total = min(max_total, len(ids) + params.max_tokens)
@@ -196,23 +198,38 @@ class LLMEngine:
                 bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
             except ValueError as exc:
                 raise InvalidRequest(str(exc), "bad_words") from exc
-        seq = Sequence(
-            rid,
-            ids,
-            params,
-            self.eos_token_ids,
-            max_total_tokens=max_total,
-            bad_words_ids=bad_words,
-        )
-        self.scheduler.add(seq)
+        # n > 1: one sequence per sample, "<i>_<id>" as in vLLM; the scheduler computes the
+        # prompt once and forks the others from the first.
+        sample_ids = [f"{i}_{rid}" for i in range(params.n)] if params.n > 1 else [rid]
+        arrival = time.monotonic()
+        seqs = [
+            Sequence(
+                sid,
+                ids,
+                params.for_sample(i) if params.n > 1 else params,
+                self.eos_token_ids,
+                arrival_time=arrival,
+                max_total_tokens=max_total,
+                bad_words_ids=bad_words,
+            )
+            for i, sid in enumerate(sample_ids)
+        ]
+        self.scheduler.add(seqs[0], forks=seqs[1:])
         self.output_processor.add_request(
-            rid, prompt, seq.prompt_token_ids, params, seq.arrival_time
+            rid,
+            prompt,
+            seqs[0].prompt_token_ids,
+            params,
+            arrival,
+            sample_ids if params.n > 1 else None,
         )
         return rid
 
     def abort_request(self, request_id: str) -> bool:
+        sample_ids = self.output_processor.sample_ids(request_id)
         known = self.output_processor.abort(request_id)
-        return self.scheduler.finish_request(request_id, "abort") and known
+        ended = [self.scheduler.finish_request(sid, "abort") for sid in sample_ids]
+        return any(ended) and known
 
     def drain(self) -> list[RequestOutput]:
         """Resolve the step still in flight when no request is left to schedule (with async
@@ -232,7 +249,9 @@ class LLMEngine:
         return self.executor.alive
 
     def unfinished_request_ids(self) -> list[str]:
-        return list(self.scheduler.requests)
+        """The user's ids (an n > 1 request once, however many samples still run)."""
+        op = self.output_processor
+        return list(dict.fromkeys(op.request_id_of(sid) for sid in self.scheduler.requests))
 
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -4,6 +4,11 @@ It owns what the user sees of a request: the detokenized text (incrementally, se
 detokenizer.py), the stop strings (text-level stops: the engine then tells the scheduler to
 finish the request), the text held back while it may still become a stop string, and the
 timing metrics. The scheduler owns everything the model needs; neither reads the other's state.
+
+A request with n > 1 samples runs as n scheduler sequences (ids "<i>_<request id>", vLLM's);
+here each has its own state (text, stops, logprobs) and `Samples` gathers them into one
+`RequestOutput` per step: while any runs, the deltas of the samples that advanced (each a
+`CompletionOutput` with its index); once all have finished, one more with every sample whole.
 """
 
 from __future__ import annotations
@@ -38,12 +43,32 @@ class RequestState:
     first_token_time: float | None = None
     logprobs: list[SampleLogprob] | None = None  # when the request asked for them
     cumulative_logprob: float = 0.0
+    index: int = 0  # which sample of an n > 1 request
+    samples: Samples | None = None  # the request's samples, when n > 1
+
+
+@dataclass
+class Samples:
+    """An n > 1 request: its samples' states (by index) and what the user sees of it whole."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    arrival_time: float
+    states: list[RequestState]
+    finals: dict[int, CompletionOutput] = field(default_factory=dict)
+    deltas: list[CompletionOutput] = field(default_factory=list)  # this step's
+    first_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.requests: dict[str, RequestState] = {}
+        self.requests: dict[str, RequestState] = {}  # by the scheduler's (sample's) id
+        self.samples: dict[str, Samples] = {}  # n > 1 requests, by request id
 
     def add_request(
         self,
@@ -52,20 +77,48 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float,
+        sample_ids: list[str] | None = None,
     ) -> None:
-        state = RequestState(
-            request_id,
-            prompt,
-            prompt_token_ids,
-            params,
-            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
-            arrival_time,
-        )
-        if params.logprobs is not None:
-            state.logprobs = []
-        self.requests[request_id] = state
+        """`sample_ids`: the scheduler's ids of the n samples of an n > 1 request."""
+        ids = sample_ids or [request_id]
+        states = [
+            RequestState(
+                rid,
+                prompt,
+                prompt_token_ids,
+                params,
+                IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+                arrival_time,
+                index=i,
+            )
+            for i, rid in enumerate(ids)
+        ]
+        if sample_ids is not None:
+            group = Samples(request_id, prompt, prompt_token_ids, arrival_time, states)
+            self.samples[request_id] = group
+        for state in states:
+            if params.logprobs is not None:
+                state.logprobs = []
+            if sample_ids is not None:
+                state.samples = group
+            self.requests[state.request_id] = state
+
+    def sample_ids(self, request_id: str) -> list[str]:
+        """The scheduler's ids of a request's samples (itself, unless n > 1)."""
+        group = self.samples.get(request_id)
+        return [request_id] if group is None else [s.request_id for s in group.states]
+
+    def request_id_of(self, sample_id: str) -> str:
+        """The user's request id of a scheduler sequence."""
+        state = self.requests.get(sample_id)
+        return sample_id if state is None or state.samples is None else state.samples.request_id
 
     def abort(self, request_id: str) -> bool:
+        group = self.samples.pop(request_id, None)
+        if group is not None:
+            for state in group.states:
+                self.requests.pop(state.request_id, None)
+            return True
         return self.requests.pop(request_id, None) is not None
 
     def process(
@@ -76,6 +129,7 @@ class OutputProcessor:
         outputs: list[RequestOutput] = []
         stopped: list[tuple[str, str]] = []
         now = time.monotonic()
+        touched: dict[str, Samples] = {}  # n > 1 requests with news this step, in order
         for update in updates:
             state = self.requests.get(update.request_id)
             if state is None:
@@ -99,10 +153,98 @@ class OutputProcessor:
                     if reason is None:
                         stopped.append((state.request_id, found))
                     reason, stop_reason = "stop", found
-            outputs.append(self._make_output(state, update, reason, stop_reason, now, new_logprobs))
+            if state.samples is not None:
+                self._sample_delta(state, update, reason, stop_reason, now, new_logprobs)
+                touched[state.samples.request_id] = state.samples
+            else:
+                outputs.append(
+                    self._make_output(state, update, reason, stop_reason, now, new_logprobs)
+                )
             if reason is not None:
                 del self.requests[state.request_id]
+        for group in touched.values():
+            outputs.extend(self._samples_outputs(group, now))
         return outputs, stopped
+
+    def _sample_delta(
+        self,
+        state: RequestState,
+        update: RequestUpdate,
+        reason: str | None,
+        stop_reason: int | str | None,
+        now: float,
+        new_logprobs: list[SampleLogprob],
+    ) -> None:
+        """One sample's news of this step (n > 1): its delta, and its whole completion once
+        it has finished."""
+        group = state.samples
+        assert group is not None
+        done = reason is not None
+        hold = 0 if done else max((len(s) for s in state.params.stop_strings), default=1) - 1
+        visible = max(state.reported_text_len, len(state.text) - hold)
+        delta_text = state.text[state.reported_text_len : visible]
+        state.reported_text_len = visible
+        wants_lp = state.logprobs is not None
+        if delta_text or update.new_token_ids or done:
+            group.deltas.append(
+                CompletionOutput(
+                    index=state.index,
+                    text=delta_text,
+                    token_ids=list(update.new_token_ids),
+                    finish_reason=reason,
+                    stop_reason=stop_reason,
+                    logprobs=new_logprobs if wants_lp else None,
+                    cumulative_logprob=state.cumulative_logprob if wants_lp else None,
+                )
+            )
+        if group.first_token_time is None and update.new_token_ids:
+            group.first_token_time = now
+        if group.first_scheduled_time is None:
+            group.first_scheduled_time = update.first_scheduled_time
+        group.num_cached_tokens = update.num_cached_tokens
+        if update.error is not None and group.error is None:
+            group.error = update.error
+        if done:
+            group.finals[state.index] = CompletionOutput(
+                index=state.index,
+                text=state.text,
+                token_ids=list(state.output_token_ids),
+                finish_reason=reason,
+                stop_reason=stop_reason,
+                logprobs=list(state.logprobs) if wants_lp else None,  # type: ignore[arg-type]
+                cumulative_logprob=state.cumulative_logprob if wants_lp else None,
+            )
+
+    def _samples_outputs(self, group: Samples, now: float) -> list[RequestOutput]:
+        """An n > 1 request's outputs for this step: the samples' deltas (not finished), then,
+        once every sample has finished, all of them whole (finished)."""
+        done = len(group.finals) == len(group.states)
+        outputs = []
+
+        def output(completions: list[CompletionOutput], finished: bool) -> RequestOutput:
+            return RequestOutput(
+                request_id=group.request_id,
+                prompt=group.prompt,
+                prompt_token_ids=group.prompt_token_ids,
+                outputs=completions,
+                finished=finished,
+                num_cached_tokens=group.num_cached_tokens,
+                metrics=RequestMetrics(
+                    arrival_time=group.arrival_time,
+                    first_scheduled_time=group.first_scheduled_time,
+                    first_token_time=group.first_token_time,
+                    finished_time=now if finished else None,
+                ),
+                error=group.error if finished else None,
+            )
+
+        if group.deltas:
+            outputs.append(output(group.deltas, False))
+            group.deltas = []
+        if done:
+            outputs.append(output([group.finals[i] for i in range(len(group.states))], True))
+            del self.samples[group.request_id]
+        return outputs
 
     def _logprobs(self, state: RequestState, update: RequestUpdate) -> list[SampleLogprob]:
         """The step's entries in vLLM's shape: the sampled token and the top ones, by id."""

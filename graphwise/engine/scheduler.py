@@ -14,6 +14,14 @@ first); waiting ones are admitted while the token budget, `max_num_seqs` and the
 When a running sequence needs a block and none is free, the newest running sequence is preempted:
 its blocks are released and it re-enters the waiting queue to be recomputed later (its prefix
 will usually still be in the cache).
+
+Parallel sampling (n > 1) enters as one sequence carrying the other samples (`add(seq, forks)`).
+Its prompt is computed once: the step that computes the last chunk forks the samples (they share
+the prompt's blocks, block_manager.fork) and each samples from the same last position; from then
+on each is a sequence of its own (decoded, preempted, finished on its own). While the prompt is
+being computed the scheduler holds `max_num_seqs` seats for the forks, so that others do not take
+them; samples beyond `max_num_seqs - 1` wait as sequences of their own (the prefix cache still
+shares the prompt's full blocks with them).
 """
 
 from __future__ import annotations
@@ -75,13 +83,26 @@ class Scheduler:
         # come back to these objects, not to whatever request holds the id by then (an id can
         # be reused once its request ended, while a step still samples for the old one).
         self._in_flight: dict[int, tuple[list[Sequence], list[Sequence]]] = {}
+        self._reserved_seats = 0  # held for the forks of running sequences (n > 1)
 
     # ---- requests ---------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
-        if seq.request_id in self.requests:
-            raise ValueError(f"request_id {seq.request_id!r} is already in use")
-        seq.status = SequenceStatus.WAITING
-        self.requests[seq.request_id] = seq
+    def add(self, seq: Sequence, forks: list[Sequence] | tuple[Sequence, ...] = ()) -> None:
+        """Queue a request; `forks` are the other samples of an n > 1 request (same prompt),
+        forked from `seq` once its prompt is computed."""
+        every = [seq, *forks]
+        if len({s.request_id for s in every}) != len(every):
+            raise ValueError("the samples of a request need distinct request ids")
+        for s in every:
+            if s.request_id in self.requests:
+                raise ValueError(f"request_id {s.request_id!r} is already in use")
+            if s.prompt_token_ids != seq.prompt_token_ids:
+                raise ValueError("the samples of a request share one prompt")
+        for s in every:
+            s.status = SequenceStatus.WAITING
+            self.requests[s.request_id] = s
+        for child in forks:
+            child.fork_parent = seq
+        seq.forks = list(forks)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -99,11 +120,21 @@ class Scheduler:
         self._finish(seq, reason, stop_reason)
         return True
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        if seq in self.running:
+    def _finish(
+        self, seq: Sequence, reason: str, stop_reason: int | str | None = None
+    ) -> list[Sequence]:
+        """Returns the samples still waiting to fork from `seq` (n > 1): they end with it (only
+        an abort or a failure ends a sequence before its prompt is computed)."""
+        if seq.fork_parent is not None:  # a sample not forked yet
+            self._drop_fork(seq)
+        elif seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._release_seats(seq)
+        orphans, seq.forks = seq.forks, []
+        for child in orphans:
+            child.fork_parent = None
         self.block_manager.release(seq)
         seq.num_placeholders = 0
         seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids))
@@ -114,8 +145,25 @@ class Scheduler:
         if seq.request_id in self._known_to_runner:
             self._known_to_runner.discard(seq.request_id)
             self._finished_ids.append(seq.request_id)
+        for child in orphans:
+            self._finish(child, reason, stop_reason)
+        return orphans
+
+    def _drop_fork(self, child: Sequence) -> None:
+        parent = child.fork_parent
+        assert parent is not None
+        parent.forks.remove(child)
+        child.fork_parent = None
+        if parent.num_reserved_seats > len(parent.forks):
+            parent.num_reserved_seats -= 1
+            self._reserved_seats -= 1
+
+    def _release_seats(self, seq: Sequence) -> None:
+        self._reserved_seats -= seq.num_reserved_seats
+        seq.num_reserved_seats = 0
 
     def _preempt(self, seq: Sequence) -> None:
+        self._release_seats(seq)  # its forks wait with it; seats are held again on admission
         self.block_manager.release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -152,9 +200,15 @@ class Scheduler:
 
         # 2. Waiting sequences, in arrival order, unless this step already had to preempt.
         while (
-            self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs
+            self.waiting
+            and not preempted
+            and budget > 0
+            and len(self.running) + self._reserved_seats < self.max_num_seqs
         ):
             seq = self.waiting[0]
+            seats = min(len(seq.forks), self.max_num_seqs - 1)  # for its samples (n > 1)
+            if len(self.running) + self._reserved_seats + 1 + seats > self.max_num_seqs:
+                break
             cached = bm.find_cached_prefix(seq)
             num_cached = len(cached) * bm.block_size
             remaining = seq.num_tokens - num_cached
@@ -164,6 +218,8 @@ class Scheduler:
             if not bm.can_admit(seq, cached, num_cached + n):
                 break
             self.waiting.popleft()
+            seq.num_reserved_seats = seats
+            self._reserved_seats += seats
             bm.admit(seq, cached)
             ok = bm.allocate_slots(seq, num_cached + n)
             assert ok, "can_admit promised room"
@@ -187,7 +243,9 @@ class Scheduler:
         if not picked:  # nothing runs: the runner hears of finished requests with the next step
             return out
         out.finished_request_ids, self._finished_ids = self._finished_ids, []
+        out.block_copies = self.block_manager.take_copies()
         sampled: list[Sequence] = []
+        forked: list[Sequence] = []
         for seq, n in picked:
             c, known = seq.num_computed_tokens, len(seq.token_ids)
             if c + n <= known:
@@ -197,16 +255,7 @@ class Scheduler:
                     raise RuntimeError(f"{seq!r}: only its newest token may be pending")
                 ids, pending = seq.token_ids[c:known], seq.pending_row
             sample = c + n == seq.num_tokens
-            p = seq.sampling_params
-            if seq.request_id not in self._known_to_runner or seq.request_id in self._resend:
-                banned: tuple[int, ...] = ()
-                if p.min_tokens:
-                    banned = tuple(sorted(set(p.stop_token_ids or ()) | seq.eos_token_ids))
-                out.new_requests.append(
-                    NewRequest(seq.request_id, p, banned, seq.num_prompt_tokens, seq.bad_words_ids)
-                )
-                self._known_to_runner.add(seq.request_id)
-                self._resend.discard(seq.request_id)
+            self._send_state(out, seq)
             out.rows.append(
                 ScheduledRow(
                     request_id=seq.request_id,
@@ -217,21 +266,77 @@ class Scheduler:
                     new_block_ids=seq.block_table[seq.num_blocks_sent :],
                     reset_block_table=seq.num_blocks_sent == 0,
                     sample=sample,
-                    ban_stop_tokens=sample and seq.num_output_tokens < p.min_tokens,
+                    ban_stop_tokens=sample
+                    and seq.num_output_tokens < seq.sampling_params.min_tokens,
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)
             out.num_prefill_tokens += max(0, min(n, seq.num_prompt_tokens - c))
             if sample:
                 sampled.append(seq)
+            if sample and seq.forks:
+                for child in self._fork(seq, c + n):
+                    self._send_state(out, child)
+                    out.rows.append(
+                        ScheduledRow(
+                            request_id=child.request_id,
+                            num_computed_tokens=c + n,
+                            num_new_tokens=0,
+                            token_ids=[],
+                            new_block_ids=list(child.block_table),
+                            reset_block_table=True,
+                            sample=True,
+                            ban_stop_tokens=child.sampling_params.min_tokens > 0,
+                            fork_of=seq.request_id,
+                        )
+                    )
+                    child.num_blocks_sent = len(child.block_table)
+                    sampled.append(child)
+                    forked.append(child)
         for seq, n in picked:
             seq.num_computed_tokens += n
             out.num_context_tokens += seq.num_computed_tokens
         for row, seq in enumerate(sampled):
             seq.num_placeholders += 1
             seq.pending_row = row
-        self._in_flight[out.step_id] = ([seq for seq, _ in picked], sampled)
+        self._in_flight[out.step_id] = ([seq for seq, _ in picked] + forked, sampled)
         return out
+
+    def _send_state(self, out: SchedulerOutput, seq: Sequence) -> None:
+        """The request's parameters, the first time the runner sees it (or again after a
+        failed step)."""
+        if seq.request_id in self._known_to_runner and seq.request_id not in self._resend:
+            return
+        p = seq.sampling_params
+        banned: tuple[int, ...] = ()
+        if p.min_tokens:
+            banned = tuple(sorted(set(p.stop_token_ids or ()) | seq.eos_token_ids))
+        out.new_requests.append(
+            NewRequest(seq.request_id, p, banned, seq.num_prompt_tokens, seq.bad_words_ids)
+        )
+        self._known_to_runner.add(seq.request_id)
+        self._resend.discard(seq.request_id)
+
+    def _fork(self, seq: Sequence, num_computed: int) -> list[Sequence]:
+        """Fork the samples waiting on `seq`, whose prompt this step completes: they share its
+        blocks and run from now on. Those beyond the seats held for them wait as sequences of
+        their own."""
+        self._release_seats(seq)
+        seats = max(0, self.max_num_seqs - len(self.running) - self._reserved_seats)
+        children, rest = seq.forks[:seats], seq.forks[seats:]
+        seq.forks = []
+        for child in children + rest:
+            child.fork_parent = None
+        for child in reversed(rest):
+            self.waiting.appendleft(child)
+        for child in children:
+            self.block_manager.fork(seq, child)
+            child.num_computed_tokens = num_computed
+            child.status = SequenceStatus.RUNNING
+            child.first_scheduled_time = seq.first_scheduled_time
+            child.num_cached_tokens = seq.num_cached_tokens
+            self.running.append(child)
+        return children
 
     def update_from_output(
         self, step: SchedulerOutput, output: ModelRunnerOutput
@@ -254,9 +359,10 @@ class Scheduler:
             if not seq.is_finished:
                 self.block_manager.cache_full_blocks(seq)
         updates = [
-            self._fail(seq, output.errors[seq.request_id])
+            update
             for seq in seqs
             if seq.request_id in output.errors and not seq.is_finished
+            for update in self._fail(seq, output.errors[seq.request_id])
         ]
         for seq, token, lp in got:
             if seq.is_finished:
@@ -289,31 +395,38 @@ class Scheduler:
             return "length", None
         return None, None
 
-    def _fail(self, seq: Sequence, message: str) -> RequestUpdate:
-        self._finish(seq, "error")
-        return RequestUpdate(
-            seq.request_id,
-            [],
-            "error",
-            None,
-            seq.num_cached_tokens,
-            seq.first_scheduled_time,
-            error=message,
-        )
+    def _fail(self, seq: Sequence, message: str) -> list[RequestUpdate]:
+        """End a sequence with an error, and the samples still waiting to fork from it."""
+        ended = [seq, *self._finish(seq, "error")]
+        return [
+            RequestUpdate(
+                s.request_id,
+                [],
+                "error",
+                None,
+                s.num_cached_tokens,
+                s.first_scheduled_time,
+                error=message,
+            )
+            for s in ended
+        ]
 
     def fail_requests(self, errors: dict[str, str]) -> list[RequestUpdate]:
         """End requests that cannot run (a step failed because of them)."""
         return [
-            self._fail(self.requests[rid], message)
+            update
             for rid, message in errors.items()
             if rid in self.requests
+            for update in self._fail(self.requests[rid], message)
         ]
 
     def fail_step(self, step: SchedulerOutput, message: str) -> list[RequestUpdate]:
         """A step whose output will never come (it failed and no row explains why): end the
         requests it ran."""
         seqs, _ = self._in_flight.pop(step.step_id, ([], []))
-        return [self._fail(seq, message) for seq in seqs if not seq.is_finished]
+        return [
+            update for seq in seqs if not seq.is_finished for update in self._fail(seq, message)
+        ]
 
     def rollback(self, step: SchedulerOutput) -> None:
         """A step that failed before it ran: its requests go back to waiting and recompute their

@@ -60,6 +60,12 @@ class Sequence:
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         self.finished_time: float | None = None
+        # Parallel sampling (n > 1): the samples that fork from this sequence once its prompt's
+        # KV is computed (they wait here, in no queue), the seats the scheduler holds for them
+        # meanwhile, and, on such a waiting sample, the sequence it forks from.
+        self.forks: list[Sequence] = []
+        self.num_reserved_seats = 0
+        self.fork_parent: Sequence | None = None
 
     @property
     def num_tokens(self) -> int:

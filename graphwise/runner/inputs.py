@@ -196,8 +196,19 @@ def build_step_inputs(
     sampled: list[ScheduledRow] = []
     fill_dst: list[int] = []  # rows of input_ids that take a token still on the device
     fill_src: list[int] = []
+    attn_rows: list[ScheduledRow] = []  # the rows that compute tokens
     for row in step.rows:
         c, n = row.num_computed_tokens, row.num_new_tokens
+        if n == 0:
+            # A forked sample (n > 1): it samples from the last position of the row before,
+            # its prompt's, and computes nothing itself.
+            if row.fork_of is None or not attn_rows or attn_rows[-1].request_id != row.fork_of:
+                raise ValueError(f"row {row.request_id!r}: no new tokens and not a fork")
+            if row.sample:
+                logits_indices.append(len(ids) - 1)
+                sampled.append(row)
+            continue
+        attn_rows.append(row)
         ids.extend(row.token_ids)
         if row.pending_row >= 0:
             fill_dst.append(len(ids))
@@ -215,7 +226,7 @@ def build_step_inputs(
         if row.sample:
             logits_indices.append(len(ids) - 1)
             sampled.append(row)
-    tables = states.block_tables(step.rows)
+    tables = states.block_tables(attn_rows)
     width = tables.shape[1]
     ids_t, pos_t, slots_t, logits_t, dst_t, src_t = upload(
         torch.int64, ids, positions, slots, logits_indices, fill_dst, fill_src
@@ -228,7 +239,7 @@ def build_step_inputs(
     meta = AttentionMetadata(
         slot_mapping=slots_t,
         seq_lens=seq_lens_t,
-        block_tables=tables_t.view(len(step.rows), width),
+        block_tables=tables_t.view(len(attn_rows), width),
         cu_seqlens_q=cu_t,
         is_decode=all(n == 1 for n in q_lens),
         max_q_len=max(q_lens),

@@ -70,26 +70,33 @@ class TokenHistory:
         self, rows: list[ScheduledRow], input_ids: torch.Tensor, states: RequestStates,
         upload: Upload,
     ) -> None:  # fmt: skip
-        """Write this step's input ids of every tracked request at their positions."""
+        """Write this step's input ids of every tracked request at their positions. A forked
+        sample (n > 1) starts from a copy of its prompt's history."""
         slots: list[int] = []
         positions: list[int] = []
         sources: list[int] = []
+        forks: list[tuple[int, int]] = []
         at = 0
         for row in rows:
             n = row.num_new_tokens
             if states[row.request_id].needs_history:
                 slot = self._slot(row.request_id)
+                if row.fork_of is not None:
+                    forks.append((self._slot(row.fork_of), slot))
                 c = row.num_computed_tokens
                 slots.extend([slot] * n)
                 positions.extend(range(c, c + n))
                 sources.extend(range(at, at + n))
             at += n
-        if not slots:
-            return
-        assert self.buffer is not None
-        slot_t, pos_t, src_t = upload(torch.int64, slots, positions, sources)
-        values = input_ids.index_select(0, src_t).to(torch.int32)
-        self.buffer.index_put_((slot_t, pos_t), values)
+        if slots:
+            assert self.buffer is not None
+            slot_t, pos_t, src_t = upload(torch.int64, slots, positions, sources)
+            values = input_ids.index_select(0, src_t).to(torch.int32)
+            self.buffer.index_put_((slot_t, pos_t), values)
+        if forks:
+            assert self.buffer is not None
+            src, dst = upload(torch.int64, [s for s, _ in forks], [d for _, d in forks])
+            self.buffer.index_copy_(0, dst, self.buffer.index_select(0, src))
 
     def counts(
         self,

@@ -215,6 +215,17 @@ class ModelRunner:
         previous, self.graph_runner = self.graph_runner, graphs
         return previous
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy KV blocks (src, dst) in every layer this rank holds: the copy-on-write of
+        blocks that forked samples share (n > 1). Queued before the step's forward, on the
+        same stream, so the copy reads what earlier steps wrote and precedes this step's
+        writes. Every rank makes it on its own shard (the SchedulerOutput carries it)."""
+        src, dst = self.upload(torch.int64, [s for s, _ in copies], [d for _, d in copies])
+        for k, v in self.kv_caches:
+            if k.numel():  # a pipeline stage holds only its own layers
+                k.index_copy_(0, dst, k.index_select(0, src))
+                v.index_copy_(0, dst, v.index_select(0, src))
+
     def forget_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.requests.pop(rid, None)
@@ -262,6 +273,8 @@ class ModelRunner:
             self.requests.update(step)
             for rid in step.finished_request_ids:
                 self.history.forget(rid)
+            if step.block_copies:
+                self.copy_blocks(step.block_copies)
             inputs = build_step_inputs(
                 step, self.requests, self.upload, self.block_size, self._last_tokens
             )
