@@ -44,11 +44,15 @@ logger = logging.getLogger(__name__)
 
 
 # ---- replica process -------------------------------------------------------------------------
-def _slim(out: RequestOutput) -> RequestOutput:
+def _slim(out: RequestOutput, several: set[str]) -> RequestOutput:
     """What crosses the pipe: no prompt ids, and for a running request no cumulative text or
-    token list (the front rebuilds those from the deltas)."""
+    token list (the front rebuilds those from the deltas). An n > 1 request's running outputs
+    (in `several`) are deltas already, each sample's in its own CompletionOutput."""
     out.prompt_token_ids = []
-    if not out.finished:
+    if out.request_id in several:
+        if out.finished:
+            several.discard(out.request_id)
+    elif not out.finished:
         o = out.outputs[0]
         out.outputs[0] = CompletionOutput(o.index, "", [], o.finish_reason, o.stop_reason)
     return out
@@ -90,6 +94,7 @@ def _report_and_exit(conn: Any) -> None:
 
 
 def _serve_replica(engine: LLMEngine, conn: Any) -> None:
+    several: set[str] = set()  # requests with n > 1 samples
     while True:
         commands = []
         if not engine.has_unfinished_requests():
@@ -102,6 +107,7 @@ def _serve_replica(engine: LLMEngine, conn: Any) -> None:
                 return
             if kind == "abort":
                 engine.abort_request(cmd[1])
+                several.discard(cmd[1])
             elif kind == "reset_prefix_cache":
                 conn.send(("reset_done", engine.reset_prefix_cache()))
             elif kind == "add":
@@ -110,6 +116,9 @@ def _serve_replica(engine: LLMEngine, conn: Any) -> None:
                     engine.add_request(prompt, params, prompt_token_ids=ids, request_id=rid)
                 except ValueError as exc:
                     conn.send(("rejected", rid, str(exc)))
+                else:
+                    if params.n > 1:
+                        several.add(rid)
         if not engine.has_unfinished_requests():
             continue
         try:
@@ -119,10 +128,11 @@ def _serve_replica(engine: LLMEngine, conn: Any) -> None:
             rids = engine.unfinished_request_ids()
             for rid in rids:
                 engine.abort_request(rid)
+                several.discard(rid)
             message = f"{type(exc).__name__}: {exc}"
             conn.send(("step_failed", message, rids, engine.get_stats(), engine.alive))
             continue
-        conn.send(("outputs", [_slim(o) for o in outputs], engine.get_stats()))
+        conn.send(("outputs", [_slim(o, several) for o in outputs], engine.get_stats()))
 
 
 # ---- the front -------------------------------------------------------------------------------
@@ -133,6 +143,7 @@ class DPRequest:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    n: int = 1  # samples (n > 1: outputs pass through as they come)
 
 
 class _Replica:
@@ -297,7 +308,9 @@ class DataParallelEngine:
         replica.conn.send(("add", request_id, prompt, prompt_token_ids, params))
         replica.unfinished += 1
         replica.requests_routed += 1
-        self.requests[request_id] = DPRequest(request_id, replica.index, list(prompt_token_ids))
+        self.requests[request_id] = DPRequest(
+            request_id, replica.index, list(prompt_token_ids), n=params.n
+        )
         return request_id
 
     def abort_request(self, request_id: str) -> bool:
@@ -372,9 +385,12 @@ class DataParallelEngine:
             if req is None:
                 continue
             r.unfinished -= 1
-            completion = CompletionOutput(0, req.text, list(req.token_ids), "error")
+            if req.n > 1:
+                completions = [CompletionOutput(i, "", [], "error") for i in range(req.n)]
+            else:
+                completions = [CompletionOutput(0, req.text, list(req.token_ids), "error")]
             failed.append(
-                RequestOutput(rid, None, req.prompt_token_ids, [completion], True, error=message)
+                RequestOutput(rid, None, req.prompt_token_ids, completions, True, error=message)
             )
         return failed
 
@@ -388,7 +404,7 @@ class DataParallelEngine:
         if out.finished:
             del self.requests[out.request_id]
             self.replicas[req.replica].unfinished -= 1
-        else:
+        elif req.n == 1:
             o = out.outputs[0]
             out.outputs[0] = dataclasses.replace(o, text=req.text, token_ids=list(req.token_ids))
         return out

@@ -16,6 +16,7 @@ admitted, aborted and failed together.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -39,7 +40,7 @@ from graphwise.engine.validation import (
     check_prompt_ids,
     check_sampling_params,
 )
-from graphwise.outputs import RequestOutput
+from graphwise.outputs import CompletionOutput, RequestOutput
 from graphwise.sampling_params import SamplingParams
 from graphwise.server.async_engine import (
     AsyncEngine,
@@ -412,20 +413,19 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 async def events(
     streams: list[RequestStream],
-    first: BaseModel | None,
-    chunk: Callable[[int, RequestOutput], BaseModel | None],
+    first: list[BaseModel],
+    chunk: Callable[[int, RequestOutput], list[BaseModel]],
     usage_chunk: Callable[[UsageInfo], BaseModel] | None,
 ) -> AsyncIterator[str]:
-    """A request's SSE: an optional opening chunk, one per output of any of its prompts as it
-    comes, usage (summed) once all are done, then [DONE]. An error ends it with an error chunk
-    and aborts the prompts still running."""
-    if first is not None:
-        yield sse(first)
+    """A request's SSE: the opening chunks, then the chunks of each output of any of its prompts
+    as it comes (one per choice it advances), usage (summed) once all are done, then [DONE]. An
+    error ends it with an error chunk and aborts the prompts still running."""
+    for piece in first:
+        yield sse(piece)
     finals: list[RequestOutput] = []
     try:
         async for i, out in group_outputs(streams):
-            piece = chunk(i, out)
-            if piece is not None:
+            for piece in chunk(i, out):
                 yield sse(piece)
             if out.finished:
                 finals.append(out)
@@ -440,10 +440,34 @@ async def events(
 
 
 def usage_of(outs: list[RequestOutput]) -> UsageInfo:
-    """Usage summed over the prompts of a request."""
+    """Usage summed over the prompts of a request: each prompt once, every sample's output
+    (n > 1), as vLLM counts."""
     return UsageInfo.of(
-        sum(len(o.prompt_token_ids) for o in outs), sum(len(o.outputs[0].token_ids) for o in outs)
+        sum(len(o.prompt_token_ids) for o in outs),
+        sum(len(c.token_ids) for o in outs for c in o.outputs),
     )
+
+
+def sample_deltas(out: RequestOutput, n: int) -> list[CompletionOutput]:
+    """The news of each sample an output carries, as (delta) CompletionOutputs. n = 1: the one
+    completion's delta (delta_text, delta_token_ids), finish_reason once finished. n > 1: a
+    running output holds the deltas of the samples that advanced; the finished output holds
+    every sample whole, all of it already sent: nothing."""
+    if n == 1:
+        o = out.outputs[0]
+        return [
+            dataclasses.replace(
+                o,
+                text=out.delta_text,
+                token_ids=out.delta_token_ids,
+                finish_reason=o.finish_reason if out.finished else None,
+                stop_reason=o.stop_reason if out.finished else None,
+                logprobs=None
+                if o.logprobs is None
+                else o.logprobs[len(o.logprobs) - len(out.delta_token_ids) :],
+            )
+        ]
+    return [] if out.finished else out.outputs
 
 
 def response_id(prefix: str, client_id: str | None) -> tuple[str, str]:
@@ -546,6 +570,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 f"{engine.max_waiting_requests} requests",
                 param="prompt",
             )
+        if len(prompts) * req.num_samples > MAX_PROMPTS_PER_REQUEST:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts x n={req.num_samples} is "
+                f"{len(prompts) * req.num_samples} choices; at most {MAX_PROMPTS_PER_REQUEST} "
+                "are returned by one request",
+                param="n",
+            )
         # In a batch each prompt is checked like a single one, and named `prompt.<i>`; one bad
         # prompt refuses the whole request before any is submitted.
         names = [f"prompt.{i}" if batched else "prompt" for i in range(len(prompts))]
@@ -561,55 +593,50 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         streams = state.submit(list(zip(engine_ids, all_ids, all_params, strict=True)))
 
         top = req.logprobs
-        offsets = [0] * len(prompts)  # characters already sent, by choice (text_offset)
+        n = req.num_samples
+        offsets = [0] * (len(prompts) * n)  # characters already sent, by choice (text_offset)
 
-        def choice(i: int, out: RequestOutput, text: str, tokens: list[int]) -> CompletionChoice:
-            o = out.outputs[0]
-            done = out.finished
+        def choice(index: int, o: CompletionOutput) -> CompletionChoice:
+            """Choice `index` (prompt * n + sample, as OpenAI and vLLM number them) of `o`:
+            a sample's whole completion, or its delta while streaming."""
             c = CompletionChoice(
-                index=i,
-                text=text,
-                finish_reason=o.finish_reason if done else None,
-                stop_reason=o.stop_reason if done else None,
+                index=index, text=o.text, finish_reason=o.finish_reason, stop_reason=o.stop_reason
             )
             if top is not None and o.logprobs is not None:
-                entries = o.logprobs[len(o.logprobs) - len(tokens) :]
                 c.logprobs = completion_logprobs(
-                    tokens, entries, top, offsets[i], req.return_tokens_as_token_ids
+                    o.token_ids, o.logprobs, top, offsets[index], req.return_tokens_as_token_ids
                 )
-                offsets[i] += sum(
-                    len(e[t].decoded_token or "") for t, e in zip(tokens, entries, strict=True)
+                offsets[index] += sum(
+                    len(e[t].decoded_token or "")
+                    for t, e in zip(o.token_ids, o.logprobs, strict=True)
                 )
             return c
 
         if req.stream:
 
-            def chunk(i: int, out: RequestOutput) -> BaseModel | None:
-                if (
-                    not out.finished
-                    and not out.delta_text
-                    and (top is None or not out.delta_token_ids)
-                ):
-                    return None  # held back (a partial UTF-8 char, a possible stop string)
-                c = choice(i, out, out.delta_text, out.delta_token_ids)
-                return CompletionResponse(id=rid, created=created, model=model, choices=[c])
+            def chunk(i: int, out: RequestOutput) -> list[BaseModel]:
+                return [
+                    CompletionResponse(
+                        id=rid, created=created, model=model, choices=[choice(i * n + o.index, o)]
+                    )
+                    for o in sample_deltas(out, n)
+                    # else held back (a partial UTF-8 char, a possible stop string)
+                    if o.text or o.finish_reason or (top is not None and o.token_ids)
+                ]
 
             def usage_chunk(usage: UsageInfo) -> BaseModel:
                 return CompletionResponse(
                     id=rid, created=created, model=model, choices=[], usage=usage
                 )
 
-            body = events(streams, None, chunk, usage_chunk if req.include_usage else None)
+            body = events(streams, [], chunk, usage_chunk if req.include_usage else None)
             return EventStream(body, streams, rid)
         outs = await collect(request, streams)
         resp = CompletionResponse(
             id=rid,
             created=created,
             model=model,
-            choices=[
-                choice(i, out, out.outputs[0].text, out.outputs[0].token_ids)
-                for i, out in enumerate(outs)
-            ],
+            choices=[choice(i * n + o.index, o) for i, out in enumerate(outs) for o in out.outputs],
             usage=usage_of(outs),
         )
         return JSONResponse(resp.model_dump())
@@ -655,13 +682,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         created = int(time.time())
         streams = state.submit([(engine_id, ids, params)])
         top = params.logprobs
+        n = params.n
 
-        def chat_lp(out: RequestOutput, tokens: list[int]) -> ChatLogprobs | None:
-            o = out.outputs[0]
+        def chat_lp(o: CompletionOutput) -> ChatLogprobs | None:
             if top is None or o.logprobs is None:
                 return None
-            entries = o.logprobs[len(o.logprobs) - len(tokens) :]
-            return chat_logprobs(tokens, entries, top, req.return_tokens_as_token_ids)
+            return chat_logprobs(o.token_ids, o.logprobs, top, req.return_tokens_as_token_ids)
 
         if req.stream:
 
@@ -670,32 +696,37 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     id=rid, created=created, model=model, choices=choices, usage=usage
                 )
 
-            def chunk(i: int, out: RequestOutput) -> BaseModel | None:
-                wants_lp = top is not None and bool(out.delta_token_ids)
-                if not out.delta_text and not out.finished and not wants_lp:
-                    return None
-                delta = DeltaMessage(content=out.delta_text or None)
-                reason = out.outputs[0].finish_reason if out.finished else None
-                c = ChatStreamChoice(index=i, delta=delta, finish_reason=reason)
-                c.logprobs = chat_lp(out, out.delta_token_ids)
-                return make([c])
+            def chunk(i: int, out: RequestOutput) -> list[BaseModel]:
+                pieces = []
+                for o in sample_deltas(out, n):
+                    if not o.text and not o.finish_reason and not (top is not None and o.token_ids):
+                        continue
+                    delta = DeltaMessage(content=o.text or None)
+                    c = ChatStreamChoice(index=o.index, delta=delta, finish_reason=o.finish_reason)
+                    c.logprobs = chat_lp(o)
+                    pieces.append(make([c]))
+                return pieces
 
-            first = make([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+            first = [
+                make([ChatStreamChoice(index=k, delta=DeltaMessage(role="assistant", content=""))])
+                for k in range(n)
+            ]
             usage_chunk = (lambda u: make([], u)) if req.include_usage else None
             return EventStream(events(streams, first, chunk, usage_chunk), streams, rid)
         outs = await collect(request, streams)
-        o = outs[0].outputs[0]
         resp = ChatCompletionResponse(
             id=rid,
             created=created,
             model=model,
             choices=[
                 ChatChoice(
+                    index=o.index,
                     message=AssistantMessage(content=o.text),
-                    logprobs=chat_lp(outs[0], o.token_ids),
+                    logprobs=chat_lp(o),
                     finish_reason=o.finish_reason,
                     stop_reason=o.stop_reason,
                 )
+                for o in outs[0].outputs
             ],
             usage=usage_of(outs),
         )

@@ -86,9 +86,10 @@ class RequestStream:
     """One request's outputs, in order. Iterate `outputs()` (or `group_outputs` for the
     requests of one `submit_many`), then always call `close()`."""
 
-    def __init__(self, owner: AsyncEngine, request_id: str) -> None:
+    def __init__(self, owner: AsyncEngine, request_id: str, n: int = 1) -> None:
         self.owner = owner
         self.request_id = request_id
+        self.n = n  # samples: the finished-requests metric counts each (as vLLM does)
         self.arrival = time.monotonic()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.sink: Sink = self.queue
@@ -114,7 +115,8 @@ class RequestStream:
 
     def _observe(self, out: RequestOutput, when: float) -> None:
         m = self.owner.metrics
-        if out.delta_token_ids:
+        # n > 1: a running output holds the new tokens of each sample that advanced.
+        if out.delta_token_ids or (not out.finished and any(o.token_ids for o in out.outputs)):
             if self._last_token_time is None:
                 m.ttft.observe(when - self.arrival)
             else:
@@ -122,7 +124,8 @@ class RequestStream:
             self._last_token_time = when
         if out.finished:
             m.e2e.observe(when - self.arrival)
-            m.count_finished(out.outputs[0].finish_reason or "abort")
+            for o in out.outputs:  # each of n samples, as vLLM counts its child requests
+                m.count_finished(o.finish_reason or "abort")
 
     def close(self) -> None:
         """Idempotent. A request still in the engine (client gone, error) is aborted at once."""
@@ -132,7 +135,7 @@ class RequestStream:
         if not self.done:
             self.done = True
             self.owner.abort(self.request_id)
-            self.owner.metrics.count_finished("abort")
+            self.owner.metrics.count_finished("abort", self.n)
 
 
 async def group_outputs(
@@ -222,7 +225,7 @@ class AsyncEngine:
                 f"{waiting} requests are already waiting and the queue holds "
                 f"{self.max_waiting_requests}: no room for {len(requests)} more; retry later"
             )
-        streams = [RequestStream(self, request_id) for request_id, _, _ in requests]
+        streams = [RequestStream(self, rid, params.n) for rid, _, params in requests]
         if len(streams) > 1:  # one queue for the group, read by group_outputs
             for i, stream in enumerate(streams):
                 stream.queue = streams[0].queue

@@ -160,8 +160,6 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
         "options for a multimodal processor; only text content is accepted, so none runs"
     ),
     # ---- refused unless default: not implemented (yet)
-    "n": Refused((1, None), "send one request per sample"),
-    "best_of": Refused((None, 1)),
     "use_beam_search": Refused((False, None)),
     "length_penalty": Refused((1, None)),
     "echo": Refused((None, False)),
@@ -232,11 +230,20 @@ def refuse_unless_default(name: str, value: Any, rule: Refused) -> None:
     )
 
 
+# OpenAI's cap on `n`.
+MAX_N = 128
+
+
 class _SamplingRequest(BaseModel):
     # extra="allow" keeps undeclared fields in model_extra, where REQUEST_FIELDS judges them.
     model_config = ConfigDict(strict=True, extra="allow")
 
     model: str | None = None
+    # Samples per prompt (each a choice); the prompt is computed once for all of them.
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    # vLLM V1 dropped best_of (sample best_of, return the n most likely): it is accepted only
+    # when it asks for nothing more than n does (best_of == n).
+    best_of: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
@@ -309,6 +316,10 @@ class _SamplingRequest(BaseModel):
         return "max_tokens"
 
     @property
+    def num_samples(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -330,6 +341,14 @@ class _SamplingRequest(BaseModel):
                 param=prompt_param,
                 code="context_length_exceeded",
             )
+        n = self.num_samples
+        if self.best_of is not None and self.best_of != n:
+            raise APIError(
+                400,
+                f"best_of ({self.best_of}) must equal n ({n}) when given: returning the best n "
+                "of best_of samples is not supported (vLLM V1 dropped it too); send n alone",
+                param="best_of",
+            )
         max_tokens = self.requested_max_tokens()
         if max_tokens is not None and max_tokens > room:
             raise APIError(
@@ -342,6 +361,7 @@ class _SamplingRequest(BaseModel):
             )
         try:
             return SamplingParams(
+                n=n,
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=-1 if self.top_k is None else self.top_k,
