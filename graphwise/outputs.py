@@ -42,7 +42,13 @@ class RequestMetrics:
 @dataclass
 class RequestOutput:
     """One request's output. While it runs, `outputs[0]` holds what the latest step added (also
-    in `delta_text` / `delta_token_ids`); once `finished`, it holds the whole completion."""
+    in `delta_text` / `delta_token_ids`); once `finished`, it holds the whole completion.
+
+    With n > 1 samples (SamplingParams.n), `outputs` holds CompletionOutputs by `index`: while
+    the request runs, the deltas of the samples that advanced in the latest step (a sample that
+    ended in it has its finish_reason set); the `finished` output, which follows the last
+    step's deltas, holds every sample whole, in index order. `delta_text` and
+    `delta_token_ids` stay empty (they describe a single completion)."""
 
     request_id: str
     prompt: str | None

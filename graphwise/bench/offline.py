@@ -207,7 +207,7 @@ def _timed_run(
         if single:
             engine.step_log = None
     total_input = sum(len(o.prompt_token_ids) for o in outputs)
-    total_output = sum(len(o.outputs[0].token_ids) for o in outputs)
+    total_output = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     expected_output = sum(n for _, n in workload)
     if len(outputs) != len(workload) or total_output != expected_output:
         logger.warning(

@@ -142,11 +142,14 @@ class BlockManager:
         block other sequences share (a fork's last prompt block), the sequence first gets its
         own copy of it (copy-on-write). All or nothing."""
         table = seq.block_table
-        first = seq.num_computed_tokens // self.block_size
-        cow = first < len(table) and self.ref_counts[table[first]] > 1
-        need = max(0, self.blocks_needed(num_tokens) - len(table)) + int(cow)
-        if need == 0:
+        need = self.blocks_needed(num_tokens) - len(table)
+        cow = False
+        if seq.forked:  # only a fork shares a block that is not full
+            first = seq.num_computed_tokens // self.block_size
+            cow = first < len(table) and self.ref_counts[table[first]] > 1
+        if need <= 0 and not cow:
             return True
+        need = max(0, need) + int(cow)
         if need > len(self.free):
             return False
         if cow:
@@ -178,6 +181,7 @@ class BlockManager:
         for block in parent.block_table:
             self.ref_counts[block] += 1  # held by the parent: never in the free list
         child.block_table = list(parent.block_table)
+        parent.forked = child.forked = True
         child.block_hashes = list(parent.block_hashes)
         child.num_registered_blocks = parent.num_registered_blocks
         child.num_blocks_sent = 0

@@ -255,7 +255,8 @@ class Scheduler:
                     raise RuntimeError(f"{seq!r}: only its newest token may be pending")
                 ids, pending = seq.token_ids[c:known], seq.pending_row
             sample = c + n == seq.num_tokens
-            self._send_state(out, seq)
+            if seq.request_id not in self._known_to_runner or seq.request_id in self._resend:
+                self._send_state(out, seq)
             out.rows.append(
                 ScheduledRow(
                     request_id=seq.request_id,
@@ -303,10 +304,8 @@ class Scheduler:
         return out
 
     def _send_state(self, out: SchedulerOutput, seq: Sequence) -> None:
-        """The request's parameters, the first time the runner sees it (or again after a
-        failed step)."""
-        if seq.request_id in self._known_to_runner and seq.request_id not in self._resend:
-            return
+        """The request's parameters, for the runner to keep (the first time it sees the
+        request, or again after a failed step)."""
         p = seq.sampling_params
         banned: tuple[int, ...] = ()
         if p.min_tokens:

@@ -66,6 +66,7 @@ class Sequence:
         self.forks: list[Sequence] = []
         self.num_reserved_seats = 0
         self.fork_parent: Sequence | None = None
+        self.forked = False  # has shared blocks with a fork (copy-on-write may apply)
 
     @property
     def num_tokens(self) -> int:

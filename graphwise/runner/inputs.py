@@ -196,19 +196,21 @@ def build_step_inputs(
     sampled: list[ScheduledRow] = []
     fill_dst: list[int] = []  # rows of input_ids that take a token still on the device
     fill_src: list[int] = []
-    attn_rows: list[ScheduledRow] = []  # the rows that compute tokens
+    num_forks = 0
+    previous = None  # the last row that computes tokens
     for row in step.rows:
         c, n = row.num_computed_tokens, row.num_new_tokens
         if n == 0:
             # A forked sample (n > 1): it samples from the last position of the row before,
-            # its prompt's, and computes nothing itself.
-            if row.fork_of is None or not attn_rows or attn_rows[-1].request_id != row.fork_of:
+            # its prompt's, and computes nothing itself (no attention row of its own).
+            if row.fork_of is None or previous is None or previous.request_id != row.fork_of:
                 raise ValueError(f"row {row.request_id!r}: no new tokens and not a fork")
             if row.sample:
                 logits_indices.append(len(ids) - 1)
                 sampled.append(row)
+            num_forks += 1
             continue
-        attn_rows.append(row)
+        previous = row
         ids.extend(row.token_ids)
         if row.pending_row >= 0:
             fill_dst.append(len(ids))
@@ -226,6 +228,7 @@ def build_step_inputs(
         if row.sample:
             logits_indices.append(len(ids) - 1)
             sampled.append(row)
+    attn_rows = [r for r in step.rows if r.num_new_tokens] if num_forks else step.rows
     tables = states.block_tables(attn_rows)
     width = tables.shape[1]
     ids_t, pos_t, slots_t, logits_t, dst_t, src_t = upload(

@@ -252,3 +252,39 @@ def test_tp_penalties_and_filters_equal_single_device(tiny_model_dir, make_llm):
                             frequency_penalty=0.5, logit_bias={3: 2.0}, min_p=0.1)  # fmt: skip
     single = generate(make_llm(path), prompts()[:3], params)
     assert generate(make_llm(path, tensor_parallel_size=2), prompts()[:3], params) == single
+
+
+def test_n_samples_under_tp_pp_and_dp_equal_single_device(tiny_model_dir, make_llm):
+    """n > 1: every rank makes the copy-on-write block copies on its shard (TP); a request and
+    all its samples stay on one replica, whose outputs pass through the front (DP)."""
+    path = tiny_model_dir("llama")
+    params = SamplingParams(n=3, seed=7, temperature=0.9, max_tokens=8, ignore_eos=True)
+    ps = [*prompts()[:2], prompts()[4][:16]]  # 5 and 23 tokens: mid-block; 16: on a boundary
+
+    def run(llm) -> list[list[list[int]]]:
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+        return [[o.token_ids for o in out.outputs] for out in outs]
+
+    single = run(make_llm(path))
+    assert all(len({tuple(t) for t in samples}) == 3 for samples in single)
+    for tp, pp in ((2, 1), (1, 2)):  # a pipeline stage copies the blocks of its own layers
+        llm = make_llm(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        assert run(llm) == single, (tp, pp)
+        assert llm.llm_engine.block_manager.num_used_blocks == 0
+        llm.shutdown()  # one parallel engine per process at a time
+    dp = make_llm(path, data_parallel_size=2)
+    assert run(dp) == single
+    engine = dp.llm_engine
+    rid = engine.add_request(None, params, prompt_token_ids=ps[0])
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid and out.prompt_token_ids == ps[0]
+            if out.finished:
+                final = out
+            else:
+                for o in out.outputs:
+                    seen[o.index] += o.token_ids
+    assert final is not None and [o.token_ids for o in final.outputs] == single[0]
+    assert list(seen.values()) == single[0]
