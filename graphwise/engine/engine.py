@@ -185,9 +185,8 @@ class LLMEngine:
             prompt, sampling_params, prompt_token_ids, self.tokenize, self.request_limits
         )
         rid = request_id if request_id is not None else str(next(self._ids))
-        if rid in self.scheduler.requests or rid in self.output_processor.requests:
-            raise ValueError(f"request_id {rid!r} is already in use")
-        if rid in self.output_processor.samples:
+        op = self.output_processor
+        if rid in self.scheduler.requests or rid in op.requests or rid in op.samples:
             raise ValueError(f"request_id {rid!r} is already in use")
         max_total = self.max_model_len
         if params.max_tokens is not None:

@@ -19,9 +19,9 @@ Parallel sampling (n > 1) enters as one sequence carrying the other samples (`ad
 Its prompt is computed once: the step that computes the last chunk forks the samples (they share
 the prompt's blocks, block_manager.fork) and each samples from the same last position; from then
 on each is a sequence of its own (decoded, preempted, finished on its own). While the prompt is
-being computed the scheduler holds `max_num_seqs` seats for the forks, so that others do not take
-them; samples beyond `max_num_seqs - 1` wait as sequences of their own (the prefix cache still
-shares the prompt's full blocks with them).
+being computed the scheduler holds seats (of `max_num_seqs`) for the forks, so that others do not
+take them; samples beyond `max_num_seqs - 1` wait as sequences of their own (the prefix cache
+still shares the prompt's full blocks with them).
 """
 
 from __future__ import annotations
@@ -255,6 +255,7 @@ class Scheduler:
                     raise RuntimeError(f"{seq!r}: only its newest token may be pending")
                 ids, pending = seq.token_ids[c:known], seq.pending_row
             sample = c + n == seq.num_tokens
+            p = seq.sampling_params
             if seq.request_id not in self._known_to_runner or seq.request_id in self._resend:
                 self._send_state(out, seq)
             out.rows.append(
@@ -267,8 +268,7 @@ class Scheduler:
                     new_block_ids=seq.block_table[seq.num_blocks_sent :],
                     reset_block_table=seq.num_blocks_sent == 0,
                     sample=sample,
-                    ban_stop_tokens=sample
-                    and seq.num_output_tokens < seq.sampling_params.min_tokens,
+                    ban_stop_tokens=sample and seq.num_output_tokens < p.min_tokens,
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)
