@@ -468,3 +468,19 @@ def test_every_sample_penalizes_the_prompt_like_hf(model_dir):
             repetition_penalty=3.0, pad_token_id=0,
         )[0, len(prompt) :].tolist()  # fmt: skip
     assert [o.token_ids for o in out.outputs] == [ref] * 3
+
+
+def test_request_ids_of_samples_cannot_collide(model_dir):
+    engine = _llm(model_dir).llm_engine
+    rid = engine.add_request(None, _seeded(2), prompt_token_ids=MID_BLOCK, request_id="x")
+    for taken in ("x", "0_x", "1_x"):
+        with pytest.raises(ValueError, match="already in use"):
+            engine.add_request(None, _seeded(1), prompt_token_ids=MID_BLOCK, request_id=taken)
+    assert engine.unfinished_request_ids() == [rid]
+    while engine.has_unfinished_requests():
+        engine.step()
+    # Once it ended, the id is free again (with any n).
+    engine.add_request(None, _seeded(3), prompt_token_ids=MID_BLOCK, request_id="x")
+    assert engine.abort_request("x")
+    engine.drain()
+    assert engine.block_manager.num_used_blocks == 0
