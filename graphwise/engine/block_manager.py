@@ -143,10 +143,10 @@ class BlockManager:
         own copy of it (copy-on-write). All or nothing."""
         table = seq.block_table
         need = self.blocks_needed(num_tokens) - len(table)
-        cow = False
-        if seq.forked:  # only a fork shares a block that is not full
-            first = seq.num_computed_tokens // self.block_size
-            cow = first < len(table) and self.ref_counts[table[first]] > 1
+        if need <= 0 and not seq.forked:  # (only a fork shares a block that is not full)
+            return True
+        first = seq.num_computed_tokens // self.block_size
+        cow = seq.forked and first < len(table) and self.ref_counts[table[first]] > 1
         if need <= 0 and not cow:
             return True
         need = max(0, need) + int(cow)

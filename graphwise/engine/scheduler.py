@@ -243,7 +243,8 @@ class Scheduler:
         if not picked:  # nothing runs: the runner hears of finished requests with the next step
             return out
         out.finished_request_ids, self._finished_ids = self._finished_ids, []
-        out.block_copies = self.block_manager.take_copies()
+        if self.block_manager.copies:
+            out.block_copies = self.block_manager.take_copies()
         sampled: list[Sequence] = []
         forked: list[Sequence] = []
         for seq, n in picked:
@@ -275,33 +276,43 @@ class Scheduler:
             out.num_prefill_tokens += max(0, min(n, seq.num_prompt_tokens - c))
             if sample:
                 sampled.append(seq)
-            if sample and seq.forks:
-                for child in self._fork(seq, c + n):
-                    self._send_state(out, child)
-                    out.rows.append(
-                        ScheduledRow(
-                            request_id=child.request_id,
-                            num_computed_tokens=c + n,
-                            num_new_tokens=0,
-                            token_ids=[],
-                            new_block_ids=list(child.block_table),
-                            reset_block_table=True,
-                            sample=True,
-                            ban_stop_tokens=child.sampling_params.min_tokens > 0,
-                            fork_of=seq.request_id,
-                        )
-                    )
-                    child.num_blocks_sent = len(child.block_table)
-                    sampled.append(child)
-                    forked.append(child)
+                if seq.forks:  # n > 1: its samples sample right after it
+                    children = self._fork_rows(out, seq, c + n)
+                    sampled.extend(children)
+                    forked.extend(children)
         for seq, n in picked:
             seq.num_computed_tokens += n
             out.num_context_tokens += seq.num_computed_tokens
         for row, seq in enumerate(sampled):
             seq.num_placeholders += 1
             seq.pending_row = row
-        self._in_flight[out.step_id] = ([seq for seq, _ in picked] + forked, sampled)
+        seqs = [seq for seq, _ in picked]
+        if forked:
+            seqs += forked
+        self._in_flight[out.step_id] = (seqs, sampled)
         return out
+
+    def _fork_rows(self, out: SchedulerOutput, seq: Sequence, num_computed: int) -> list[Sequence]:
+        """Fork `seq`'s samples (its prompt is computed by this step) and add their rows, right
+        after its own: no new tokens, sampled from its last position."""
+        forked = self._fork(seq, num_computed)
+        for child in forked:
+            self._send_state(out, child)
+            out.rows.append(
+                ScheduledRow(
+                    request_id=child.request_id,
+                    num_computed_tokens=num_computed,
+                    num_new_tokens=0,
+                    token_ids=[],
+                    new_block_ids=list(child.block_table),
+                    reset_block_table=True,
+                    sample=True,
+                    ban_stop_tokens=child.sampling_params.min_tokens > 0,
+                    fork_of=seq.request_id,
+                )
+            )
+            child.num_blocks_sent = len(child.block_table)
+        return forked
 
     def _send_state(self, out: SchedulerOutput, seq: Sequence) -> None:
         """The request's parameters, for the runner to keep (the first time it sees the
