@@ -25,6 +25,9 @@ class SamplingParams:
     # Log-probabilities of each sampled token and of the `logprobs` most likely ones (0: the
     # sampled token's alone), log-softmax of the model's raw logits (vLLM's default).
     logprobs: int | None = None
+    # Log-probabilities of the prompt's tokens (each given the tokens before it; the first has
+    # none) and of the `prompt_logprobs` most likely tokens at each prompt position.
+    prompt_logprobs: int | None = None
     # Penalties (vLLM's semantics): presence and frequency over the generated tokens (OpenAI's),
     # repetition over prompt and generated tokens (HF's: divide a positive logit, multiply a
     # negative one). Filters: min_p (drop tokens under min_p x the top probability),
@@ -91,6 +94,8 @@ class SamplingParams:
                 raise ValueError("stop_token_ids must be a list of integers")
         if self.logprobs is not None and integer("logprobs") < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.prompt_logprobs is not None and integer("prompt_logprobs") < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = number(name)
             if not -2.0 <= value <= 2.0:

@@ -248,7 +248,10 @@ class DataParallelEngine:
             raise
         self.max_model_len = infos[0]["max_model_len"]
         self.request_limits = RequestLimits(
-            self.model_config.vocab_size, self.max_model_len, config.max_logprobs
+            self.model_config.vocab_size,
+            self.max_model_len,
+            config.max_logprobs,
+            prompt_logprobs=config.pipeline_parallel_size == 1,
         )
         logger.info(
             "Data parallel: %d replicas (tp=%d, pp=%d each) ready in %.1f s",

@@ -12,11 +12,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphwise.core.step import PromptLogprobs
 from graphwise.engine.detokenizer import IncrementalDetokenizer
 from graphwise.engine.scheduler import RequestUpdate
 from graphwise.outputs import (
     CompletionOutput,
     Logprob,
+    PromptLogprobList,
     RequestMetrics,
     RequestOutput,
     SampleLogprob,
@@ -38,6 +40,7 @@ class RequestState:
     first_token_time: float | None = None
     logprobs: list[SampleLogprob] | None = None  # when the request asked for them
     cumulative_logprob: float = 0.0
+    prompt_logprobs: PromptLogprobList | None = None  # once the prompt's are all in
 
 
 class OutputProcessor:
@@ -86,6 +89,8 @@ class OutputProcessor:
                 state.output_token_ids.append(token)
                 state.text += state.detokenizer.push(token)
             new_logprobs = self._logprobs(state, update)
+            if update.prompt_logprobs is not None:
+                state.prompt_logprobs = self._prompt_logprobs(state, update.prompt_logprobs)
             if update.new_token_ids and state.first_token_time is None:
                 state.first_token_time = now
             p = state.params
@@ -120,6 +125,24 @@ class OutputProcessor:
             state.cumulative_logprob += lp.logprob
         state.logprobs.extend(entries)
         return entries
+
+    def _prompt_logprobs(self, state: RequestState, pl: PromptLogprobs) -> PromptLogprobList:
+        """vLLM's shape: None for the first prompt token, then each one's entry (the prompt
+        token, its logprob and rank, and the top ones), by id."""
+        out: PromptLogprobList = [None]
+        prompt = state.prompt_token_ids
+        for i, (value, rank, ids, values) in enumerate(
+            zip(pl.logprobs, pl.ranks, pl.top_ids, pl.top_logprobs, strict=True)
+        ):
+            entry = {
+                tid: Logprob(v, r + 1, self._decode(tid))
+                for r, (tid, v) in enumerate(zip(ids, values, strict=True))
+            }
+            token = prompt[pl.start + i + 1]
+            if token not in entry:
+                entry[token] = Logprob(value, rank, self._decode(token))
+            out.append(entry)
+        return out
 
     def _decode(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
@@ -179,4 +202,7 @@ class OutputProcessor:
             delta_text=delta_text,
             delta_token_ids=list(update.new_token_ids),
             error=update.error,
+            prompt_logprobs=(
+                state.prompt_logprobs if done or update.prompt_logprobs is not None else None
+            ),
         )

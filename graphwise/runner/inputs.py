@@ -32,7 +32,7 @@ class RunnerRequest:
 
     __slots__ = (
         "params", "banned", "num_prompt_tokens", "bad_words", "table", "num_blocks", "generator",
-        "special",
+        "special", "prompt_token_ids",
     )  # fmt: skip
 
     def __init__(
@@ -41,8 +41,10 @@ class RunnerRequest:
         banned: tuple[int, ...],
         num_prompt_tokens: int = 0,
         bad_words: tuple[tuple[int, ...], ...] = (),
+        prompt_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.params = params
+        self.prompt_token_ids = prompt_token_ids  # only with prompt_logprobs
         self.banned = banned
         self.num_prompt_tokens = num_prompt_tokens
         self.bad_words = bad_words
@@ -50,6 +52,7 @@ class RunnerRequest:
         # those paths altogether (see RequestStates.num_special).
         self.special = bool(
             params.logprobs is not None
+            or params.prompt_logprobs is not None
             or params.penalized
             or params.min_p
             or params.logit_bias
@@ -106,6 +109,7 @@ class RequestStates(dict[str, RunnerRequest]):
                 new.min_tokens_banned,
                 new.num_prompt_tokens,
                 new.bad_words_ids,
+                new.prompt_token_ids,
             )
             old = self.get(new.request_id)
             if old is not None:  # sent again after a failed step: its random stream goes on

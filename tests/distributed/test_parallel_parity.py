@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from graphwise import SamplingParams
+from graphwise.engine.validation import InvalidRequest
 from tests.conftest import hf_greedy
 from tests.distributed.conftest import GREEDY, generate, prompts, worker_pids
 
@@ -244,6 +245,28 @@ def test_tp_logprobs_equal_single_device(tiny_model_dir, make_llm):
     for a, b in zip(one.logprobs, tp.logprobs, strict=True):
         assert list(a) == list(b)
         assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+def test_tp_prompt_logprobs_equal_single_device(tiny_model_dir, make_llm):
+    """Every rank computes the prompt positions' logits (the gather), rank 0 alone reports."""
+    path = tiny_model_dir("qwen2")
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=3)
+    got = []
+    for llm in (make_llm(path), make_llm(path, tensor_parallel_size=2)):
+        out = llm.generate({"prompt_token_ids": prompts()[1]}, params, use_tqdm=False)[0]
+        got.append(out.prompt_logprobs)
+    one, tp = got
+    assert one[0] is None and tp[0] is None and len(one) == len(tp) == len(prompts()[1])
+    for a, b in zip(one[1:], tp[1:], strict=True):
+        assert list(a) == list(b)
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 and a[t].rank == b[t].rank for t in a)
+
+
+def test_pp_refuses_prompt_logprobs(tiny_model_dir, make_llm):
+    llm = make_llm(tiny_model_dir("llama"), pipeline_parallel_size=2)
+    params = SamplingParams(max_tokens=2, prompt_logprobs=1)
+    with pytest.raises(InvalidRequest, match="pipeline parallelism"):
+        llm.generate({"prompt_token_ids": prompts()[1]}, params, use_tqdm=False)
 
 
 def test_tp_penalties_and_filters_equal_single_device(tiny_model_dir, make_llm):
