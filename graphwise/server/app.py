@@ -39,7 +39,7 @@ from graphwise.engine.validation import (
     check_prompt_ids,
     check_sampling_params,
 )
-from graphwise.outputs import RequestOutput
+from graphwise.outputs import RequestOutput, SampleLogprob
 from graphwise.sampling_params import SamplingParams
 from graphwise.server.async_engine import (
     AsyncEngine,
@@ -50,7 +50,7 @@ from graphwise.server.async_engine import (
     ShutdownError,
     group_outputs,
 )
-from graphwise.server.logprobs import chat_logprobs, completion_logprobs
+from graphwise.server.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
 from graphwise.server.protocol import (
     MAX_PROMPTS_PER_REQUEST,
     APIError,
@@ -228,6 +228,24 @@ class ServerState:
         for (i, _), one in zip(texts, encoded, strict=True):
             ids[i] = one
         return ids
+
+    async def echo_texts(self, prompts: list[str | list[int]], ids: list[list[int]]) -> list[str]:
+        """The text `echo` puts before each completion: a text prompt as sent, an id prompt
+        decoded (in one job on a tokenizer lane)."""
+        if self.lanes is None:
+            raise APIError(
+                400, "echo needs the model's tokenizer to write the prompt's text", param="echo"
+            )
+        todo = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+
+        def decode_all(tok: Any) -> list[str]:
+            return [tok.decode(ids[i]) for i in todo]
+
+        decoded = await self.run_tokenizer(decode_all, "prompt", sum(len(ids[i]) for i in todo))
+        texts = [p if isinstance(p, str) else "" for p in prompts]
+        for i, text in zip(todo, decoded, strict=True):
+            texts[i] = text
+        return texts
 
     def submit(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[RequestStream]:
         """All of a client request's prompts into the engine, or none of them."""
@@ -518,6 +536,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         body, content_type = engine.metrics.render()
         return Response(body, media_type=content_type)
 
+    def decode_token(token: int) -> str | None:
+        """A prompt token's text, for the one logprobs entry that has none (the first)."""
+        tok = engine.engine.tokenizer
+        return None if tok is None else tok.decode([token])
+
     def card(name: str) -> ModelCard:
         return ModelCard(id=name, root=settings.model_root, max_model_len=state.max_model_len)
 
@@ -562,23 +585,40 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         top = req.logprobs
         offsets = [0] * len(prompts)  # characters already sent, by choice (text_offset)
+        echo = await state.echo_texts(prompts, all_ids) if req.echo else None
+        echoed = [False] * len(prompts)  # a stream echoes the prompt in its first chunk
 
         def choice(i: int, out: RequestOutput, text: str, tokens: list[int]) -> CompletionChoice:
             o = out.outputs[0]
             done = out.finished
+            entries: list[SampleLogprob | None] = []
+            if top is not None and o.logprobs is not None and tokens:
+                entries = list(o.logprobs[len(o.logprobs) - len(tokens) :])
+            if req.echo_only:  # the prompt alone (its one computed token is not shown)
+                text, tokens, entries = "", [], []
+            if echo is not None and not echoed[i]:
+                echoed[i] = True
+                text = echo[i] + text
+                if top is not None:  # the prompt's tokens lead the logprobs (vLLM's rule)
+                    if out.prompt_logprobs is None:
+                        raise APIError(
+                            500, "the engine returned no prompt logprobs", "server_error"
+                        )
+                    tokens = [*all_ids[i], *tokens]
+                    entries = [*out.prompt_logprobs, *entries]
             c = CompletionChoice(
                 index=i,
                 text=text,
                 finish_reason=o.finish_reason if done else None,
                 stop_reason=o.stop_reason if done else None,
             )
-            if top is not None and o.logprobs is not None:
-                entries = o.logprobs[len(o.logprobs) - len(tokens) :]
+            if top is not None and (o.logprobs is not None or entries):
                 c.logprobs = completion_logprobs(
-                    tokens, entries, top, offsets[i], req.return_tokens_as_token_ids
+                    tokens, entries, top, offsets[i], req.return_tokens_as_token_ids, decode_token
                 )
                 offsets[i] += sum(
-                    len(e[t].decoded_token or "") for t, e in zip(tokens, entries, strict=True)
+                    len((e[t].decoded_token if e is not None else decode_token(t)) or "")
+                    for t, e in zip(tokens, entries, strict=True)
                 )
             return c
 
@@ -589,12 +629,15 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     not out.finished
                     and not out.delta_text
                     and (top is None or not out.delta_token_ids)
+                    and (echo is None or echoed[i])
                 ):
                     return None  # held back (a partial UTF-8 char, a possible stop string)
                 c = choice(i, out, out.delta_text, out.delta_token_ids)
                 return CompletionResponse(id=rid, created=created, model=model, choices=[c])
 
             def usage_chunk(usage: UsageInfo) -> BaseModel:
+                if req.echo_only:
+                    usage = UsageInfo.of(usage.prompt_tokens, 0)
                 return CompletionResponse(
                     id=rid, created=created, model=model, choices=[], usage=usage
                 )
@@ -602,15 +645,16 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             body = events(streams, None, chunk, usage_chunk if req.include_usage else None)
             return EventStream(body, streams, rid)
         outs = await collect(request, streams)
+        choices = []
+        for i, out in enumerate(outs):
+            c = choice(i, out, out.outputs[0].text, out.outputs[0].token_ids)
+            c.prompt_logprobs = prompt_logprobs_json(out.prompt_logprobs)
+            choices.append(c)
+        usage = usage_of(outs)
+        if req.echo_only:
+            usage = UsageInfo.of(usage.prompt_tokens, 0)
         resp = CompletionResponse(
-            id=rid,
-            created=created,
-            model=model,
-            choices=[
-                choice(i, out, out.outputs[0].text, out.outputs[0].token_ids)
-                for i, out in enumerate(outs)
-            ],
-            usage=usage_of(outs),
+            id=rid, created=created, model=model, choices=choices, usage=usage
         )
         return JSONResponse(resp.model_dump())
 
@@ -621,6 +665,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         model = state.resolve_model(req.model)
         state.check_supported(req)
         conversation = [m.template_dict() for m in req.messages]
+        # vLLM's chat echo: the last message's content leads the reply when it is the reply's
+        # role's (the assistant's: a message being continued).
+        last = conversation[-1]
+        echo_text = last["content"] if req.echo and last["role"] == "assistant" else ""
         add_generation_prompt = req.generation_prompt()
         template_kwargs = req.template_kwargs()
         tokenizer = engine.engine.tokenizer
@@ -680,7 +728,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 c.logprobs = chat_lp(out, out.delta_token_ids)
                 return make([c])
 
-            first = make([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+            opening = DeltaMessage(role="assistant", content=echo_text)
+            first = make([ChatStreamChoice(delta=opening)])
             usage_chunk = (lambda u: make([], u)) if req.include_usage else None
             return EventStream(events(streams, first, chunk, usage_chunk), streams, rid)
         outs = await collect(request, streams)
@@ -691,13 +740,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             model=model,
             choices=[
                 ChatChoice(
-                    message=AssistantMessage(content=o.text),
+                    message=AssistantMessage(content=echo_text + o.text),
                     logprobs=chat_lp(outs[0], o.token_ids),
                     finish_reason=o.finish_reason,
                     stop_reason=o.stop_reason,
                 )
             ],
             usage=usage_of(outs),
+            prompt_logprobs=prompt_logprobs_json(outs[0].prompt_logprobs),
         )
         return JSONResponse(resp.model_dump())
 
