@@ -80,15 +80,19 @@ def plan_prompt_rows(
     offset = 0
     for row in rows:
         state = states[row.request_id]
-        k = state.params.prompt_logprobs
         c, n = row.num_computed_tokens, row.num_new_tokens
-        if k is not None:
+        if state.prompt_pending:
+            k = state.params.prompt_logprobs
+            assert k is not None
             prompt = state.prompt_token_ids
-            end = min(c + n, len(prompt) - 1)
+            last = len(prompt) - 1
+            end = min(c + n, last)
             if end > c:
                 picked.append((row.request_id, c, end - c, k))
                 index.extend(range(offset, offset + end - c))
                 targets.extend(prompt[c + 1 : end + 1])
+            if c + n >= last:
+                states.prompt_done(state)
         offset += n
     if not picked:
         return None

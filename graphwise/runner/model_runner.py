@@ -280,7 +280,7 @@ class ModelRunner:
         finally:
             trace.pop()
         prompt = None
-        if self.requests.num_special and self.parallel.is_first_stage:
+        if self.requests.num_prompt_pending and self.parallel.is_first_stage:
             prompt = self._prompt_logprobs(step, hidden)
         req_ids = [r.request_id for r in inputs.sampled]
         if not req_ids:
