@@ -46,11 +46,13 @@ logger = logging.getLogger(__name__)
 # ---- replica process -------------------------------------------------------------------------
 def _slim(out: RequestOutput) -> RequestOutput:
     """What crosses the pipe: no prompt ids, and for a running request no cumulative text or
-    token list (the front rebuilds those from the deltas)."""
+    token list (the front rebuilds those from the deltas); its logprobs are the step's own."""
     out.prompt_token_ids = []
     if not out.finished:
         o = out.outputs[0]
-        out.outputs[0] = CompletionOutput(o.index, "", [], o.finish_reason, o.stop_reason)
+        out.outputs[0] = CompletionOutput(
+            o.index, "", [], o.finish_reason, o.stop_reason, o.logprobs, o.cumulative_logprob
+        )
     return out
 
 
