@@ -3,7 +3,8 @@
 # Used with the device tool (PYTHONPATH=. is the whole installation; missing pure-Python wheels
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
-#                      [capture] [moe] [kernels] [tp2] [models-tests] [models]
+#                      [capture] [moe] [kernels] [tp2] [models-tests] [models] [sampling]
+#                      [quant-kernels]
 #   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   models-tests: the GPU tests of issue 16's families (tiny models vs HF on Triton, graphs vs
@@ -12,6 +13,9 @@
 #   per preset: latency-<preset>-${GPU_TAG:-h200}.json. All five take longer than one 10-minute
 #   device call: split them, e.g. MODEL_PRESETS="qwen3-8b gemma-2-9b mistral-7b", then
 #   MODEL_PRESETS="qwen3-30b-a3b mixtral-8x7b".
+#   quant-kernels: the GPU tests of the GGUF / INT4 packed-weight kernels, then
+#   scripts/quant_kernel_bench.py (Qwen2.5-7B shapes, M 1/8/64 or QK_M) into
+#   quant-kernels-${GPU_TAG:-h200}.json.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -89,6 +93,13 @@ for step in "${steps[@]}"; do
         2>&1 | tee "$OUT/latency-tp2.log" | grep -v "it/s\]" | tail -12 || status=1
       timeout 300 python3 scripts/tp_auto_check.py --output "$OUT/auto-tp2-${TAG}x2.json" \
         2>&1 | tee "$OUT/auto-tp2.log" | grep -v "it/s\]" | tail -25 || status=1 ;;
+    sampling)
+      # issue 15: every request with logprobs=5 and all three penalties against the plain
+      # step, same run (target: bs64 <= 1.10x).
+      timeout 420 python3 -m graphwise.cli bench latency --preset qwen2.5-7b \
+        --batch-sizes "${SAMPLING_BATCH:-1,64}" --input-len 32 --output-len "${SAMPLING_OUT:-256}" \
+        --compare graph,graph-sampling --output "$OUT/sampling-$TAG.json" \
+        2>&1 | tee "$OUT/sampling.log" | grep -v "it/s\]" | tail -12 || status=1 ;;
     models-tests)
       timeout 540 python3 -m pytest tests/gpu/test_new_models_gpu.py tests/kernels/test_window_softcap.py \
         -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/models-gpu-tests.log" | tail -15 || status=1 ;;
@@ -103,6 +114,11 @@ for step in "${steps[@]}"; do
           --compare "${MODELS_COMPARE:-eager,graph}" --output "$OUT/latency-$preset-${GPU_TAG:-h200}.json" \
           2>&1 | tee "$OUT/latency-$preset.log" | grep -v "it/s\]" | tail -12 || status=1
       done ;;
+    quant-kernels)
+      timeout 300 python3 -m pytest tests/kernels/test_gguf_quant.py tests/kernels/test_int4_quant.py \
+        -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/quant-kernels-tests.log" | tail -15 || status=1
+      timeout 400 python3 scripts/quant_kernel_bench.py --m "${QK_M:-1,8,64}" \
+        --out "$OUT/quant-kernels-$TAG.json" 2>&1 | tee "$OUT/quant-kernels.log" | tail -5 || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

@@ -22,7 +22,24 @@ from graphwise.config import add_engine_args, engine_config_from_args
 
 logger = logging.getLogger(__name__)
 # "-sync": async scheduling off for that run (each step waits for its own tokens).
-MODES = ("eager", "graph", "eager-sync", "graph-sync", "hf", "hf-static")
+# "-sampling": every request also asks for what --sampling names (logprobs and penalties by
+# default), to price the sampling features against the plain step in the same run.
+MODES = (
+    "eager",
+    "graph",
+    "eager-sync",
+    "graph-sync",
+    "eager-sampling",
+    "graph-sampling",
+    "hf",
+    "hf-static",
+)
+DEFAULT_SAMPLING = {
+    "logprobs": 5,
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "repetition_penalty": 1.1,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +49,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=5, help="decode steps not timed")
     parser.add_argument("--compare", default="eager,graph,hf", help=f"any of {','.join(MODES)}")
     parser.add_argument("--output", default=None, help="write the JSON result here")
+    parser.add_argument(
+        "--sampling",
+        default=json.dumps(DEFAULT_SAMPLING),
+        help="JSON object of SamplingParams fields every request of a -sampling mode adds",
+    )
     add_engine_args(parser)
+
+
+def parse_sampling(text: str) -> dict[str, Any]:
+    """--sampling as SamplingParams fields, checked by building one (a clear error if not)."""
+    from graphwise.sampling_params import SamplingParams
+
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--sampling is not valid JSON: {exc}") from exc
+    if not isinstance(extra, dict):
+        raise ValueError(f"--sampling must be a JSON object, got {text!r}")
+    try:
+        SamplingParams(**extra)
+    except TypeError as exc:
+        raise ValueError(f"--sampling: {exc}") from exc
+    return extra
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -64,6 +103,7 @@ def measure_graphwise(
     use_graph: bool,
     seed: int,
     async_scheduling: bool | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time every engine.step() of one batch. With async scheduling a step() call launches a
     step and waits for the previous one, so in steady state its duration is the pipeline's
@@ -77,13 +117,15 @@ def measure_graphwise(
     engine.set_cuda_graphs_enabled(use_graph)
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0, max_tokens=output_len, ignore_eos=True, **(sampling or {})
+    )
     waiting_first = {
         engine.add_request(None, params, [rng.randrange(vocab) for _ in range(input_len)])
         for _ in range(batch)
     }
     graph_steps = engine.get_stats().steps_graph
-    prefill_s, steps = 0.0, []
+    prefill_s, steps, with_logprobs = 0.0, [], 0
     try:
         _sync(engine.device)
         while engine.has_unfinished_requests():
@@ -92,6 +134,8 @@ def measure_graphwise(
             outputs = engine.step()  # ends in the host sync for a step's sampled tokens
             dt = time.perf_counter() - t
             waiting_first.difference_update(o.request_id for o in outputs)
+            # Proof the -sampling modes did the work they price: logprobs came back.
+            with_logprobs += sum(1 for o in outputs if o.finished and o.outputs[0].logprobs)
             if prefilling:
                 prefill_s += dt
             else:
@@ -105,6 +149,7 @@ def measure_graphwise(
         "steps": steps,
         "graph_replays": engine.get_stats().steps_graph - graph_steps,
         "async_scheduling": used_async,
+        "requests_with_logprobs": with_logprobs,
     }
 
 
@@ -198,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input_len < 1 or args.output_len < 2:
         raise ValueError("--input-len must be >= 1 and --output-len >= 2")
     want_graph = any(m.startswith("graph") for m in modes)
+    sampling = parse_sampling(args.sampling)
     overrides: dict[str, Any] = dict(
         max_num_seqs=max(batch_sizes),
         max_model_len=args.max_model_len or args.input_len + args.output_len + args.block_size,
@@ -224,9 +270,12 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = []
     for b in batch_sizes:
-        # Mean bytes per decode step: all weights, plus every sequence's KV so far.
+        # Mean bytes per decode step: the weights (only the experts a batch picks), plus every
+        # sequence's KV so far.
         mean_context = args.input_len + args.output_len / 2
-        floor_bytes = weights_bytes + b * mean_context * kv_per_token
+        floor_bytes = engine.model_config.decode_step_bytes(
+            weights_bytes, engine.dtype, b, mean_context
+        )
         floor_ms = floor_bytes / bandwidth * 1e3
         for mode in modes:
             logger.info("batch %d: %s", b, mode)
@@ -239,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
                     mode.startswith("graph"),
                     seed=b,
                     async_scheduling=False if mode.endswith("-sync") else None,
+                    sampling=sampling if mode.endswith("-sampling") else None,
                 )
             else:
                 r = measure_hf(hf_model, b, args.input_len, args.output_len, mode == "hf-static", b)
@@ -258,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
             "output_len": args.output_len,
             "warmup_steps": args.warmup_steps,
             "compare": modes,
+            "sampling": sampling if any(m.endswith("-sampling") for m in modes) else None,
         },
         "environment": environment(device),
         "copy_bandwidth_bytes_per_s": bandwidth,

@@ -129,10 +129,12 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int] = field(default_factory=list)
     # By row, like sampled_token_ids: None where the request asked for no logprobs (all None,
     # or empty, when none did).
-    logprobs: list[SampleLogprobs | None] = field(default_factory=list)
-    used_cuda_graph: bool = False
+    # Keyword-only from here: a positional flag once landed in `logprobs` (a graph step's
+    # True), which only a GPU run showed.
+    logprobs: list[SampleLogprobs | None] = field(default_factory=list, kw_only=True)
+    used_cuda_graph: bool = field(default=False, kw_only=True)
     # By request, for the rows of requests with prompt_logprobs whose chunk covers prompt
     # positions (whether or not the row samples).
-    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict, kw_only=True)
     # Requests the runner found it could not run (a row it cannot build inputs for), with why.
-    errors: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict, kw_only=True)

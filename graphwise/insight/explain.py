@@ -609,7 +609,7 @@ def explain_batch(
     )
     mc = engine.model_config
     weights = engine.memory_plan.weights_bytes
-    step_bytes = weights + batch_size * ctx_len * mc.kv_bytes_per_token(engine.dtype)
+    step_bytes = mc.decode_step_bytes(weights, engine.dtype, batch_size, ctx_len)
     return {
         "batch_size": batch_size,
         "context_len": ctx_len,

@@ -312,6 +312,38 @@ class ModelConfig:
         elem = torch.empty(0, dtype=dtype).element_size()
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
 
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one routed expert (gate, up and down projections) in one layer; 0 if dense.
+        Mixtral names its expert size `intermediate_size`, the Qwen MoEs `moe_intermediate_size`."""
+        if not self.num_experts:
+            return 0
+        size = self.moe_intermediate_size or self.intermediate_size
+        elem = torch.empty(0, dtype=dtype).element_size()
+        return 3 * self.hidden_size * size * elem
+
+    def decode_step_bytes(
+        self, weights_bytes: int, dtype: torch.dtype, batch_size: int, context_len: float
+    ) -> float:
+        """Bytes a decode step must read at least: the weights, except the routed experts no
+        token of the batch picks, plus each sequence's KV (a sliding-window layer reads only its
+        window). With top-k of E experts chosen uniformly, an expert is missed by one token with
+        probability 1 - k/E, so the batch reads E * (1 - (1 - k/E) ** batch) experts per layer on
+        average: the floor of a MoE at batch 1 is its active parameters, not all of them."""
+        per_expert = self.expert_bytes(dtype)
+        moe_layers = sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        unread = 0.0
+        if per_expert and moe_layers and self.num_experts_per_tok:
+            e, k = self.num_experts, self.num_experts_per_tok
+            read = e * (1.0 - (1.0 - k / e) ** batch_size)
+            unread = moe_layers * (e - read) * per_expert
+        elem = torch.empty(0, dtype=dtype).element_size()
+        per_layer_token = 2 * self.num_key_value_heads * self.head_dim * elem
+        kv = 0.0
+        for i in range(self.num_hidden_layers):
+            window = self.layer_sliding_window(i)
+            kv += per_layer_token * (min(context_len, window) if window else context_len)
+        return weights_bytes - unread + batch_size * kv
+
 
 def check_parallel_config(mc: ModelConfig, tp: int, pp: int) -> None:
     """A clear ValueError when the model does not split this way (the vocabulary is padded)."""

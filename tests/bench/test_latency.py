@@ -34,6 +34,41 @@ def test_bench_latency_writes_complete_result(tiny_model_dir, tmp_path):
     assert result["environment"]["device_type"] == "cpu"
 
 
+def test_bench_latency_prices_sampling_features(tiny_model_dir, tmp_path):
+    """-sampling modes: every request adds --sampling's fields (logprobs come back)."""
+    out = tmp_path / "latency.json"
+    sampling = '{"logprobs": 3, "presence_penalty": 0.5, "repetition_penalty": 1.2}'
+    rc = main(
+        [
+            "bench", "latency", "--model", str(tiny_model_dir("qwen2")), "--batch-sizes", "2",
+            "--input-len", "8", "--output-len", "6", "--warmup-steps", "1",
+            "--compare", "eager,eager-sampling", "--sampling", sampling, "--output", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["sampling"] == json.loads(sampling)
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert rows["eager-sampling"]["requests_with_logprobs"] == 2
+    assert rows["eager"]["requests_with_logprobs"] == 0
+
+
+@pytest.mark.parametrize(
+    "sampling, message",
+    [("{", "not valid JSON"), ("[1]", "JSON object"), ('{"logprob": 1}', "logprob")],
+)
+def test_bench_latency_names_a_bad_sampling_option(tiny_model_dir, sampling, message, capsys):
+    rc = main(
+        [
+            "bench", "latency", "--model", str(tiny_model_dir("qwen2")),
+            "--compare", "eager-sampling", "--sampling", sampling,
+        ]
+    )  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--sampling" in err and message in err
+
+
 @pytest.mark.slow  # starts a second rank
 def test_bench_latency_switches_modes_on_every_rank_under_tp(tiny_model_dir, tmp_path):
     """Graphs on or off for a run is a call every rank makes (it used to be rank 0's alone,

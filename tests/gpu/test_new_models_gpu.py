@@ -69,11 +69,18 @@ def test_tiny_models_on_triton_match_hf_and_graphs_match_eager(arch, tiny_model_
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_triton_and_torch_backends_agree(preset):
-    """The real shapes in bf16: prompt logits of the Triton path against the PyTorch path."""
+    """The real shapes in bf16: prompt logits of the Triton path against the PyTorch path.
+
+    Mixtral runs in fp32: its dummy router's top-2 of 8 sits on near-ties, and bf16 rounding
+    differences between the two attention paths flip some tokens' experts, each flip swapping
+    half that token's MLP output (7% logits error on the H200, 2026-12-01); 128 experts top-8
+    (Qwen3-MoE) dilute a flip to an eighth. In fp32 both paths route alike."""
+    fp32 = preset == "mixtral-8x7b"
     outs = {}
     for backend in ("torch", "triton"):
         llm = LLM(
             preset=preset,
+            dtype="float32" if fp32 else "auto",
             num_layers=2,
             max_model_len=256,
             max_num_seqs=8,
@@ -88,7 +95,7 @@ def test_presets_triton_and_torch_backends_agree(preset):
         torch.cuda.empty_cache()
     ref, got = outs["torch"], outs["triton"]
     rel = (got - ref).norm() / ref.norm()
-    assert rel < 2e-2, rel
+    assert rel < (1e-3 if fp32 else 2e-2), rel
 
 
 @pytest.mark.parametrize("preset", ["gemma-2-9b", "mistral-7b", "qwen3-30b-a3b"])

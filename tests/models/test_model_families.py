@@ -338,3 +338,34 @@ def test_presets_build_with_hf_shapes_and_published_sizes(preset):
     if preset == "gemma-2-9b":
         assert mc.layer_types[:2] == ["sliding_attention", "full_attention"]
         assert (mc.attn_logit_softcapping, mc.final_logit_softcapping) == (50.0, 30.0)
+
+
+def test_decode_floor_counts_experts_read_and_windows():
+    """The decode floor: a dense model reads all weights plus every token's KV; a MoE at batch 1
+    reads only the k experts it routes to per layer, and nearly all of them at a large batch;
+    a sliding-window layer reads at most its window of KV."""
+    dtype = torch.bfloat16
+    mix = ModelConfig.from_dict(json.loads((PRESET_DIR / "mixtral-8x7b.json").read_text()))
+    per_expert = 3 * mix.hidden_size * mix.intermediate_size * 2
+    assert mix.expert_bytes(dtype) == per_expert
+    weights = 10**11
+    kv = mix.kv_bytes_per_token(dtype)
+    at1 = mix.decode_step_bytes(weights, dtype, 1, 100)
+    # top-2 of 8: six experts per layer are not read.
+    assert at1 == pytest.approx(weights - 6 * mix.num_hidden_layers * per_expert + 100 * kv)
+    at256 = mix.decode_step_bytes(weights, dtype, 256, 100)
+    assert at256 == pytest.approx(weights + 256 * 100 * kv, rel=1e-6)
+
+    dense = ModelConfig.from_dict(json.loads((PRESET_DIR / "qwen2.5-7b.json").read_text()))
+    kv = dense.kv_bytes_per_token(dtype)
+    assert dense.decode_step_bytes(weights, dtype, 8, 300) == weights + 8 * 300 * kv
+
+    gemma = ModelConfig.from_dict(json.loads((PRESET_DIR / "gemma-2-9b.json").read_text()))
+    window = gemma.sliding_window
+    assert window is not None
+    sliding = sum(gemma.is_sliding(i) for i in range(gemma.num_hidden_layers))
+    assert 0 < sliding < gemma.num_hidden_layers
+    per_layer = gemma.kv_bytes_per_token(dtype) // gemma.num_hidden_layers
+    ctx = 2 * window
+    expected = weights + per_layer * (sliding * window + (gemma.num_hidden_layers - sliding) * ctx)
+    assert gemma.decode_step_bytes(weights, dtype, 1, ctx) == expected
