@@ -17,6 +17,9 @@ class Logprob:
 
 # One generated token's entry: the sampled token and the requested most likely ones, by id.
 SampleLogprob = dict[int, Logprob]
+# With SamplingParams(prompt_logprobs=k): None for the first prompt token (nothing precedes
+# it), then per prompt token an entry like SampleLogprob's (the prompt token and the top k).
+PromptLogprobList = list[SampleLogprob | None]
 
 
 @dataclass
@@ -62,3 +65,5 @@ class RequestOutput:
     delta_token_ids: list[int] = field(default_factory=list, repr=False)
     # Why the request failed, when finish_reason is "error" (the engine kept serving the rest).
     error: str | None = None
+    # With prompt_logprobs: on the final output, and on the streamed output of the first token.
+    prompt_logprobs: PromptLogprobList | None = None

@@ -29,6 +29,9 @@ class SamplingParams:
     # Log-probabilities of each sampled token and of the `logprobs` most likely ones (0: the
     # sampled token's alone), log-softmax of the model's raw logits (vLLM's default).
     logprobs: int | None = None
+    # Log-probabilities of the prompt's tokens (each given the tokens before it; the first has
+    # none) and of the `prompt_logprobs` most likely tokens at each prompt position.
+    prompt_logprobs: int | None = None
     # Penalties (vLLM's semantics): presence and frequency over the generated tokens (OpenAI's),
     # repetition over prompt and generated tokens (HF's: divide a positive logit, multiply a
     # negative one). Filters: min_p (drop tokens under min_p x the top probability),
@@ -97,6 +100,8 @@ class SamplingParams:
                 raise ValueError("stop_token_ids must be a list of integers")
         if self.logprobs is not None and integer("logprobs") < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.prompt_logprobs is not None and integer("prompt_logprobs") < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = number(name)
             if not -2.0 <= value <= 2.0:
@@ -132,9 +137,12 @@ class SamplingParams:
 
     def for_sample(self, index: int) -> SamplingParams:
         """The parameters of sample `index` of an n > 1 request: n = 1, and seed + index when
-        seeded (vLLM V1's rule), so each sample equals a lone request with that seed."""
+        seeded (vLLM V1's rule), so each sample equals a lone request with that seed; prompt
+        logprobs are sample 0's to compute."""
         seed = None if self.seed is None else self.seed + index
-        return dataclasses.replace(self, n=1, seed=seed)
+        # The prompt is scored once, by sample 0 (the others fork from its computed prompt).
+        prompt_logprobs = self.prompt_logprobs if index == 0 else None
+        return dataclasses.replace(self, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
 
     @property
     def greedy(self) -> bool:

@@ -36,6 +36,9 @@ class NewRequest:
     min_tokens_banned: tuple[int, ...] = ()
     num_prompt_tokens: int = 0  # penalties tell prompt tokens from generated ones
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never completed
+    # The prompt, sent only with prompt_logprobs: a chunk's last position scores the next
+    # chunk's first token, which its row does not carry.
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -103,6 +106,33 @@ class SampleLogprobs:
     top_logprobs: list[float] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class PromptLogprobs:
+    """Prompt logprobs of consecutive prompt positions: entry i is computed at position
+    `start + i` and scores prompt token `start + i + 1` (its logprob and rank), with the most
+    likely tokens there (as many as the request asked for)."""
+
+    start: int
+    logprobs: list[float] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def extend(self, more: PromptLogprobs) -> None:
+        """Append the entries of `more` that come after these (a recomputed prefix, after a
+        preemption, is dropped rather than duplicated)."""
+        skip = self.start + len(self) - more.start
+        if skip < 0:
+            raise ValueError(f"prompt logprobs from {more.start} leave a gap after {self.start}")
+        self.logprobs.extend(more.logprobs[skip:])
+        self.ranks.extend(more.ranks[skip:])
+        self.top_ids.extend(more.top_ids[skip:])
+        self.top_logprobs.extend(more.top_logprobs[skip:])
+
+
 @dataclass
 class ModelRunnerOutput:
     """A step's numbers: the sampled token of each row that samples, in row order."""
@@ -115,5 +145,8 @@ class ModelRunnerOutput:
     # True), which only a GPU run showed.
     logprobs: list[SampleLogprobs | None] = field(default_factory=list, kw_only=True)
     used_cuda_graph: bool = field(default=False, kw_only=True)
+    # By request, for the rows of requests with prompt_logprobs whose chunk covers prompt
+    # positions (whether or not the row samples).
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict, kw_only=True)
     # Requests the runner found it could not run (a row it cannot build inputs for), with why.
     errors: dict[str, str] = field(default_factory=dict, kw_only=True)

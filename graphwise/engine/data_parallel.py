@@ -46,15 +46,18 @@ logger = logging.getLogger(__name__)
 # ---- replica process -------------------------------------------------------------------------
 def _slim(out: RequestOutput, several: set[str]) -> RequestOutput:
     """What crosses the pipe: no prompt ids, and for a running request no cumulative text or
-    token list (the front rebuilds those from the deltas). An n > 1 request's running outputs
-    (in `several`) are deltas already, each sample's in its own CompletionOutput."""
+    token list (the front rebuilds those from the deltas); its logprobs are the step's own. An
+    n > 1 request's running outputs (in `several`) are deltas already, each sample's in its own
+    CompletionOutput."""
     out.prompt_token_ids = []
     if out.request_id in several:
         if out.finished:
             several.discard(out.request_id)
     elif not out.finished:
         o = out.outputs[0]
-        out.outputs[0] = CompletionOutput(o.index, "", [], o.finish_reason, o.stop_reason)
+        out.outputs[0] = CompletionOutput(
+            o.index, "", [], o.finish_reason, o.stop_reason, o.logprobs, o.cumulative_logprob
+        )
     return out
 
 
@@ -259,7 +262,10 @@ class DataParallelEngine:
             raise
         self.max_model_len = infos[0]["max_model_len"]
         self.request_limits = RequestLimits(
-            self.model_config.vocab_size, self.max_model_len, config.max_logprobs
+            self.model_config.vocab_size,
+            self.max_model_len,
+            config.max_logprobs,
+            prompt_logprobs=config.pipeline_parallel_size == 1,
         )
         logger.info(
             "Data parallel: %d replicas (tp=%d, pp=%d each) ready in %.1f s",

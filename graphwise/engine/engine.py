@@ -71,7 +71,12 @@ class LLMEngine:
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
         self.max_num_batched_tokens = budget
-        self.request_limits = RequestLimits(mc.vocab_size, self.max_model_len, config.max_logprobs)
+        self.request_limits = RequestLimits(
+            mc.vocab_size,
+            self.max_model_len,
+            config.max_logprobs,
+            prompt_logprobs=config.pipeline_parallel_size == 1,
+        )
 
         vocab_limit = None
         if self.tokenizer is not None and len(self.tokenizer) < mc.vocab_size:

@@ -17,11 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphwise.core.step import PromptLogprobs
 from graphwise.engine.detokenizer import IncrementalDetokenizer
 from graphwise.engine.scheduler import RequestUpdate
 from graphwise.outputs import (
     CompletionOutput,
     Logprob,
+    PromptLogprobList,
     RequestMetrics,
     RequestOutput,
     SampleLogprob,
@@ -45,6 +47,7 @@ class RequestState:
     cumulative_logprob: float = 0.0
     index: int = 0  # which sample of an n > 1 request
     samples: Samples | None = None  # the request's samples, when n > 1
+    prompt_logprobs: PromptLogprobList | None = None  # once the prompt's are all in
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Samples:
     first_scheduled_time: float | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs_sent: bool = False
 
 
 class OutputProcessor:
@@ -140,6 +144,8 @@ class OutputProcessor:
                 state.output_token_ids.append(token)
                 state.text += state.detokenizer.push(token)
             new_logprobs = self._logprobs(state, update)
+            if update.prompt_logprobs is not None:
+                state.prompt_logprobs = self._prompt_logprobs(state, update.prompt_logprobs)
             if update.new_token_ids and state.first_token_time is None:
                 state.first_token_time = now
             p = state.params
@@ -221,6 +227,15 @@ class OutputProcessor:
         done = len(group.finals) == len(group.states)
         outputs = []
 
+        def prompt_logprobs(finished: bool) -> PromptLogprobList | None:
+            """Sample 0 computed the prompt: its prompt logprobs are the request's, handed over
+            with the first output that can carry them and again with the finished one."""
+            plp = group.states[0].prompt_logprobs
+            if plp is None or (group.prompt_logprobs_sent and not finished):
+                return None
+            group.prompt_logprobs_sent = True
+            return plp
+
         def output(completions: list[CompletionOutput], finished: bool) -> RequestOutput:
             return RequestOutput(
                 request_id=group.request_id,
@@ -229,6 +244,7 @@ class OutputProcessor:
                 outputs=completions,
                 finished=finished,
                 num_cached_tokens=group.num_cached_tokens,
+                prompt_logprobs=prompt_logprobs(finished),
                 metrics=RequestMetrics(
                     arrival_time=group.arrival_time,
                     first_scheduled_time=group.first_scheduled_time,
@@ -262,6 +278,24 @@ class OutputProcessor:
             state.cumulative_logprob += lp.logprob
         state.logprobs.extend(entries)
         return entries
+
+    def _prompt_logprobs(self, state: RequestState, pl: PromptLogprobs) -> PromptLogprobList:
+        """vLLM's shape: None for the first prompt token, then each one's entry (the prompt
+        token, its logprob and rank, and the top ones), by id."""
+        out: PromptLogprobList = [None]
+        prompt = state.prompt_token_ids
+        for i, (value, rank, ids, values) in enumerate(
+            zip(pl.logprobs, pl.ranks, pl.top_ids, pl.top_logprobs, strict=True)
+        ):
+            entry = {
+                tid: Logprob(v, r + 1, self._decode(tid))
+                for r, (tid, v) in enumerate(zip(ids, values, strict=True))
+            }
+            token = prompt[pl.start + i + 1]
+            if token not in entry:
+                entry[token] = Logprob(value, rank, self._decode(token))
+            out.append(entry)
+        return out
 
     def _decode(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
@@ -321,4 +355,7 @@ class OutputProcessor:
             delta_text=delta_text,
             delta_token_ids=list(update.new_token_ids),
             error=update.error,
+            prompt_logprobs=(
+                state.prompt_logprobs if done or update.prompt_logprobs is not None else None
+            ),
         )

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from graphwise.core.step import (
     ModelRunnerOutput,
     NewRequest,
+    PromptLogprobs,
     SampleLogprobs,
     ScheduledRow,
     SchedulerOutput,
@@ -55,6 +56,8 @@ class RequestUpdate:
     first_scheduled_time: float | None = None
     error: str | None = None  # why the request failed (finish_reason "error")
     logprobs: list[SampleLogprobs] = field(default_factory=list)  # by new token, when asked
+    # With prompt_logprobs: all of the prompt's, on the request's first update with a token.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Scheduler:
@@ -209,7 +212,7 @@ class Scheduler:
             seats = min(len(seq.forks), self.max_num_seqs - 1)  # for its samples (n > 1)
             if len(self.running) + self._reserved_seats + 1 + seats > self.max_num_seqs:
                 break
-            cached = bm.find_cached_prefix(seq)
+            cached = [] if seq.needs_prompt_logprobs else bm.find_cached_prefix(seq)
             num_cached = len(cached) * bm.block_size
             remaining = seq.num_tokens - num_cached
             if remaining > budget and not self.enable_chunked_prefill:
@@ -321,8 +324,11 @@ class Scheduler:
         banned: tuple[int, ...] = ()
         if p.min_tokens:
             banned = tuple(sorted(set(p.stop_token_ids or ()) | seq.eos_token_ids))
+        # The prompt rides along only for prompt logprobs: a chunk's last position scores the
+        # next chunk's first token.
+        prompt = tuple(seq.prompt_token_ids) if p.prompt_logprobs is not None else ()
         out.new_requests.append(
-            NewRequest(seq.request_id, p, banned, seq.num_prompt_tokens, seq.bad_words_ids)
+            NewRequest(seq.request_id, p, banned, seq.num_prompt_tokens, seq.bad_words_ids, prompt)
         )
         self._known_to_runner.add(seq.request_id)
         self._resend.discard(seq.request_id)
@@ -357,6 +363,13 @@ class Scheduler:
         seqs, sampled = self._in_flight.pop(step.step_id)
         if [s.request_id for s in sampled] != output.req_ids:
             raise RuntimeError(f"step {step.step_id}: the runner sampled other rows than planned")
+        if output.prompt_logprobs:
+            by_id = {seq.request_id: seq for seq in seqs}
+            for rid, part in output.prompt_logprobs.items():
+                seq = by_id[rid]
+                # A prompt recomputed after a preemption is not reported twice.
+                if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                    seq.prompt_logprobs.extend(part)
         got: list[tuple[Sequence, int, SampleLogprobs | None]] = []
         logprobs = output.logprobs or [None] * len(sampled)
         for seq, token, lp in zip(sampled, output.sampled_token_ids, logprobs, strict=True):
@@ -387,6 +400,9 @@ class Scheduler:
                 seq.first_scheduled_time,
                 logprobs=[lp] if lp is not None else [],
             )
+            if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                update.prompt_logprobs = seq.prompt_logprobs
+                seq.prompt_logprobs_sent = True
             if reason is not None:
                 self._finish(seq, reason, stop)
             updates.append(update)

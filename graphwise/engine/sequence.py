@@ -11,6 +11,7 @@ import enum
 import sys
 import time
 
+from graphwise.core.step import PromptLogprobs
 from graphwise.sampling_params import SamplingParams
 
 
@@ -67,11 +68,24 @@ class Sequence:
         self.num_reserved_seats = 0
         self.fork_parent: Sequence | None = None
         self.forked = False  # has shared blocks with a fork (copy-on-write may apply)
+        # With prompt_logprobs: the entries so far (chunk by chunk), handed out with the first
+        # output token.
+        self.prompt_logprobs = (
+            PromptLogprobs(0) if sampling_params.prompt_logprobs is not None else None
+        )
+        self.prompt_logprobs_sent = False
 
     @property
     def num_tokens(self) -> int:
         """Tokens known plus tokens being sampled on the GPU (what scheduling counts)."""
         return len(self.token_ids) + self.num_placeholders
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are asked for and not all computed yet: the prompt must be computed,
+        not taken from the prefix cache (vLLM's choice too)."""
+        pl = self.prompt_logprobs
+        return pl is not None and len(pl) < self.num_prompt_tokens - 1
 
     @property
     def num_output_tokens(self) -> int:

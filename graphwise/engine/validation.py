@@ -26,6 +26,8 @@ class RequestLimits:
     vocab_size: int
     max_model_len: int
     max_logprobs: int = 20
+    # Pipeline parallelism sends back only the sampled rows' hidden states: no prompt logprobs.
+    prompt_logprobs: bool = True
 
 
 def check_token_ids(ids: Sequence[object], param: str, vocab_size: int) -> None:
@@ -70,6 +72,16 @@ def check_sampling_params(params: SamplingParams, limits: RequestLimits) -> None
             f"logprobs is {params.logprobs}, more than this engine's max_logprobs "
             f"({limits.max_logprobs})",
             "logprobs",
+        )
+    if params.prompt_logprobs is not None and not limits.prompt_logprobs:
+        raise InvalidRequest(
+            "prompt_logprobs is not supported with pipeline parallelism", "prompt_logprobs"
+        )
+    if params.prompt_logprobs is not None and params.prompt_logprobs > limits.max_logprobs:
+        raise InvalidRequest(
+            f"prompt_logprobs is {params.prompt_logprobs}, more than this engine's max_logprobs "
+            f"({limits.max_logprobs})",
+            "prompt_logprobs",
         )
 
 

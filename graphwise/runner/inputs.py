@@ -32,7 +32,7 @@ class RunnerRequest:
 
     __slots__ = (
         "params", "banned", "num_prompt_tokens", "bad_words", "table", "num_blocks", "generator",
-        "special",
+        "special", "prompt_token_ids", "prompt_pending",
     )  # fmt: skip
 
     def __init__(
@@ -41,8 +41,10 @@ class RunnerRequest:
         banned: tuple[int, ...],
         num_prompt_tokens: int = 0,
         bad_words: tuple[tuple[int, ...], ...] = (),
+        prompt_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.params = params
+        self.prompt_token_ids = prompt_token_ids  # only with prompt_logprobs
         self.banned = banned
         self.num_prompt_tokens = num_prompt_tokens
         self.bad_words = bad_words
@@ -56,6 +58,9 @@ class RunnerRequest:
             or params.allowed_token_ids
             or bad_words
         )
+        # Asks for prompt logprobs, and its prompt has not all been computed here yet (counted
+        # apart: see RequestStates.num_prompt_pending).
+        self.prompt_pending = params.prompt_logprobs is not None
         self.table = np.zeros(16, dtype=np.int32)
         self.num_blocks = 0
         self.generator: torch.Generator | None = None
@@ -84,17 +89,31 @@ class RequestStates(dict[str, RunnerRequest]):
     def __init__(self) -> None:
         super().__init__()
         self.num_special = 0
+        # Requests whose prompt logprobs are still to compute: a step looks for prompt rows
+        # only while some are (runner/logprobs.py plan_prompt_rows).
+        self.num_prompt_pending = 0
 
     def __setitem__(self, key: str, value: RunnerRequest) -> None:
         old = self.get(key)
         self.num_special += int(value.special) - int(old is not None and old.special)
+        self.num_prompt_pending += int(value.prompt_pending) - int(
+            old is not None and old.prompt_pending
+        )
         super().__setitem__(key, value)
 
     def pop(self, key: str, default: RunnerRequest | None = None) -> RunnerRequest | None:  # type: ignore[override]
         value = super().pop(key, default)
-        if value is not None and value is not default and value.special:
-            self.num_special -= 1
+        if value is not None and value is not default:
+            self.num_special -= int(value.special)
+            self.num_prompt_pending -= int(value.prompt_pending)
         return value
+
+    def prompt_done(self, state: RunnerRequest) -> None:
+        """Its prompt's last logprobs are in this step (a recompute after a preemption would
+        repeat them; the scheduler drops those anyway)."""
+        if state.prompt_pending:
+            state.prompt_pending = False
+            self.num_prompt_pending -= 1
 
     def update(self, step: SchedulerOutput) -> None:
         """Forget finished requests, learn new ones, grow the block tables of this step's rows."""
@@ -106,6 +125,7 @@ class RequestStates(dict[str, RunnerRequest]):
                 new.min_tokens_banned,
                 new.num_prompt_tokens,
                 new.bad_words_ids,
+                new.prompt_token_ids,
             )
             old = self.get(new.request_id)
             if old is not None:  # sent again after a failed step: its random stream goes on

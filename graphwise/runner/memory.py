@@ -122,10 +122,11 @@ def profile_peak_activation(runner: ModelRunner, num_tokens: int, max_seq_len: i
     runner.allocate_kv_cache(sum(blocks))
     step = SchedulerOutput()
     first = 0
-    params = SamplingParams(temperature=0, max_tokens=1)
+    # With the most prompt logprobs a request may ask for: their logits slices count too.
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=runner.config.max_logprobs)
     for i, (n, b) in enumerate(zip(lengths, blocks, strict=True)):
         rid = f"profile-{i}"
-        step.new_requests.append(NewRequest(rid, params))
+        step.new_requests.append(NewRequest(rid, params, prompt_token_ids=(0,) * n))
         step.rows.append(
             ScheduledRow(
                 rid, 0, n, [0] * n, new_block_ids=list(range(first, first + b)), sample=True

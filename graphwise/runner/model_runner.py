@@ -39,8 +39,13 @@ from graphwise.runner.inputs import (
     find_bad_rows,
 )
 from graphwise.runner.logits_processors import TokenHistory, apply_logits_processors
-from graphwise.runner.logprobs import log_softmax_rows, sampled_logprobs
-from graphwise.runner.step_handle import StepHandle, to_pinned
+from graphwise.runner.logprobs import (
+    log_softmax_rows,
+    plan_prompt_rows,
+    prompt_logprobs,
+    sampled_logprobs,
+)
+from graphwise.runner.step_handle import PromptParts, StepHandle, to_pinned
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +292,12 @@ class ModelRunner:
             hidden, used_graph = self.forward(inputs)
         finally:
             trace.pop()
+        prompt = None
+        if self.requests.num_prompt_pending and self.parallel.is_first_stage:
+            prompt = self._prompt_logprobs(step, hidden)
         req_ids = [r.request_id for r in inputs.sampled]
         if not req_ids:
-            return StepHandle([], None, used_graph)
+            return self._handle([], None, used_graph, None, prompt)
         logits = None
         if self.parallel.is_first_stage:  # with TP every rank of stage 0 joins the gather
             trace.push("logits")
@@ -299,9 +307,27 @@ class ModelRunner:
                 trace.pop()
         trace.push("sample")  # everything after the logits
         try:
-            return self._sample_and_share(logits, inputs, req_ids, used_graph)
+            return self._sample_and_share(logits, inputs, req_ids, used_graph, prompt)
         finally:
             trace.pop()
+
+    def _prompt_logprobs(self, step: SchedulerOutput, hidden: torch.Tensor) -> PromptParts | None:
+        """The prompt logprobs this step's rows ask for (runner/logprobs.py), on the driver."""
+        plan = plan_prompt_rows(step.rows, self.requests, self.upload)
+        if plan is None:
+            return None
+        self.tracer.push("prompt_logprobs")
+        try:
+            out = prompt_logprobs(
+                hidden,
+                plan,
+                self.model.compute_logits,  # type: ignore[arg-type]
+                self.full_model_config.vocab_size,
+                keep=self.is_driver,
+            )
+        finally:
+            self.tracer.pop()
+        return None if out is None else (plan.rows, *out)
 
     def _sample_and_share(
         self,
@@ -309,6 +335,7 @@ class ModelRunner:
         inputs: StepInputs,
         req_ids: list[str],
         used_graph: bool,
+        prompt: PromptParts | None = None,
     ) -> StepHandle:
         logprobs = None
         if self.is_driver:
@@ -336,16 +363,28 @@ class ModelRunner:
         self._last_tokens = tokens
         if not self.is_driver:
             return StepHandle([], None, used_graph)
-        if self.device.type != "cuda":
-            return StepHandle(req_ids, tokens, used_graph, logprobs=logprobs)
+        return self._handle(req_ids, tokens, used_graph, logprobs, prompt)
+
+    def _handle(
+        self,
+        req_ids: list[str],
+        tokens: torch.Tensor | None,
+        used_graph: bool,
+        logprobs: tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor] | None,
+        prompt: PromptParts | None,
+    ) -> StepHandle:
+        if self.device.type != "cuda" or (tokens is None and prompt is None):
+            return StepHandle(req_ids, tokens, used_graph, logprobs=logprobs, prompt=prompt)
         # Copy to pinned memory behind the step and mark it: result() waits for this step only.
         # The caching host allocator does not hand the buffers out again before the copies ran.
-        host = to_pinned(tokens)
+        host = None if tokens is None else to_pinned(tokens)
         if logprobs is not None:
             logprobs = (logprobs[0], to_pinned(logprobs[1]), to_pinned(logprobs[2]))
+        if prompt is not None:
+            prompt = (prompt[0], to_pinned(prompt[1]), to_pinned(prompt[2]))
         event = torch.cuda.Event()
         event.record()
-        return StepHandle(req_ids, host, used_graph, event, logprobs)
+        return StepHandle(req_ids, host, used_graph, event, logprobs, prompt)
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         apply_logits_processors(

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from graphwise.core.step import ModelRunnerOutput, SampleLogprobs
+from graphwise.core.step import ModelRunnerOutput, PromptLogprobs, SampleLogprobs
+
+# Prompt logprobs of a step: (request id, first position, positions, k) per asking row, and the
+# [M, 1 + K] values and ids of all their positions in that order (runner/logprobs.py).
+PromptParts = tuple[list[tuple[str, int, int, int]], torch.Tensor, torch.Tensor]
 
 
 def to_pinned(x: torch.Tensor) -> torch.Tensor:
@@ -25,6 +29,7 @@ class StepHandle:
         used_cuda_graph: bool,
         event: torch.cuda.Event | None = None,
         logprobs: tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor] | None = None,
+        prompt: PromptParts | None = None,
     ) -> None:
         self._req_ids = req_ids
         self._tokens = tokens
@@ -32,12 +37,13 @@ class StepHandle:
         self._event = event
         # (row, k) of the rows that asked, their [R, 1 + K] values and ids (see _logprobs)
         self._logprobs = logprobs
+        self._prompt = prompt
 
     def result(self) -> ModelRunnerOutput:
         tokens: list[int] = []
+        if self._event is not None:
+            self._event.synchronize()
         if self._tokens is not None:
-            if self._event is not None:
-                self._event.synchronize()
             tokens = self._tokens.tolist()
         out = ModelRunnerOutput(self._req_ids, tokens, used_cuda_graph=self._used_graph)
         if self._logprobs is not None:
@@ -47,4 +53,25 @@ class StepHandle:
             for i, (row, k) in enumerate(rows):
                 v, t = vals[i], idl[i]
                 out.logprobs[row] = SampleLogprobs(v[0], int(t[0]), t[1 : k + 1], v[1 : k + 1])
+        if self._prompt is not None:
+            out.prompt_logprobs = _prompt_entries(*self._prompt)
         return out
+
+
+def _prompt_entries(
+    rows: list[tuple[str, int, int, int]], values: torch.Tensor, ids: torch.Tensor
+) -> dict[str, PromptLogprobs]:
+    vals, idl = values.tolist(), ids.tolist()
+    out: dict[str, PromptLogprobs] = {}
+    at = 0
+    for rid, start, count, k in rows:
+        v, t = vals[at : at + count], idl[at : at + count]
+        at += count
+        out[rid] = PromptLogprobs(
+            start,
+            [x[0] for x in v],
+            [int(x[0]) for x in t],
+            [x[1 : k + 1] for x in t],
+            [x[1 : k + 1] for x in v],
+        )
+    return out

@@ -40,7 +40,12 @@ from graphwise.engine.validation import (
     check_prompt_ids,
     check_sampling_params,
 )
-from graphwise.outputs import CompletionOutput, RequestOutput
+from graphwise.outputs import (
+    CompletionOutput,
+    PromptLogprobList,
+    RequestOutput,
+    SampleLogprob,
+)
 from graphwise.sampling_params import SamplingParams
 from graphwise.server.async_engine import (
     AsyncEngine,
@@ -51,7 +56,7 @@ from graphwise.server.async_engine import (
     ShutdownError,
     group_outputs,
 )
-from graphwise.server.logprobs import chat_logprobs, completion_logprobs
+from graphwise.server.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_json
 from graphwise.server.protocol import (
     MAX_PROMPTS_PER_REQUEST,
     APIError,
@@ -229,6 +234,24 @@ class ServerState:
         for (i, _), one in zip(texts, encoded, strict=True):
             ids[i] = one
         return ids
+
+    async def echo_texts(self, prompts: list[str | list[int]], ids: list[list[int]]) -> list[str]:
+        """The text `echo` puts before each completion: a text prompt as sent, an id prompt
+        decoded (in one job on a tokenizer lane)."""
+        if self.lanes is None:
+            raise APIError(
+                400, "echo needs the model's tokenizer to write the prompt's text", param="echo"
+            )
+        todo = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+
+        def decode_all(tok: Any) -> list[str]:
+            return [tok.decode(ids[i]) for i in todo]
+
+        decoded = await self.run_tokenizer(decode_all, "prompt", sum(len(ids[i]) for i in todo))
+        texts = [p if isinstance(p, str) else "" for p in prompts]
+        for i, text in zip(todo, decoded, strict=True):
+            texts[i] = text
+        return texts
 
     def submit(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[RequestStream]:
         """All of a client request's prompts into the engine, or none of them."""
@@ -542,6 +565,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         body, content_type = engine.metrics.render()
         return Response(body, media_type=content_type)
 
+    def decode_token(token: int) -> str | None:
+        """A prompt token's text, for the one logprobs entry that has none (the first)."""
+        tok = engine.engine.tokenizer
+        return None if tok is None else tok.decode([token])
+
     def card(name: str) -> ModelCard:
         return ModelCard(id=name, root=settings.model_root, max_model_len=state.max_model_len)
 
@@ -594,37 +622,71 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
         top = req.logprobs
         n = req.num_samples
-        offsets = [0] * (len(prompts) * n)  # characters already sent, by choice (text_offset)
+        choices_total = len(prompts) * n
+        offsets = [0] * choices_total  # characters already sent, by choice (text_offset)
+        echo = await state.echo_texts(prompts, all_ids) if req.echo else None
+        echoed = [False] * choices_total  # a stream echoes the prompt in a choice's first chunk
+        # Each prompt's prompt logprobs, once the engine hands them over (with the first token;
+        # an n > 1 request's with its first output and again when it finishes).
+        prompt_lps: list[PromptLogprobList | None] = [None] * len(prompts)
 
-        def choice(index: int, o: CompletionOutput) -> CompletionChoice:
-            """Choice `index` (prompt * n + sample, as OpenAI and vLLM number them) of `o`:
-            a sample's whole completion, or its delta while streaming."""
-            c = CompletionChoice(
-                index=index, text=o.text, finish_reason=o.finish_reason, stop_reason=o.stop_reason
-            )
+        def choice(i: int, o: CompletionOutput) -> CompletionChoice:
+            """Choice i * n + o.index of prompt i (prompt * n + sample, as OpenAI and vLLM
+            number them): a sample's whole completion, or its delta while streaming."""
+            index = i * n + o.index
+            text, tokens = o.text, list(o.token_ids)
+            entries: list[SampleLogprob | None] = []
             if top is not None and o.logprobs is not None:
+                entries = list(o.logprobs)
+            if req.echo_only:  # the prompt alone (its one computed token is not shown)
+                text, tokens, entries = "", [], []
+            if echo is not None and not echoed[index]:
+                echoed[index] = True
+                text = echo[i] + text
+                if top is not None:  # the prompt's tokens lead the logprobs (vLLM's rule)
+                    prompt_lp = prompt_lps[i]
+                    if prompt_lp is None:
+                        raise APIError(
+                            500, "the engine returned no prompt logprobs", "server_error"
+                        )
+                    tokens = [*all_ids[i], *tokens]
+                    entries = [*prompt_lp, *entries]
+            c = CompletionChoice(
+                index=index, text=text, finish_reason=o.finish_reason, stop_reason=o.stop_reason
+            )
+            if top is not None and (o.logprobs is not None or entries):
                 c.logprobs = completion_logprobs(
-                    o.token_ids, o.logprobs, top, offsets[index], req.return_tokens_as_token_ids
+                    tokens,
+                    entries,
+                    top,
+                    offsets[index],
+                    req.return_tokens_as_token_ids,
+                    decode_token,
                 )
                 offsets[index] += sum(
-                    len(e[t].decoded_token or "")
-                    for t, e in zip(o.token_ids, o.logprobs, strict=True)
+                    len((e[t].decoded_token if e is not None else decode_token(t)) or "")
+                    for t, e in zip(tokens, entries, strict=True)
                 )
             return c
 
         if req.stream:
 
             def chunk(i: int, out: RequestOutput) -> list[BaseModel]:
+                if out.prompt_logprobs is not None:
+                    prompt_lps[i] = out.prompt_logprobs
                 return [
-                    CompletionResponse(
-                        id=rid, created=created, model=model, choices=[choice(i * n + o.index, o)]
-                    )
+                    CompletionResponse(id=rid, created=created, model=model, choices=[choice(i, o)])
                     for o in sample_deltas(out, n)
                     # else held back (a partial UTF-8 char, a possible stop string)
-                    if o.text or o.finish_reason or (top is not None and o.token_ids)
+                    if o.text
+                    or o.finish_reason
+                    or (top is not None and o.token_ids)
+                    or (echo is not None and not echoed[i * n + o.index])
                 ]
 
             def usage_chunk(usage: UsageInfo) -> BaseModel:
+                if req.echo_only:
+                    usage = UsageInfo.of(usage.prompt_tokens, 0)
                 return CompletionResponse(
                     id=rid, created=created, model=model, choices=[], usage=usage
                 )
@@ -632,12 +694,18 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             body = events(streams, [], chunk, usage_chunk if req.include_usage else None)
             return EventStream(body, streams, rid)
         outs = await collect(request, streams)
+        choices = []
+        for i, out in enumerate(outs):
+            prompt_lps[i] = out.prompt_logprobs
+            for o in out.outputs:
+                c = choice(i, o)
+                c.prompt_logprobs = prompt_logprobs_json(out.prompt_logprobs)
+                choices.append(c)
+        usage = usage_of(outs)
+        if req.echo_only:
+            usage = UsageInfo.of(usage.prompt_tokens, 0)
         resp = CompletionResponse(
-            id=rid,
-            created=created,
-            model=model,
-            choices=[choice(i * n + o.index, o) for i, out in enumerate(outs) for o in out.outputs],
-            usage=usage_of(outs),
+            id=rid, created=created, model=model, choices=choices, usage=usage
         )
         return JSONResponse(resp.model_dump())
 
@@ -648,6 +716,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         model = state.resolve_model(req.model)
         state.check_supported(req)
         conversation = [m.template_dict() for m in req.messages]
+        # vLLM's chat echo: the last message's content leads the reply when it is the reply's
+        # role's (the assistant's: a message being continued).
+        last = conversation[-1]
+        echo_text = last["content"] if req.echo and last["role"] == "assistant" else ""
         add_generation_prompt = req.generation_prompt()
         template_kwargs = req.template_kwargs()
         tokenizer = engine.engine.tokenizer
@@ -708,7 +780,13 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 return pieces
 
             first = [
-                make([ChatStreamChoice(index=k, delta=DeltaMessage(role="assistant", content=""))])
+                make(
+                    [
+                        ChatStreamChoice(
+                            index=k, delta=DeltaMessage(role="assistant", content=echo_text)
+                        )
+                    ]
+                )
                 for k in range(n)
             ]
             usage_chunk = (lambda u: make([], u)) if req.include_usage else None
@@ -721,7 +799,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             choices=[
                 ChatChoice(
                     index=o.index,
-                    message=AssistantMessage(content=o.text),
+                    message=AssistantMessage(content=echo_text + o.text),
                     logprobs=chat_lp(o),
                     finish_reason=o.finish_reason,
                     stop_reason=o.stop_reason,
@@ -729,6 +807,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 for o in outs[0].outputs
             ],
             usage=usage_of(outs),
+            prompt_logprobs=prompt_logprobs_json(outs[0].prompt_logprobs),
         )
         return JSONResponse(resp.model_dump())
 

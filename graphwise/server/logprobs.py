@@ -8,12 +8,16 @@ dict, so the sampled token may make it one longer, as in vLLM); chat lists exact
 
 from __future__ import annotations
 
-from graphwise.outputs import Logprob, SampleLogprob
+from collections.abc import Callable
+
+from graphwise.outputs import Logprob, PromptLogprobList, SampleLogprob
 from graphwise.server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     ChatTopLogprob,
     CompletionLogprobs,
+    LogprobEntry,
+    PromptLogprobsJSON,
 )
 
 
@@ -31,21 +35,42 @@ def _ranked(entry: SampleLogprob, top: int) -> list[tuple[int, Logprob]]:
     return ranked[:top]
 
 
+# JSON has no -inf: vLLM writes a token the model rules out as this.
+MIN_LOGPROB = -9999.0
+
+
 def completion_logprobs(
-    token_ids: list[int], entries: list[SampleLogprob], top: int, offset: int, as_ids: bool
+    token_ids: list[int],
+    entries: list[SampleLogprob | None],
+    top: int,
+    offset: int,
+    as_ids: bool,
+    decode: Callable[[int], str | None] = lambda _: None,
 ) -> CompletionLogprobs:
-    """`offset`: characters of the completion before these tokens (for text_offset)."""
+    """`offset`: characters of the completion before these tokens (for text_offset). An entry
+    of None (the first prompt token's, with echo) has a null logprob; `decode` names it."""
     out = CompletionLogprobs()
     for token, entry in zip(token_ids, entries, strict=True):
+        if entry is None:
+            text = decode(token)
+            out.tokens.append(f"token_id:{token}" if as_ids or text is None else text)
+            out.token_logprobs.append(None)
+            out.text_offset.append(offset)
+            out.top_logprobs.append(None)
+            offset += len(text or "")
+            continue
         lp = entry[token]
         name = token_name(token, lp, as_ids)
         out.tokens.append(name)
-        out.token_logprobs.append(lp.logprob)
+        out.token_logprobs.append(max(lp.logprob, MIN_LOGPROB))
         out.text_offset.append(offset)
         offset += len(lp.decoded_token or "")
         if top:
-            tops = {token_name(t, v, as_ids): v.logprob for t, v in _ranked(entry, top)}
-            tops.setdefault(name, lp.logprob)
+            tops = {
+                token_name(t, v, as_ids): max(v.logprob, MIN_LOGPROB)
+                for t, v in _ranked(entry, top)
+            }
+            tops.setdefault(name, max(lp.logprob, MIN_LOGPROB))
             out.top_logprobs.append(tops)
         else:
             out.top_logprobs.append(None)
@@ -65,3 +90,20 @@ def chat_logprobs(
         head.top_logprobs = [item(ChatTopLogprob, t, v) for t, v in _ranked(entry, top)]
         content.append(head)
     return ChatLogprobs(content=content)
+
+
+def prompt_logprobs_json(entries: PromptLogprobList | None) -> PromptLogprobsJSON | None:
+    """vLLM's `prompt_logprobs` response field: the engine's list, -inf written as -9999."""
+    if entries is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {
+            str(t): LogprobEntry(
+                logprob=max(lp.logprob, MIN_LOGPROB), rank=lp.rank, decoded_token=lp.decoded_token
+            )
+            for t, lp in entry.items()
+        }
+        for entry in entries
+    ]

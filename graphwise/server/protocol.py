@@ -162,9 +162,7 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
     # ---- refused unless default: not implemented (yet)
     "use_beam_search": Refused((False, None)),
     "length_penalty": Refused((1, None)),
-    "echo": Refused((None, False)),
     "suffix": Refused((None, "")),
-    "prompt_logprobs": Refused(),
     "logprob_token_ids": Refused(),
     "return_token_ids": Refused((None, False)),
     "return_token_offsets": Refused((None, False)),
@@ -267,6 +265,13 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     # vLLM's: logprobs name tokens "token_id:<id>" instead of their text.
     return_tokens_as_token_ids: bool = False
+    # vLLM's: the prompt tokens' logprobs and the top `prompt_logprobs` at each, returned in
+    # the response's `prompt_logprobs` (not streamed: above 0 with stream is a 400, as in vLLM).
+    prompt_logprobs: int | None = Field(None, ge=0)
+    # Completions: the prompt's text (and with logprobs, its tokens') before the completion's.
+    # Chat (vLLM's meaning): the last message's content before the reply's, when that message
+    # is the assistant's (the role of the reply).
+    echo: bool | None = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's: the response id is "<cmpl|chatcmpl>-<request_id>" (the engine's own id stays
@@ -284,6 +289,12 @@ class _SamplingRequest(BaseModel):
                 refuse_unless_default(name, value, rule)
             elif rule is None:
                 unknown.append(name)
+        if self.stream and self.prompt_logprobs:
+            raise APIError(
+                400,
+                "prompt_logprobs are not available when stream is true (0 is accepted)",
+                param="prompt_logprobs",
+            )
         if self.stream_options is not None:
             name = "stream_options.continuous_usage_stats"
             value = self.stream_options.continuous_usage_stats
@@ -297,6 +308,9 @@ class _SamplingRequest(BaseModel):
 
     def requested_logprobs(self) -> int | None:
         return None
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
 
     def logit_bias_ids(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -373,6 +387,7 @@ class _SamplingRequest(BaseModel):
                 seed=self.seed,
                 skip_special_tokens=self.skip_special_tokens,
                 logprobs=self.requested_logprobs(),
+                prompt_logprobs=self.requested_prompt_logprobs(),
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
                 repetition_penalty=1.0
@@ -400,9 +415,33 @@ class CompletionRequest(_SamplingRequest):
     # OpenAI's legacy completions: the top `logprobs` of each token (0: the token's own only);
     # the engine caps it at max_logprobs.
     logprobs: int | None = Field(None, ge=0)
+    # 0 only with echo (vLLM's): the prompt alone comes back (one token is computed, not shown).
+    max_tokens: int | None = Field(None, ge=0)
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    def requested_prompt_logprobs(self) -> int | None:
+        # With echo, the prompt's tokens are listed in `logprobs` too (vLLM's rule).
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the response holds the prompt and nothing generated."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    def requested_max_tokens(self) -> int | None:
+        if self.max_tokens == 0:
+            if not self.echo:
+                raise APIError(
+                    400,
+                    "max_tokens must be at least 1 (0 is accepted only with echo)",
+                    param="max_tokens",
+                )
+            return 1
+        return self.max_tokens
 
     def prompt_list(self) -> tuple[list[str | list[int]], bool]:
         """The prompts, and whether the request is a batch (a list of prompts, even of one):
@@ -526,12 +565,25 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class LogprobEntry(BaseModel):
+    """vLLM's Logprob in its `prompt_logprobs` lists (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's `prompt_logprobs`: None for the first prompt token, then by token id (as a string).
+PromptLogprobsJSON = list[dict[str, LogprobEntry] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsJSON | None = None  # vLLM's, not streamed
 
 
 class CompletionResponse(_Response):
@@ -571,6 +623,7 @@ class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobsJSON | None = None  # vLLM's, not streamed
 
 
 class DeltaMessage(BaseModel):

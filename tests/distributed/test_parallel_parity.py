@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from graphwise import SamplingParams
+from graphwise.engine.validation import InvalidRequest
 from tests.conftest import hf_greedy
 from tests.distributed.conftest import GREEDY, generate, prompts, worker_pids
 
@@ -244,6 +245,60 @@ def test_tp_logprobs_equal_single_device(tiny_model_dir, make_llm):
     for a, b in zip(one.logprobs, tp.logprobs, strict=True):
         assert list(a) == list(b)
         assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+def test_tp_prompt_logprobs_equal_single_device(tiny_model_dir, make_llm):
+    """Every rank computes the prompt positions' logits (the gather), rank 0 alone reports."""
+    path = tiny_model_dir("qwen2")
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=3)
+    got = []
+    for llm in (make_llm(path), make_llm(path, tensor_parallel_size=2)):
+        out = llm.generate({"prompt_token_ids": prompts()[1]}, params, use_tqdm=False)[0]
+        got.append(out.prompt_logprobs)
+    one, tp = got
+    assert one[0] is None and tp[0] is None and len(one) == len(tp) == len(prompts()[1])
+    for a, b in zip(one[1:], tp[1:], strict=True):
+        assert list(a) == list(b)
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 and a[t].rank == b[t].rank for t in a)
+
+
+def test_dp_logprobs_cross_the_pipe(tiny_model_dir, make_llm):
+    """Sample and prompt logprobs reach the front as one engine gives them, streamed too."""
+    path = tiny_model_dir("qwen2")
+    params = SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, logprobs=2, prompt_logprobs=2
+    )
+    reqs = [{"prompt_token_ids": p} for p in prompts()[:2]]
+    one = make_llm(path).generate(reqs, params, use_tqdm=False)
+    dp = make_llm(path, data_parallel_size=2)
+
+    def same(a, b) -> bool:  # other batches: float32 sums in another order
+        return len(a) == len(b) and all(
+            x is y is None
+            or (list(x) == list(y) and all(abs(x[t].logprob - y[t].logprob) < 1e-5 for t in x))
+            for x, y in zip(a, b, strict=True)
+        )
+
+    for a, b in zip(one, dp.generate(reqs, params, use_tqdm=False), strict=True):
+        assert same(a.prompt_logprobs, b.prompt_logprobs)
+        assert same(a.outputs[0].logprobs, b.outputs[0].logprobs)
+    engine = dp.llm_engine
+    rid = engine.add_request(None, params, prompt_token_ids=prompts()[0])
+    streamed, plp = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if not out.finished:
+                streamed.extend(out.outputs[0].logprobs)
+            plp = plp or out.prompt_logprobs
+    assert out.request_id == rid and same(streamed, one[0].outputs[0].logprobs[: len(streamed)])
+    assert len(streamed) >= 3 and same(plp, one[0].prompt_logprobs)
+
+
+def test_pp_refuses_prompt_logprobs(tiny_model_dir, make_llm):
+    llm = make_llm(tiny_model_dir("llama"), pipeline_parallel_size=2)
+    params = SamplingParams(max_tokens=2, prompt_logprobs=1)
+    with pytest.raises(InvalidRequest, match="pipeline parallelism"):
+        llm.generate({"prompt_token_ids": prompts()[1]}, params, use_tqdm=False)
 
 
 def test_tp_penalties_and_filters_equal_single_device(tiny_model_dir, make_llm):

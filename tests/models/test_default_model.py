@@ -53,3 +53,21 @@ def test_batched_generation_matches_one_by_one(default_llm):
     single = [default_llm.generate(p, params, use_tqdm=False)[0] for p in prompts]
     assert [o.outputs[0].token_ids for o in batched] == [o.outputs[0].token_ids for o in single]
     assert [o.prompt for o in batched] == prompts
+
+
+def test_default_prompt_logprobs_equal_hf(default_llm, hf_default):
+    """Real weights: each prompt token's logprob, rank and the top 5 equal HF's log-softmax."""
+    tok, model = hf_default
+    ids = tok.encode("The three primary colors are red, yellow and blue. The sky is")
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=5)
+    (out,) = default_llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for i, entry in enumerate(out.prompt_logprobs[1:]):
+        token = ids[i + 1]
+        assert entry[token].logprob == pytest.approx(ref[i, token].item(), abs=1e-3)
+        assert entry[token].rank == int((ref[i] > ref[i, token]).sum()) + 1
+        top = ref[i].topk(5)
+        assert list(entry)[:5] == top.indices.tolist()
+        assert entry[token].decoded_token == tok.decode([token])

@@ -199,6 +199,7 @@ def test_activation_profile_keeps_positions_within_the_model(monkeypatch):
     class FakeRunner:
         block_size = 16
         device = "cuda"
+        config = SimpleNamespace(max_logprobs=20)
 
         def allocate_kv_cache(self, n: int) -> None:
             self.blocks = n
@@ -219,6 +220,11 @@ def test_activation_profile_keeps_positions_within_the_model(monkeypatch):
     assert [r.num_new_tokens for r in step.rows] == [1000, 1000, 500]
     assert [r.num_tokens_after for r in step.rows] == [1000, 1000, 500]
     assert all(r.sample and r.num_computed_tokens == 0 for r in step.rows)
+    # the peak includes the prompt-logprobs slices of the most a request may ask for
+    assert all(
+        n.sampling_params.prompt_logprobs == 20 and len(n.prompt_token_ids) == r.num_new_tokens
+        for n, r in zip(step.new_requests, step.rows, strict=True)
+    )
     tables = [r.new_block_ids for r in step.rows]
     assert [len(t) for t in tables] == [63, 63, 32] and runner.blocks == 158
     flat = [b for t in tables for b in t]

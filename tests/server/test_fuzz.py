@@ -119,7 +119,7 @@ VALID_IDS = st.lists(st.integers(0, 49151), min_size=1, max_size=40)
 # Values the server should accept (some combinations still fail, e.g. min_tokens > max_tokens).
 SAMPLING = {
     "model": st.sampled_from(["fake", None]),  # (TEXT, among the hostile values, is any name)
-    "max_tokens": st.one_of(st.none(), st.integers(1, 70)),
+    "max_tokens": st.one_of(st.none(), st.integers(0, 70)),  # 0: with echo only
     "temperature": st.one_of(st.none(), st.floats(0, 2), st.sampled_from([1e-40, 5e-324, 1e-5])),
     "top_p": st.one_of(st.none(), st.floats(5e-324, 1), st.just(1)),
     "top_k": st.one_of(st.none(), st.just(-1), st.integers(1, 2**63)),
@@ -134,7 +134,8 @@ SAMPLING = {
     "stream_options": st.one_of(st.none(), st.fixed_dictionaries({"include_usage": st.booleans()})),
     "user": TEXT,
     "logprobs": st.sampled_from([None, False]),  # the defaults of what is not implemented
-    "echo": st.sampled_from([None, False]),
+    "echo": st.sampled_from([None, False, True]),
+    "prompt_logprobs": st.sampled_from([None, 0, 2]),
     "response_format": st.sampled_from([None, {"type": "text"}]),
     "presence_penalty": st.sampled_from([None, 0, 0.0, 0.5]),  # 0.5: refused by name
     "priority": st.sampled_from([0, 1]),
