@@ -12,6 +12,9 @@
 #   per preset: latency-<preset>-${GPU_TAG:-h200}.json. All five take longer than one 10-minute
 #   device call: split them, e.g. MODEL_PRESETS="qwen3-8b gemma-2-9b mistral-7b", then
 #   MODEL_PRESETS="qwen3-30b-a3b mixtral-8x7b".
+#   quant: issue 17's GPU tests of the FP8 paths, then `bench latency` on qwen2.5-7b (dummy
+#   weights, batch 1 and 64, graphs) in bf16 and with quantization=fp8 (QUANT_FORMATS), merged
+#   by benchmarks/quant_report.py into quant-${GPU_TAG:-h200}.json.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -103,6 +106,18 @@ for step in "${steps[@]}"; do
           --compare "${MODELS_COMPARE:-eager,graph}" --output "$OUT/latency-$preset-${GPU_TAG:-h200}.json" \
           2>&1 | tee "$OUT/latency-$preset.log" | grep -v "it/s\]" | tail -12 || status=1
       done ;;
+    quant)
+      timeout 300 python3 -m pytest tests/gpu/test_quant_gpu.py -m gpu -q -rA -p no:cacheprovider \
+        2>&1 | tee "$OUT/quant-gpu-tests.log" | grep -v "^PASSED" | tail -20 || status=1
+      for weights in ${QUANT_FORMATS:-bf16 fp8}; do
+        qflag=(); [ "$weights" = bf16 ] || qflag=(--quantization "$weights")
+        timeout 300 python3 -m graphwise.cli bench latency --preset qwen2.5-7b --load-format dummy \
+          "${qflag[@]}" --batch-sizes "${QUANT_BATCH:-1,64}" --input-len 32 \
+          --output-len "${QUANT_OUT:-256}" --compare graph --output "$OUT/latency-quant-$weights.json" \
+          2>&1 | tee "$OUT/latency-quant-$weights.log" | grep -v "it/s\]" | tail -6 || status=1
+      done
+      python3 benchmarks/quant_report.py "$OUT" --output "$OUT/quant-$TAG.json" \
+        2>&1 | tee -a "$OUT/quant.log" || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
