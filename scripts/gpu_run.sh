@@ -109,9 +109,13 @@ for step in "${steps[@]}"; do
     quant)
       timeout 300 python3 -m pytest tests/gpu/test_quant_gpu.py -m gpu -q -rA -p no:cacheprovider \
         2>&1 | tee "$OUT/quant-gpu-tests.log" | grep -v "^PASSED" | tail -20 || status=1
+      timeout 200 python3 benchmarks/fp8_gemm_bench.py --output "$OUT/fp8-gemm-$TAG.json" \
+        2>&1 | tee "$OUT/fp8-gemm.log" | tail -30 || status=1
       for weights in ${QUANT_FORMATS:-bf16 fp8}; do
-        qflag=(); [ "$weights" = bf16 ] || qflag=(--quantization "$weights")
-        timeout 300 python3 -m graphwise.cli bench latency --preset qwen2.5-7b --load-format dummy \
+        # "fp8-skinny<M>": fp8 with the Triton skinny kernel up to M rows (a measurement knob)
+        qflag=(); [ "$weights" = bf16 ] || qflag=(--quantization "${weights%%-*}")
+        skinny=${weights#fp8-skinny}; [ "$skinny" = "$weights" ] && skinny=${GRAPHWISE_FP8_SKINNY_MAX_M:-}
+        GRAPHWISE_FP8_SKINNY_MAX_M=$skinny timeout 300 python3 -m graphwise.cli bench latency --preset qwen2.5-7b --load-format dummy \
           "${qflag[@]}" --batch-sizes "${QUANT_BATCH:-1,64}" --input-len 32 \
           --output-len "${QUANT_OUT:-256}" --compare graph --output "$OUT/latency-quant-$weights.json" \
           2>&1 | tee "$OUT/latency-quant-$weights.log" | grep -v "it/s\]" | tail -6 || status=1

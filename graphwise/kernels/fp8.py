@@ -225,3 +225,95 @@ def w8a8_block_fp8_matmul(
         num_stages=3 if torch.cuda.is_available() else 1,
     )
     return c
+
+
+@triton.jit
+def _fp8_skinny_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Few rows of x against many rows of w: each program owns BLOCK_N output features and
+    # streams their fp8 rows once, upcast to x's dtype in registers; the row scales are
+    # applied once at the end (y = (x w_q^T) * s).
+    pid_n = tl.program_id(0)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    m_mask = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_mask = k < K
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + k[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + rn[None, :] * stride_wn + k[:, None],
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        acc += tl.dot(x, w.to(x.dtype))
+    s = tl.load(s_ptr + rn, mask=n_mask, other=0.0)
+    acc = acc * s[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
+
+
+def fp8_skinny_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    row_scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_n: int = 16,
+    block_k: int = 256,
+) -> torch.Tensor:
+    """y = x (w * row_scales)^T (+ bias) for a few rows of x (decode): the weight is read once,
+    in fp8, and x stays in its dtype (no activation quantization, no extra kernel)."""
+    assert x.dim() == 2 and x.stride(-1) == 1 and w.stride(-1) == 1
+    M, K = x.shape
+    N = w.shape[0]
+    assert M <= 16, "fp8_skinny_matmul is for decode-sized batches"
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    _fp8_skinny_kernel[(triton.cdiv(N, block_n),)](
+        x,
+        w,
+        row_scales,
+        bias if bias is not None else row_scales,
+        y,
+        M,
+        N,
+        K,
+        x.stride(0),
+        w.stride(0),
+        y.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=16,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+        num_stages=4 if torch.cuda.is_available() else 1,
+    )
+    return y

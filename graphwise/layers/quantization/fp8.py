@@ -19,6 +19,7 @@ Compute:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from graphwise.kernels.fp8 import (
     FP8_MAX,
     MIN_SCALE,
     dequantize_blockwise,
+    fp8_skinny_matmul,
     per_token_group_quant_fp8,
     w8a8_block_fp8_matmul,
 )
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
     from graphwise.layers.linear import Linear
 
 WEIGHT_STRATEGIES = ("tensor", "channel", "block")
+# Up to this many rows, row-scaled FP8 weights multiply bf16 activations directly in a Triton
+# kernel (no activation quantization kernel, weights read once in fp8); above, _scaled_mm.
+# GRAPHWISE_FP8_SKINNY_MAX_M overrides it (0 turns the kernel off) for measurements.
+SKINNY_MAX_M = int(os.environ.get("GRAPHWISE_FP8_SKINNY_MAX_M", "0"))
 # "token": dynamic per-token scales; "tensor": a static per-tensor scale from the checkpoint;
 # "group": dynamic per (token, block_k columns) scales (the block format); None: weight-only.
 ACTIVATION_SCHEMES = ("token", "tensor", "group", None)
@@ -241,8 +247,11 @@ class Fp8LinearMethod(LinearMethod):
                 layer.input_scale.data.max().reshape(1, 1), requires_grad=False
             )
         device = layer.weight.device
-        if device.type != "cuda" or self.activation is None:
+        if device.type != "cuda":
             layer.fp8_path = "dequant"
+        elif self.activation is None:
+            # weight-only: the skinny kernel for decode-sized batches, else dequantize + F.linear
+            layer.fp8_path = "dequant" if self.block is not None else "skinny"
         elif self.block is not None:
             layer.fp8_path = "block"
         else:
@@ -261,10 +270,16 @@ class Fp8LinearMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         path = layer.fp8_path
-        if path == "dequant":
-            return F.linear(x, self.dequantized_weight(layer, x.dtype), bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if path == "skinny" or (path == "scaled_mm" and x2.shape[0] <= SKINNY_MAX_M):
+            if x2.shape[0] <= 16:
+                if x2.stride(-1) != 1:
+                    x2 = x2.contiguous()
+                y = fp8_skinny_matmul(x2, layer.weight, layer.weight_scale, bias)
+                return y.reshape(*shape[:-1], y.shape[-1])
+        if path in ("dequant", "skinny"):
+            return F.linear(x, self.dequantized_weight(layer, x.dtype), bias)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         if path == "block":
