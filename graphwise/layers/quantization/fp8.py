@@ -46,7 +46,7 @@ WEIGHT_STRATEGIES = ("tensor", "channel", "block")
 # Up to this many rows, row-scaled FP8 weights multiply bf16 activations directly in a Triton
 # kernel (no activation quantization kernel, weights read once in fp8); above, _scaled_mm.
 # GRAPHWISE_FP8_SKINNY_MAX_M overrides it (0 turns the kernel off) for measurements.
-SKINNY_MAX_M = int(os.environ.get("GRAPHWISE_FP8_SKINNY_MAX_M", "0"))
+SKINNY_MAX_M = int(os.environ.get("GRAPHWISE_FP8_SKINNY_MAX_M") or 0)
 # "token": dynamic per-token scales; "tensor": a static per-tensor scale from the checkpoint;
 # "group": dynamic per (token, block_k columns) scales (the block format); None: weight-only.
 ACTIVATION_SCHEMES = ("token", "tensor", "group", None)
