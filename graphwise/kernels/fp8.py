@@ -240,24 +240,30 @@ def _fp8_skinny_kernel(
     stride_xm,
     stride_wn,
     stride_ym,
+    K_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Few rows of x against many rows of w: each program owns BLOCK_N output features and
-    # streams their fp8 rows once, upcast to x's dtype in registers; the row scales are
-    # applied once at the end (y = (x w_q^T) * s).
+    # Few rows of x against many rows of w: each program owns BLOCK_N output features (and,
+    # split over K, one K range of them) and streams their fp8 rows once, upcast to x's dtype
+    # in registers; the row scales are applied once at the end (y = (x w_q^T) * s). Split-K
+    # programs add their partial sums into an fp32 output with atomics.
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
     m_mask = rm < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + rk
-        k_mask = k < K
+        k_mask = k < k_end
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + k[None, :],
             mask=m_mask[:, None] & k_mask[None, :],
@@ -272,12 +278,14 @@ def _fp8_skinny_kernel(
     s = tl.load(s_ptr + rn, mask=n_mask, other=0.0)
     acc = acc * s[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + rm[:, None] * stride_ym + rn[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & n_mask[None, :],
-    )
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
 
 
 def fp8_skinny_matmul(
@@ -285,8 +293,9 @@ def fp8_skinny_matmul(
     w: torch.Tensor,
     row_scales: torch.Tensor,
     bias: torch.Tensor | None = None,
-    block_n: int = 16,
+    block_n: int = 32,
     block_k: int = 256,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """y = x (w * row_scales)^T (+ bias) for a few rows of x (decode): the weight is read once,
     in fp8, and x stays in its dtype (no activation quantization, no extra kernel)."""
@@ -294,10 +303,19 @@ def fp8_skinny_matmul(
     M, K = x.shape
     N = w.shape[0]
     assert M <= 16, "fp8_skinny_matmul is for decode-sized batches"
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    tiles = triton.cdiv(N, block_n)
+    if split_k is None:
+        # Too few column tiles to fill the GPU (down_proj: 3584 rows over K = 18944): split K.
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        split_k = 1 if tiles >= sms else max(1, min(-(-2 * sms // tiles), K // (4 * block_k)))
+    k_per_split = -(-triton.cdiv(K, split_k) // block_k) * block_k
+    if split_k == 1:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
     if M == 0:
-        return y
-    _fp8_skinny_kernel[(triton.cdiv(N, block_n),)](
+        return y.to(x.dtype)
+    _fp8_skinny_kernel[(tiles, split_k)](
         x,
         w,
         row_scales,
@@ -309,11 +327,13 @@ def fp8_skinny_matmul(
         x.stride(0),
         w.stride(0),
         y.stride(0),
+        k_per_split,
         HAS_BIAS=bias is not None,
+        SPLIT_K=split_k,
         BLOCK_M=16,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=4,
         num_stages=4 if torch.cuda.is_available() else 1,
     )
-    return y
+    return y if split_k == 1 else y.to(x.dtype)

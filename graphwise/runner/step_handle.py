@@ -39,7 +39,7 @@ class StepHandle:
             if self._event is not None:
                 self._event.synchronize()
             tokens = self._tokens.tolist()
-        out = ModelRunnerOutput(self._req_ids, tokens, self._used_graph)
+        out = ModelRunnerOutput(self._req_ids, tokens, used_cuda_graph=self._used_graph)
         if self._logprobs is not None:
             rows, values, ids = self._logprobs
             vals, idl = values.tolist(), ids.tolist()

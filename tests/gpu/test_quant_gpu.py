@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from graphwise import LLM, SamplingParams
 from graphwise.kernels import fp8 as fp8k
-from graphwise.layers.quantization.fp8 import quantize_blocks, quantize_rows
+from graphwise.layers.quantization.fp8 import SKINNY_MAX_M, quantize_blocks, quantize_rows
 from tests.layers.test_quantization import _quant_config, _write_checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -90,6 +90,12 @@ def test_fp8_gemm_against_fp32_dequantized_reference(M, shape, kind):
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
     w_deq = layer.quant_method.dequantized_weight(layer, torch.float32)
     bias = layer.bias.float()
+    ref_wo = F.linear(x.float(), w_deq, bias)  # the weight-only reference
+    if kind == "channel" and M <= SKINNY_MAX_M:
+        # decode-sized: the skinny kernel multiplies bf16 activations by the fp8 weights
+        err = (y.float() - ref_wo).abs().max().item()
+        assert err <= 1e-2 * ref_wo.abs().max().item(), err
+        return
     # the same quantized operands, multiplied in fp32
     if kind == "channel":
         xq, sx = fp8k.per_token_group_quant_fp8_torch(x)
@@ -100,9 +106,21 @@ def test_fp8_gemm_against_fp32_dequantized_reference(M, shape, kind):
     ref_same = F.linear(x_deq, w_deq, bias)
     err = (y.float() - ref_same).abs().max().item()
     assert err <= 1e-2 * ref_same.abs().max().item(), err
-    # the weight-only reference (activations unquantized)
-    ref_wo = F.linear(x.float(), w_deq, bias)
     assert _rel(y, ref_wo) <= 0.04
+
+
+@needs_fp8
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("split_k", [1, 3, None])
+def test_skinny_kernel_against_fp32_reference(M, split_k):
+    torch.manual_seed(M)
+    N, K = 3584, 18944
+    wq, ws = quantize_rows(torch.randn(N, K, device="cuda") * 0.02)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    y = fp8k.fp8_skinny_matmul(x, wq, ws, b, split_k=split_k)
+    ref = x.float() @ (wq.float() * ws[:, None]).T + b.float()
+    assert (y.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
 
 
 @needs_fp8

@@ -350,3 +350,13 @@ def test_block_fp8_gemm_kernel_matches_torch(scale_rows):
     y = fp8k.w8a8_block_fp8_matmul(a, b, sa, sb, scale_rows, bk, torch.float32, 16, 32)
     ref = fp8k.w8a8_block_fp8_matmul_torch(a, b, sa, sb, scale_rows, bk, torch.float32)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_fp8_skinny_kernel_matches_torch(split_k):
+    torch.manual_seed(0)
+    x = torch.randn(3, 200)
+    w = (torch.randn(40, 200) * 100).clamp(-448, 448).to(FP8)
+    s, b = torch.rand(40), torch.randn(40)
+    y = fp8k.fp8_skinny_matmul(x, w, s, b, block_n=16, block_k=32, split_k=split_k)
+    torch.testing.assert_close(y, x @ (w.float() * s[:, None]).T + b, rtol=1e-5, atol=1e-4)
