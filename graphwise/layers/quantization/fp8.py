@@ -173,7 +173,8 @@ class Fp8LinearMethod(LinearMethod):
             raise ValueError(
                 f"checkpoint weight has {tuple(tensor.shape)}, expected {spec.out_full} rows"
             )
-        part = spec.take_cols(spec.take_rows(tensor)).to(layer.weight.device)
+        full_rows = spec.take_rows(tensor).to(layer.weight.device)
+        part = spec.take_cols(full_rows)
         rows = slice(spec.out_offset, spec.out_offset + spec.out_size)
         if part.shape != layer.weight[rows].shape:
             raise ValueError(
@@ -184,7 +185,10 @@ class Fp8LinearMethod(LinearMethod):
             q, scale = quantize_blocks(part, *self.block)
             self._store_block_scales(layer, scale, spec)
         else:
-            q, scale = quantize_rows(part)
+            # Scales from the whole row, not this rank's columns: the same FP8 weights at any
+            # tensor_parallel_size.
+            scale = (full_rows.float().abs().amax(dim=1) / FP8_MAX).clamp(min=MIN_SCALE)
+            q = (part.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
             layer.weight_scale.data[rows] = scale
         layer.weight.data[rows] = q
 
