@@ -360,3 +360,14 @@ def test_fp8_skinny_kernel_matches_torch(split_k):
     s, b = torch.rand(40), torch.randn(40)
     y = fp8k.fp8_skinny_matmul(x, w, s, b, block_n=16, block_k=32, split_k=split_k)
     torch.testing.assert_close(y, x @ (w.float() * s[:, None]).T + b, rtol=1e-5, atol=1e-4)
+
+
+def test_fp8_on_a_gpu_without_fp8_is_refused(monkeypatch):
+    from graphwise.layers.quantization import fp8 as fp8m
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match=r"FP8 support.*A100 has 8\.0"):
+        fp8m.check_fp8_device(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fp8m.check_fp8_device(torch.device("cuda", 0))  # Hopper: fine
