@@ -50,7 +50,9 @@ def main() -> None:
     a, b = torch.randn(n, n, dtype=dt, device=dev), torch.randn(n, n, dtype=dt, device=dev)
     peak = 2 * n**3 / (cuda_graph_ms(lambda: a @ b, calls=5, reps=10) / 1e3)
     del a, b
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {n}^3 {peak / 1e12:.0f} TFLOP/s")
+    print(
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {n}^3 {peak / 1e12:.0f} TFLOP/s"
+    )
     rows = []
     for batch in [int(x) for x in args.batches.split(",")]:
         step = {"gemm_ms": 0.0, "byte_floor_ms": 0.0, "flop_floor_ms": 0.0, "roofline_ms": 0.0}

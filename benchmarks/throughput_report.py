@@ -155,7 +155,9 @@ def plot_offline(r: dict[str, Any], path: Path) -> None:
             color=color,
             label=label,
         )
-    recs = [x for x in r["runs"][0].get("step_records", []) if x["seqs"] and not x["prefill_tokens"]]
+    recs = [
+        x for x in r["runs"][0].get("step_records", []) if x["seqs"] and not x["prefill_tokens"]
+    ]
     if recs and bw:
         recs.sort(key=lambda x: x["seqs"])
         ax.plot(

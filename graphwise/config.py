@@ -19,6 +19,9 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     load_format: str = "auto"  # "auto" | "dummy"
+    # Weight format (vLLM's names): None reads the checkpoint's quantization_config (if any);
+    # "fp8" on a full-precision checkpoint quantizes it at load. See layers/quantization.
+    quantization: str | None = None
     num_layers: int | None = None  # cut a large model to fit one GPU (performance work)
     max_model_len: int | None = None
     max_num_seqs: int = 256
@@ -94,6 +97,8 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}"
             )
+        if self.quantization is not None and not isinstance(self.quantization, str):
+            raise ValueError(f"quantization must be a format name, got {self.quantization!r}")
         if self.cuda_graph_min_speedup <= 0:
             raise ValueError("cuda_graph_min_speedup must be positive")
 
@@ -130,6 +135,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--load-format", default="auto")
+    g.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        help="weight format: fp8 (online, or an fp8 checkpoint), compressed-tensors; "
+        "default: the checkpoint's quantization_config",
+    )
     g.add_argument("--num-layers", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)

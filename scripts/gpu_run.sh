@@ -16,6 +16,9 @@
 #   quant-kernels: the GPU tests of the GGUF / INT4 packed-weight kernels, then
 #   scripts/quant_kernel_bench.py (Qwen2.5-7B shapes, M 1/8/64 or QK_M) into
 #   quant-kernels-${GPU_TAG:-h200}.json.
+#   quant: issue 17's GPU tests of the FP8 paths, then `bench latency` on qwen2.5-7b (dummy
+#   weights, batch 1 and 64, graphs) in bf16 and with quantization=fp8 (QUANT_FORMATS), merged
+#   by benchmarks/quant_report.py into quant-${GPU_TAG:-h200}.json.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -119,6 +122,22 @@ for step in "${steps[@]}"; do
         -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/quant-kernels-tests.log" | tail -15 || status=1
       timeout 400 python3 scripts/quant_kernel_bench.py --m "${QK_M:-1,8,64}" \
         --out "$OUT/quant-kernels-$TAG.json" 2>&1 | tee "$OUT/quant-kernels.log" | tail -5 || status=1 ;;
+    quant)
+      timeout 300 python3 -m pytest tests/gpu/test_quant_gpu.py -m gpu -q -rA -p no:cacheprovider \
+        2>&1 | tee "$OUT/quant-gpu-tests.log" | grep -v "^PASSED" | tail -20 || status=1
+      timeout 200 python3 benchmarks/fp8_gemm_bench.py --output "$OUT/fp8-gemm-$TAG.json" \
+        2>&1 | tee "$OUT/fp8-gemm.log" | tail -30 || status=1
+      for weights in ${QUANT_FORMATS:-bf16 fp8}; do
+        # "fp8-skinny<M>": fp8 with the Triton skinny kernel up to M rows (a measurement knob)
+        qflag=(); [ "$weights" = bf16 ] || qflag=(--quantization "${weights%%-*}")
+        skinny=${weights#fp8-skinny}; [ "$skinny" = "$weights" ] && skinny=${GRAPHWISE_FP8_SKINNY_MAX_M:-}
+        GRAPHWISE_FP8_SKINNY_MAX_M=$skinny timeout 300 python3 -m graphwise.cli bench latency --preset qwen2.5-7b --load-format dummy \
+          "${qflag[@]}" --batch-sizes "${QUANT_BATCH:-1,64}" --input-len 32 \
+          --output-len "${QUANT_OUT:-256}" --compare graph --output "$OUT/latency-quant-$weights.json" \
+          2>&1 | tee "$OUT/latency-quant-$weights.log" | grep -v "it/s\]" | tail -6 || status=1
+      done
+      python3 benchmarks/quant_report.py "$OUT" --output "$OUT/quant-$TAG.json" \
+        2>&1 | tee -a "$OUT/quant.log" || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

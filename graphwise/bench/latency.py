@@ -302,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         "model": engine.model_name,
         "num_layers": engine.model_config.num_hidden_layers,
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "quantization": getattr(args, "quantization", None),
         "settings": {
             "batch_sizes": batch_sizes,
             "input_len": args.input_len,

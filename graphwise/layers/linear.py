@@ -3,15 +3,28 @@
 Packing turns three (or two) small matmuls into one, which matters most at small batch where
 each kernel launch costs as much as the math. Tensor parallelism splits these along the output
 (column) or input (row) dimension; the split helpers live here so the loaders stay simple.
+
+Quantized weights: each layer has a `quant_method` (layers/quantization). Unquantized layers
+(the default) keep their weight in the model dtype and their forward is F.linear itself. A model
+built inside `quantization.building(config)` leaves its layers' tensors to
+`create_quantized_weights(model, config, names_of)`, which picks each layer's method by its
+checkpoint names; a quantized layer's forward is its method's `apply` (set once, per instance,
+so the unquantized forward carries no extra branch). Checkpoint tensors reach a layer through
+`load_checkpoint(leaf, tensor, shard)`, which hands the method a `ShardSpec` (where the tensor
+goes, what part this rank keeps).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from graphwise.distributed import parallel_state
+from graphwise.layers import quantization
+from graphwise.layers.quantization import UNQUANTIZED, LinearMethod, ShardSpec
 
 
 class Linear(nn.Module):
@@ -21,11 +34,55 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.has_bias = bias
+        self.quant_method: LinearMethod = UNQUANTIZED
+        self.weight: nn.Parameter | None
+        self.bias: nn.Parameter | None
+        if quantization.current() is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+            self.bias = (
+                nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+            )
+        else:  # create_quantized_weights picks the method by name, then creates them
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    # ---- quantization and loading ------------------------------------------------------
+    def set_quant_method(self, method: LinearMethod, dtype: torch.dtype) -> None:
+        """Create the layer's tensors with `method` (on the current default device)."""
+        self.quant_method = method
+        method.create_weights(self, dtype)
+        if not method.plain:
+            self.forward = self.quantized_forward  # type: ignore[method-assign]
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+    def shard_specs(self) -> list[ShardSpec]:
+        """One spec per checkpoint projection the layer holds (several for a packed layer)."""
+        return [self.shard_spec(None)]
+
+    def shard_spec(self, shard: str | None) -> ShardSpec:
+        if shard is not None:
+            raise ValueError(f"{type(self).__name__} has no packed shard {shard!r}")
+        return ShardSpec(None, 0, self.out_features, self.out_features, 0, self.in_features, 0, 1)
+
+    def load_checkpoint(self, leaf: str, tensor: torch.Tensor, shard: str | None = None) -> None:
+        """Load checkpoint tensor `leaf` ("weight", "bias", "weight_scale", ...) of projection
+        `shard` (packed layers) from the full, unsliced checkpoint tensor."""
+        self.quant_method.load(self, leaf, tensor, self.shard_spec(shard))
+
+    def checkpoint_leaves(self) -> set[str]:
+        return self.quant_method.checkpoint_leaves(self)
+
+    def process_after_loading(self) -> None:
+        self.quant_method.process_after_loading(self)
+
+    def bytes_per_forward(self) -> int:
+        return self.quant_method.bytes_per_forward(self)
 
 
 class PackedLinear(Linear):
@@ -58,16 +115,22 @@ class PackedLinear(Linear):
             offset += size
 
     def load_shard(self, shard: str, tensor: torch.Tensor, is_bias: bool = False) -> None:
-        offset, size = self.shard_offsets[shard]
-        target = self.bias if is_bias else self.weight
-        assert target is not None, f"{shard}: checkpoint has a bias the layer lacks"
-        full = self.shard_full_sizes[shard]
-        if tensor.shape[0] != full:
+        if is_bias and not self.has_bias:
+            raise ValueError(f"{shard}: checkpoint has a bias the layer lacks")
+        self.load_checkpoint("bias" if is_bias else "weight", tensor, shard)
+
+    def shard_specs(self) -> list[ShardSpec]:
+        return [self.shard_spec(name) for name in self.shard_offsets]
+
+    def shard_spec(self, shard: str | None) -> ShardSpec:
+        if shard not in self.shard_offsets:
             raise ValueError(
-                f"shard {shard!r}: expected {full} rows, checkpoint has {tuple(tensor.shape)}"
+                f"packed layer has no shard {shard!r} ({', '.join(self.shard_offsets)})"
             )
-        index, _ = self.shard_parts[shard]
-        target.data[offset : offset + size].copy_(tensor[index * size : (index + 1) * size])
+        offset, size = self.shard_offsets[shard]
+        full = self.shard_full_sizes[shard]
+        index = self.shard_parts[shard][0]
+        return ShardSpec(shard, offset, size, full, index, self.in_features, 0, 1)
 
 
 # ---- tensor parallelism --------------------------------------------------------------------
@@ -94,6 +157,13 @@ class ColumnParallelLinear(Linear):
         super().__init__(in_features, -(-out_features // ctx.tp_size), bias)
         self.full_out_features = out_features
 
+    def shard_spec(self, shard: str | None) -> ShardSpec:
+        if shard is not None:
+            return super().shard_spec(shard)
+        return ShardSpec(
+            None, 0, self.out_features, self.full_out_features, self.tp_rank, self.in_features, 0, 1
+        )
+
     def tp_slice(self, leaf: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a checkpoint tensor (`leaf` is "weight" or "bias")."""
         if self.tp_size == 1:
@@ -118,6 +188,7 @@ class RowParallelLinear(Linear):
         self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
         super().__init__(in_features // ctx.tp_size, out_features, bias)
         self.reduce_output = reduce_output
+        self.full_in_features = in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -127,11 +198,63 @@ class RowParallelLinear(Linear):
             y = parallel_state.tensor_model_parallel_all_reduce(y)
         return y
 
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return self.quant_method.apply(self, x, self.bias)
+        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+        if self.reduce_output:
+            y = parallel_state.tensor_model_parallel_all_reduce(y)
+        return y
+
+    def shard_spec(self, shard: str | None) -> ShardSpec:
+        if shard is not None:
+            return super().shard_spec(shard)
+        return ShardSpec(
+            None,
+            0,
+            self.out_features,
+            self.out_features,
+            0,
+            self.full_in_features,
+            self.tp_rank,
+            self.tp_size,
+        )
+
     def tp_slice(self, leaf: str, tensor: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1 or leaf == "bias":
             return tensor
         n = self.in_features
         return tensor[:, self.tp_rank * n : (self.tp_rank + 1) * n]
+
+
+def create_quantized_weights(
+    model: nn.Module,
+    config: quantization.QuantizationConfig | None,
+    names_of: Callable[[str, Linear], list[str]],
+    dtype: torch.dtype,
+) -> None:
+    """Give every linear layer of a model built inside `quantization.building(config)` its
+    method and create its tensors. `names_of(module_name, layer)` gives the checkpoint names of
+    the projections the layer holds (q_proj, k_proj, v_proj for a packed qkv_proj): formats
+    choose by those names (ignore lists, per-module schemes)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        if module.weight is not None and (module.bias is not None or not module.has_bias):
+            continue  # built outside `building`, or a tied LM head (the embedding's weight)
+        method = UNQUANTIZED if config is None else config.linear_method(names_of(name, module))
+        if module.weight is not None and not method.plain:
+            raise ValueError(
+                f"{name} shares its weight (a tied LM head) and cannot be quantized ({method.name})"
+            )
+        module.set_quant_method(method, dtype)
+
+
+def process_after_loading(model: nn.Module) -> None:
+    """Each linear layer's post-load step (after the checkpoint or the dummy weights)."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.process_after_loading()
 
 
 class VocabParallelEmbedding(nn.Module):

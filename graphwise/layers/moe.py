@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphwise.distributed import parallel_state
-from graphwise.layers import ops
+from graphwise.layers import ops, quantization
 from graphwise.layers.linear import Linear
 from graphwise.layers.mlp import MLP
 
@@ -35,6 +35,9 @@ class SparseMoE(nn.Module):
     ) -> None:
         super().__init__()
         tp = parallel_state.current()
+        quant = quantization.current()
+        if quant is not None:
+            quant.check_moe("the routed experts of a MoE layer")
         self.tp_size = tp.tp_size
         self.num_experts = num_experts
         self.top_k = top_k

@@ -301,8 +301,16 @@ class LlamaForCausalLM(nn.Module):
             packed_name = ".".join(parts[:-2] + [module_name])
             module = self.get_submodule(packed_name)
             assert isinstance(module, PackedLinear)
-            module.load_shard(shard, tensor, is_bias=parts[-1] == "bias")
+            load_linear(module, name, tensor, shard)
             return [f"{packed_name}.{parts[-1]}:{shard}"]
+        module_name, _, leaf = name.rpartition(".")
+        try:
+            owner = self.get_submodule(module_name) if module_name else None
+        except AttributeError:
+            owner = None
+        if isinstance(owner, Linear):  # weights, biases, scales: the layer's method places them
+            load_linear(owner, name, tensor, None)
+            return [name]
         if name not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
         param = params[name]
@@ -317,6 +325,14 @@ class LlamaForCausalLM(nn.Module):
             )
         param.data.copy_(tensor)
         return [name]
+
+    def checkpoint_names(self, module_name: str, layer: Linear) -> list[str]:
+        """The checkpoint names of the projections a linear layer holds (for quantization
+        formats that choose by name)."""
+        if isinstance(layer, PackedLinear):
+            parent = module_name.rpartition(".")[0]
+            return [f"{parent}.{SHARD_NAMES.get(s, s)}" for s in layer.shard_offsets]
+        return [module_name]
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Our weights under HF checkpoint names, packed tensors split back (views, no copies):
@@ -340,16 +356,36 @@ class LlamaForCausalLM(nn.Module):
     def expected_weights(self) -> set[str]:
         """Names load_weights must report for a complete checkpoint."""
         names: set[str] = set()
+        owned: set[str] = set()  # parameters of linear layers: their method names the tensors
+        for module_name, module in self.named_modules():
+            if not isinstance(module, Linear):
+                continue
+            for leaf in module.checkpoint_leaves():
+                if isinstance(module, PackedLinear):
+                    names.update(f"{module_name}.{leaf}:{s}" for s in module.shard_offsets)
+                else:
+                    names.add(f"{module_name}.{leaf}")
+            owned.update(f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False))
         for pname, _ in self.named_parameters():
-            module_name, _, leaf = pname.rpartition(".")
-            module = self.get_submodule(module_name)
-            if isinstance(module, PackedLinear):
-                names.update(f"{pname}:{s}" for s in module.shard_offsets)
-            else:
+            if pname not in owned:
                 names.add(pname)
         if self.config.tie_word_embeddings:
             names.discard("lm_head.weight")
         return names
+
+
+def load_linear(layer: Linear, name: str, tensor: torch.Tensor, shard: str | None) -> None:
+    """Checkpoint tensor `name` into a linear layer (errors name the tensor)."""
+    leaf = name.rpartition(".")[2]
+    if leaf not in layer.checkpoint_leaves():
+        raise ValueError(
+            f"checkpoint tensor {name!r} has no place in a {layer.quant_method.name} "
+            f"{type(layer).__name__}"
+        )
+    try:
+        layer.load_checkpoint(leaf, tensor, shard)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -17,6 +17,8 @@ from tqdm import tqdm
 
 from graphwise.config import EngineConfig
 from graphwise.distributed import parallel_state
+from graphwise.layers import quantization
+from graphwise.layers.linear import Linear, create_quantized_weights, process_after_loading
 from graphwise.models.default import DEFAULT_MODEL_NAME, default_model_path
 from graphwise.models.gguf_loader import gguf_config, gguf_has_tokenizer, gguf_weights
 from graphwise.models.model_config import ModelConfig
@@ -97,7 +99,16 @@ def _dummy_init(model: nn.Module, seed: int) -> None:
     # A tensor/pipeline-parallel shard seeds each tensor by its name, so that tensors replicated
     # on several ranks (router, norms, replicated KV heads) get the same values everywhere.
     sharded = parallel_state.current() != parallel_state.SINGLE
+    quantized: set[str] = set()  # parameters a quantization method draws itself
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and not module.quant_method.plain:
+            if sharded:
+                gen.manual_seed(seed + zlib.crc32(name.encode()))
+            module.quant_method.init_dummy(module, gen)
+            quantized.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
     for name, p in model.named_parameters():
+        if name in quantized:
+            continue
         if name.endswith("norm.weight") or "layernorm" in name:
             # Unit scale: weight 1, or 0 for Gemma's norms, which scale by (1 + weight).
             owner = model.get_submodule(name.rpartition(".")[0])
@@ -122,11 +133,14 @@ def build_model(
     model_config = model_config_of(source, cfg)
     config_dict = model_config.raw
     cls = resolve_model_class(model_config.architecture)
+    quant = quantization.resolve(cfg.quantization, config_dict.get("quantization_config"))
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), quantization.building(quant):
             model = cls(model_config)  # type: ignore[call-arg]
+            if quant is not None:
+                create_quantized_weights(model, quant, model.checkpoint_names, dtype)  # type: ignore[operator]
     finally:
         torch.set_default_dtype(old_dtype)
     model.eval()
@@ -151,13 +165,15 @@ def build_model(
             raise ValueError(
                 f"checkpoint {source.path} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[:3]}"
             )
+    process_after_loading(model)
     logger.info(
-        "Loaded %s (%s, %d layers, %.1fM params) as %s on %s in %.1f s",
+        "Loaded %s (%s, %d layers, %.2f GiB of weights) as %s%s on %s in %.1f s",
         source.name,
         model_config.architecture,
         model_config.num_hidden_layers,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
         str(dtype).removeprefix("torch."),
+        f" with {quant.describe()} weights" if quant is not None else "",
         device,
         time.perf_counter() - start,
     )

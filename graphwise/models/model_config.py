@@ -167,12 +167,6 @@ def _check_supported(arch: str, d: dict[str, Any]) -> str:
         raise ValueError("attention_chunk_size (chunked local attention) is not supported")
     if d.get("mlp_bias"):
         raise ValueError("mlp_bias (biases on the MLP projections) is not supported")
-    if d.get("quantization_config"):
-        method = (d["quantization_config"] or {}).get("quant_method", "?")
-        raise ValueError(
-            f"quantized checkpoints are not supported (quantization_config: {method}); "
-            "use an unquantized checkpoint or a GGUF file"
-        )
     return str(act)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphwise.layers.linear import PackedLinear
-from graphwise.models.llama import LlamaForCausalLM
+from graphwise.layers.linear import Linear, PackedLinear
+from graphwise.models.llama import LlamaForCausalLM, load_linear
 
 _FUSED = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
 
@@ -25,7 +25,6 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         if len(parts) >= 2 and parts[-2] in _FUSED:
             module = self.get_submodule(".".join(parts[:-1]))
             assert isinstance(module, PackedLinear)
-            is_bias = parts[-1] == "bias"
             sizes = [module.shard_full_sizes[s] for s in _FUSED[parts[-2]]]
             if tensor.shape[0] != sum(sizes):
                 raise ValueError(
@@ -33,9 +32,12 @@ class Phi3ForCausalLM(LlamaForCausalLM):
                     f"the model expects {sum(sizes)}"
                 )
             for shard, piece in zip(_FUSED[parts[-2]], tensor.split(sizes), strict=True):
-                module.load_shard(shard, piece, is_bias=is_bias)
+                load_linear(module, name, piece, shard)
             return [f"{name}:{shard}" for shard in _FUSED[parts[-2]]]
         return super().map_weight(name, tensor, params)
+
+    def checkpoint_names(self, module_name: str, layer: Linear) -> list[str]:
+        return [module_name]  # Phi-3's checkpoint has qkv_proj and gate_up_proj fused
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         # Our packed parameters already are Phi-3's fused tensors (q|k|v, gate|up in order),

@@ -235,7 +235,6 @@ _BASE = {
             "longrope scaling lacks short_factor, long_factor",
         ),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"quantization_config": {"quant_method": "awq"}}, "quantization_config: awq"),
     ],
 )
 def test_unsupported_config_features_are_named(changes, message):

@@ -1,0 +1,51 @@
+"""FP8 checkpoints under TP=2 on CPU (gloo, one process per rank): every quantized tensor is
+sliced per rank (packed qkv/gate-up rows, row-parallel columns, per-channel and block scales),
+and the greedy tokens equal HF transformers' on the dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.conftest import generate, worker_pids
+from tests.layers.test_quantization import GREEDY, _hf_greedy_with, _prompts, _write_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def wide_src(tmp_path_factory):
+    """q 256 rows, k/v 128 (64 per rank: not whole 128-row blocks), MLP 512 (256 per rank)."""
+    import transformers as tf
+
+    from tests.conftest import TINY_COMMON
+
+    torch.manual_seed(2)
+    cfg = tf.Qwen2Config(**{**TINY_COMMON, "hidden_size": 256, "intermediate_size": 512})
+    path = tmp_path_factory.mktemp("wide_q2")
+    model = tf.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["ct-channel", "ct-tensor-static", "block"])
+def test_fp8_checkpoints_under_tp2_match_hf(fmt, wide_src, tmp_path, make_llm):
+    ref = _write_checkpoint(wide_src, tmp_path / fmt, fmt)
+    prompts = _prompts(7)
+    llm = make_llm(tmp_path / fmt, tensor_parallel_size=2)
+    assert len(worker_pids(llm)) == 1
+    assert generate(llm, prompts, GREEDY) == _hf_greedy_with(wide_src, ref, prompts)
+    qkv = llm.llm_engine.executor.driver.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.float8_e4m3fn
+    assert qkv.weight.shape[0] == (256 + 2 * 128) // 2
+
+
+def test_online_fp8_under_tp2_matches_tp1(wide_src, make_llm):
+    prompts = _prompts(8)
+    one = generate(make_llm(wide_src, quantization="fp8"), prompts)
+    two = generate(make_llm(wide_src, quantization="fp8", tensor_parallel_size=2), prompts)
+    assert one == two
