@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from graphwise.core.step import (
+    GrammarBitmask,
     ModelRunnerOutput,
     NewRequest,
     SampleLogprobs,
@@ -150,11 +151,19 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        # 2. Waiting sequences, in arrival order, unless this step already had to preempt.
+        # 2. Waiting sequences, in arrival order, unless this step already had to preempt. One
+        # whose grammar is still compiling waits without holding up those behind it.
+        w = 0
         while (
-            self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs
+            w < len(self.waiting)
+            and not preempted
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
         ):
-            seq = self.waiting[0]
+            seq = self.waiting[w]
+            if seq.grammar is not None and not seq.grammar.ready:
+                w += 1
+                continue
             cached = bm.find_cached_prefix(seq)
             num_cached = len(cached) * bm.block_size
             remaining = seq.num_tokens - num_cached
@@ -163,7 +172,7 @@ class Scheduler:
             n = min(remaining, budget)
             if not bm.can_admit(seq, cached, num_cached + n):
                 break
-            self.waiting.popleft()
+            del self.waiting[w]
             bm.admit(seq, cached)
             ok = bm.allocate_slots(seq, num_cached + n)
             assert ok, "can_admit promised room"
@@ -188,6 +197,7 @@ class Scheduler:
             return out
         out.finished_request_ids, self._finished_ids = self._finished_ids, []
         sampled: list[Sequence] = []
+        grammar_rows: list[int] = []
         for seq, n in picked:
             c, known = seq.num_computed_tokens, len(seq.token_ids)
             if c + n <= known:
@@ -217,13 +227,20 @@ class Scheduler:
                     new_block_ids=seq.block_table[seq.num_blocks_sent :],
                     reset_block_table=seq.num_blocks_sent == 0,
                     sample=sample,
-                    ban_stop_tokens=sample and seq.num_output_tokens < p.min_tokens,
+                    # a grammar decides when its output may end: no min_tokens ban against it
+                    ban_stop_tokens=sample
+                    and seq.num_output_tokens < p.min_tokens
+                    and seq.grammar is None,
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)
             out.num_prefill_tokens += max(0, min(n, seq.num_prompt_tokens - c))
             if sample:
+                if seq.grammar is not None:
+                    grammar_rows.append(len(sampled))
                 sampled.append(seq)
+        if grammar_rows:
+            out.grammar = GrammarBitmask(grammar_rows)
         for seq, n in picked:
             seq.num_computed_tokens += n
             out.num_context_tokens += seq.num_computed_tokens
@@ -232,6 +249,17 @@ class Scheduler:
             seq.pending_row = row
         self._in_flight[out.step_id] = ([seq for seq, _ in picked], sampled)
         return out
+
+    def step_grammars(self, step: SchedulerOutput) -> tuple[list, bool]:
+        """The grammars of a step's constrained rows (None for a request that has ended), and
+        whether any of them still waits for a token the previous step is sampling (then its
+        mask can only be filled once that step is resolved)."""
+        assert step.grammar is not None
+        _, sampled = self._in_flight[step.step_id]
+        seqs = [sampled[i] for i in step.grammar.rows]
+        grammars = [None if s.is_finished else s.grammar for s in seqs]
+        waits = any(not s.is_finished and s.num_placeholders > 1 for s in seqs)
+        return grammars, waits
 
     def update_from_output(
         self, step: SchedulerOutput, output: ModelRunnerOutput
@@ -261,7 +289,14 @@ class Scheduler:
         for seq, token, lp in got:
             if seq.is_finished:
                 continue
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                updates.append(
+                    self._fail(seq, f"token {token} does not fit the structured-output grammar")
+                )
+                continue
             reason, stop = self._check_stop(seq, token)
+            if reason is None and seq.grammar is not None and seq.grammar.is_terminated:
+                reason = "stop"  # the constraint is complete
             update = RequestUpdate(
                 seq.request_id,
                 [token],
