@@ -207,3 +207,10 @@ def _clean(exc: Exception) -> str:
     text = re.sub(r"^\S+\.(?:cc|h|cpp):\d+:\s*", "", text)
     text = re.sub(r"^Check failed: \(.*?\) is false:\s*", "", text)
     return text.strip()
+
+
+def check_constraint(params: StructuredOutputsParams) -> None:
+    """Parse the constraint without a tokenizer (what `add_request` does first): a ValueError
+    naming the problem if it is not a valid schema, regex or grammar. The server calls it to
+    answer a 400 naming the request field the constraint came from."""
+    StructuredOutputs(None, 32, frozenset()).parse(params)

@@ -136,10 +136,6 @@ class Refused:
     hint: str = ""
 
 
-def _text_format(value: Any) -> bool:
-    return isinstance(value, dict) and value.get("type") == "text"
-
-
 # Every request field of OpenAI's and vLLM's completion and chat APIs that the request models
 # below do not declare: those they declare are the implemented ones. One table for both routes
 # (a chat-only field sent to /v1/completions is treated the same way); the README shows it, and
@@ -156,6 +152,9 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
     ),
     "prediction": Ignored("OpenAI's predicted output only speeds decoding up; output is the same"),
     "parallel_tool_calls": Ignored("matters only with `tools`, which are refused"),
+    "guided_decoding_backend": Ignored(
+        "vLLM's choice of grammar engine; xgrammar is this server's only one"
+    ),
     "mm_processor_kwargs": Ignored(
         "options for a multimodal processor; only text content is accepted, so none runs"
     ),
@@ -174,15 +173,8 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
     "truncate_prompt_tokens": Refused(),
     "truncation_side": Refused(),
     "prompt_embeds": Refused(),
-    "response_format": Refused((None, _text_format), "only {'type': 'text'} is supported"),
-    "structured_outputs": Refused(),
-    "guided_json": Refused(),
-    "guided_regex": Refused(),
-    "guided_choice": Refused(),
-    "guided_grammar": Refused(),
     "structural_tag": Refused(),
-    "guided_decoding_backend": Refused(),
-    "guided_whitespace_pattern": Refused(),
+    "guided_whitespace_pattern": Refused((None,), "xgrammar has no whitespace pattern"),
     "tools": Refused((None, [])),
     "tool_choice": Refused((None, "none", "auto")),
     "functions": Refused((None, [])),
@@ -258,6 +250,13 @@ class _SamplingRequest(BaseModel):
     allowed_token_ids: Annotated[list[int], Field(max_length=1 << 18)] | None = None
     bad_words: Annotated[list[str], Field(max_length=256)] | None = None
     include_stop_str_in_output: bool = False
+    # Output constraints (server/structured.py turns them into one StructuredOutputsParams).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # vLLM's: logprobs name tokens "token_id:<id>" instead of their text.
     return_tokens_as_token_ids: bool = False
     stream: bool = False
@@ -340,6 +339,9 @@ class _SamplingRequest(BaseModel):
                 param=self.max_tokens_param(),
                 code="context_length_exceeded",
             )
+        from graphwise.server.structured import structured_outputs_of
+
+        structured = structured_outputs_of(self)
         try:
             return SamplingParams(
                 temperature=1.0 if self.temperature is None else self.temperature,
@@ -363,6 +365,7 @@ class _SamplingRequest(BaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 bad_words=self.bad_words,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=structured,
             )
         except ValueError as exc:  # SamplingParams names the field first
             first = str(exc).split(" ", 1)[0]
