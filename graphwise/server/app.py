@@ -74,6 +74,7 @@ from graphwise.server.protocol import (
     validation_error,
 )
 from graphwise.server.tokenizing import PromptLimits, TokenizerLanes, token_bound
+from graphwise.server.tools import constrain_for_tools, plan_tools
 from graphwise.tokenizer import render_chat, template_kwarg_conflicts
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class ServerSettings:
     # A client that sends nothing of its body for this long gets a 408 and loses its
     # connection (a trickling client would otherwise hold a request open forever).
     body_idle_timeout_s: float = 30.0
+    # How `tool_choice: "auto"` finds tool calls in the output (server/tools.py; vLLM's
+    # --tool-call-parser): "hermes", "llama3_json", or None (auto is then refused).
+    tool_call_parser: str | None = None
 
 
 class ServerState:
@@ -620,6 +624,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         req = await parse_body(request, ChatCompletionRequest, state)
         model = state.resolve_model(req.model)
         state.check_supported(req)
+        tool_plan = plan_tools(req, settings.tool_call_parser)
         conversation = [m.template_dict() for m in req.messages]
         add_generation_prompt = req.generation_prompt()
         template_kwargs = req.template_kwargs()
@@ -642,6 +647,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 continue_final_message=req.continue_final_message,
                 documents=req.documents,
                 template_kwargs=template_kwargs,
+                tools=tool_plan.tools if tool_plan is not None else None,
             )
             state.limits.check_text(text, "messages")
             return list(tok.encode(text, add_special_tokens=req.add_special_tokens))
@@ -650,6 +656,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         size += sum(len(str(extra)) for extra in (req.documents, template_kwargs) if extra)
         ids = await state.run_tokenizer(tokenize_chat, "messages", size)
         params = req.to_sampling_params(len(ids), state.max_model_len)
+        if tool_plan is not None and tool_plan.structured is not None:
+            constrain_for_tools(params, tool_plan)
         state.check_request(ids, params, "messages")
         rid, engine_id = response_id("chatcmpl", req.request_id)
         created = int(time.time())
@@ -670,12 +678,22 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     id=rid, created=created, model=model, choices=choices, usage=usage
                 )
 
+            tool_stream = tool_plan.stream() if tool_plan is not None else None
+
             def chunk(i: int, out: RequestOutput) -> BaseModel | None:
                 wants_lp = top is not None and bool(out.delta_token_ids)
+                reason = out.outputs[0].finish_reason if out.finished else None
+                if tool_stream is not None:
+                    text, calls, reason = tool_stream.feed(out.delta_text, out.finished, reason)
+                    if not text and not calls and not out.finished and not wants_lp:
+                        return None
+                    delta = DeltaMessage(content=text or None, tool_calls=calls or None)
+                    c = ChatStreamChoice(index=i, delta=delta, finish_reason=reason)
+                    c.logprobs = chat_lp(out, out.delta_token_ids)
+                    return make([c])
                 if not out.delta_text and not out.finished and not wants_lp:
                     return None
                 delta = DeltaMessage(content=out.delta_text or None)
-                reason = out.outputs[0].finish_reason if out.finished else None
                 c = ChatStreamChoice(index=i, delta=delta, finish_reason=reason)
                 c.logprobs = chat_lp(out, out.delta_token_ids)
                 return make([c])
@@ -685,15 +703,20 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             return EventStream(events(streams, first, chunk, usage_chunk), streams, rid)
         outs = await collect(request, streams)
         o = outs[0].outputs[0]
+        content, tool_calls, finish_reason = (
+            tool_plan.finish(o.text, o.finish_reason)
+            if tool_plan is not None
+            else (o.text, [], o.finish_reason)
+        )
         resp = ChatCompletionResponse(
             id=rid,
             created=created,
             model=model,
             choices=[
                 ChatChoice(
-                    message=AssistantMessage(content=o.text),
+                    message=AssistantMessage(content=content, tool_calls=tool_calls),
                     logprobs=chat_lp(outs[0], o.token_ids),
-                    finish_reason=o.finish_reason,
+                    finish_reason=finish_reason,
                     stop_reason=o.stop_reason,
                 )
             ],

@@ -6,6 +6,7 @@ we (a silently coerced string hides client bugs). Floats still accept JSON integ
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -151,7 +152,6 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
         "OpenAI's cache-routing hint; the prefix cache here matches prompts by content"
     ),
     "prediction": Ignored("OpenAI's predicted output only speeds decoding up; output is the same"),
-    "parallel_tool_calls": Ignored("matters only with `tools`, which are refused"),
     "guided_decoding_backend": Ignored(
         "vLLM's choice of grammar engine; xgrammar is this server's only one"
     ),
@@ -175,8 +175,6 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
     "prompt_embeds": Refused(),
     "structural_tag": Refused(),
     "guided_whitespace_pattern": Refused((None,), "xgrammar has no whitespace pattern"),
-    "tools": Refused((None, [])),
-    "tool_choice": Refused((None, "none", "auto")),
     "functions": Refused((None, [])),
     "function_call": Refused((None, "none", "auto")),
     "include_reasoning": Refused((True, None), "no reasoning parser: reasoning stays in content"),
@@ -414,14 +412,35 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # An assistant's earlier tool calls, and a tool message's answer to one of them.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def template_dict(self) -> dict[str, str]:
+    def template_dict(self) -> dict[str, Any]:
         content = self.content or ""
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         # OpenAI's "developer" is the newer name for "system"; templates know only the latter.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        out: dict[str, Any] = {"role": role, "content": content}
+        if self.tool_calls:
+            # Templates (transformers' convention) read arguments as a mapping: OpenAI sends
+            # them as JSON text.
+            calls = []
+            for call in self.tool_calls:
+                fn = dict(call.get("function") or {})
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except ValueError:
+                        pass
+                calls.append({**call, "function": fn})
+            out["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -437,6 +456,10 @@ class ChatCompletionRequest(_SamplingRequest):
     documents: list[dict[str, str]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Annotated[str, Field(max_length=32)] | None = None
+    # OpenAI's tools (server/tools.py): functions the model may call, and whether it must.
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     prompt_param: ClassVar[str] = "messages"
 
@@ -525,7 +548,8 @@ class CompletionResponse(_Response):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ChatTopLogprob(BaseModel):
@@ -559,6 +583,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:
