@@ -54,7 +54,16 @@ def run(llm: LLM, batch: int, prompt_len: int, output_len: int, constrained: boo
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t
     engine.step_log = None
-    full = [r.total_s for r in log if r.seqs == batch and r.prefill_tokens == 0][5:]
+    records = [r for r in log if r.seqs == batch and r.prefill_tokens == 0][5:]
+    full = [r.total_s for r in records]
+    phases = (
+        {
+            f"{name}_ms_median": 1e3 * statistics.median(getattr(r, f"{name}_s") for r in records)
+            for name in ("schedule", "launch", "wait", "process")
+        }
+        if records
+        else {}
+    )
     lengths = [len(o.outputs[0].token_ids) for o in outs]
     valid = None
     if constrained:  # every output (cut at max_tokens or complete) is one xgrammar accepts
@@ -66,12 +75,24 @@ def run(llm: LLM, batch: int, prompt_len: int, output_len: int, constrained: boo
             )
         )
         compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
-        valid = sum(xgr.GrammarMatcher(compiled).accept_string(o.outputs[0].text) for o in outs)
+
+        def tokens_ok(ids: list[int]) -> bool:
+            m = xgr.GrammarMatcher(compiled)
+            return all(m.accept_token(t) for t in ids)
+
+        # By token ids: what the engine masked; by text: also what detokenizing made of them.
+        valid = {
+            "by_token_ids": sum(tokens_ok(o.outputs[0].token_ids) for o in outs),
+            "by_text": sum(
+                xgr.GrammarMatcher(compiled).accept_string(o.outputs[0].text) for o in outs
+            ),
+        }
     return {
         "constrained": constrained,
         "full_batch_decode_steps": len(full),
         "step_ms_median": 1e3 * statistics.median(full) if full else None,
         "step_ms_mean": 1e3 * statistics.fmean(full) if full else None,
+        **phases,
         "mask_fill_ms_per_step": 1e3 * (so.fill_s - fill0) / max(1, so.num_fills - n0),
         "wall_s": wall,
         "output_tokens_min_mean": [min(lengths), statistics.fmean(lengths)],

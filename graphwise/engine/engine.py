@@ -299,11 +299,12 @@ class LLMEngine:
                 futures.wait([s.grammar.future for s in self._compiling], 0.1, "FIRST_COMPLETED")
             elif not self.scheduler.running:
                 raise RuntimeError("scheduler cannot admit any waiting request (KV pool too small)")
-        if launched is not None and launched.deferred:
-            # The previous step's tokens are in the matchers now: fill the mask and sample,
-            # while the GPU still runs this step's forward.
-            updates += self._sample_deferred(launched)
         outputs = self._process(updates)
+        if launched is not None and launched.deferred:
+            # The previous step's tokens are in the matchers now (and its outputs processed,
+            # stop strings applied): fill the mask and sample, while the GPU still runs this
+            # step's forward. Processing first keeps that host work inside the same window.
+            outputs += self._process(self._sample_deferred(launched))
         if self.step_log is not None:
             t3 = time.perf_counter()
             self.step_log.add(
