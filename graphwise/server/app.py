@@ -74,7 +74,7 @@ from graphwise.server.protocol import (
     validation_error,
 )
 from graphwise.server.tokenizing import PromptLimits, TokenizerLanes, token_bound
-from graphwise.server.tools import constrain_for_tools, plan_tools
+from graphwise.server.tools import ToolStream, constrain_for_tools, plan_tools
 from graphwise.tokenizer import render_chat, template_kwarg_conflicts
 
 logger = logging.getLogger(__name__)
@@ -678,13 +678,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     id=rid, created=created, model=model, choices=choices, usage=usage
                 )
 
-            tool_stream = tool_plan.stream() if tool_plan is not None else None
+            tool_streams: dict[int, ToolStream] = {}  # by choice index
 
             def chunk(i: int, out: RequestOutput) -> BaseModel | None:
                 wants_lp = top is not None and bool(out.delta_token_ids)
                 reason = out.outputs[0].finish_reason if out.finished else None
-                if tool_stream is not None:
-                    text, calls, reason = tool_stream.feed(out.delta_text, out.finished, reason)
+                if tool_plan is not None:
+                    stream = tool_streams.setdefault(i, tool_plan.stream())
+                    text, calls, reason = stream.feed(out.delta_text, out.finished, reason)
                     if not text and not calls and not out.finished and not wants_lp:
                         return None
                     delta = DeltaMessage(content=text or None, tool_calls=calls or None)

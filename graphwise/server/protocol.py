@@ -13,7 +13,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_serializer,
+)
 
 from graphwise.sampling_params import SamplingParams
 
@@ -262,6 +269,7 @@ class _SamplingRequest(BaseModel):
     # vLLM's: the response id is "<cmpl|chatcmpl>-<request_id>" (the engine's own id stays
     # unique whatever clients send).
     request_id: str | None = Field(None, min_length=1, max_length=256)
+    _structured: tuple[Any, ...] | None = PrivateAttr(None)  # the checked output constraint
 
     def check_supported(self) -> list[str]:
         """A 400 for the first field, in request order, that asks for what is not implemented
@@ -339,7 +347,9 @@ class _SamplingRequest(BaseModel):
             )
         from graphwise.server.structured import structured_outputs_of
 
-        structured = structured_outputs_of(self)
+        if self._structured is None:  # once per request, however many prompts it holds
+            self._structured = (structured_outputs_of(self),)
+        structured = self._structured[0]
         try:
             return SamplingParams(
                 temperature=1.0 if self.temperature is None else self.temperature,
