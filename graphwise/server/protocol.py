@@ -416,6 +416,23 @@ class TextPart(_Strict):
     text: str
 
 
+class MessageFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends JSON text; templates want a mapping
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant message, sent back in the history."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -423,7 +440,7 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
     # An assistant's earlier tool calls, and a tool message's answer to one of them.
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
 
     def template_dict(self) -> dict[str, Any]:
@@ -438,13 +455,14 @@ class ChatMessage(BaseModel):
             # them as JSON text.
             calls = []
             for call in self.tool_calls:
-                fn = dict(call.get("function") or {})
-                if isinstance(fn.get("arguments"), str):
+                args: Any = call.function.arguments
+                if isinstance(args, str):
                     try:
-                        fn["arguments"] = json.loads(fn["arguments"])
+                        args = json.loads(args)
                     except ValueError:
-                        pass
-                calls.append({**call, "function": fn})
+                        pass  # not JSON: the template gets the text
+                fn = {"name": call.function.name, "arguments": args}
+                calls.append({"id": call.id, "type": call.type, "function": fn})
             out["tool_calls"] = calls
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id

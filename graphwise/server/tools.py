@@ -281,7 +281,7 @@ def plan_tools(req: Any, parser_name: str | None) -> ToolPlan | None:
     for what cannot be served."""
     choice = req.tool_choice
     if req.tools is None:
-        if choice not in (None, "none"):
+        if choice not in (None, "none", "auto"):  # auto without tools: nothing to call
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
         return None
     tools = _check_tools(req.tools)

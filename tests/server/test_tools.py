@@ -165,6 +165,10 @@ def test_server_passes_tools_and_history_to_the_template(engine) -> None:
         r = await client.post("/v1/chat/completions", json={**body, "tools": None,
                                                               "tool_choice": None})  # fmt: skip
         assert r.json()["usage"]["prompt_tokens"] < n
+        # tool_choice "auto" without tools: nothing to call, a plain answer
+        r = await client.post("/v1/chat/completions", json={**body, "tools": None,
+                                                              "tool_choice": "auto"})  # fmt: skip
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"] == []
 
     _run(engine, test)
 
@@ -272,9 +276,16 @@ def test_auto_parses_hermes_calls_streamed_and_not(engine) -> None:
         ({"tools": [{"type": "function", "function": {"name": "f",
           "parameters": {"type": "nope"}}}], "tool_choice": "required"}, "tools"),
         ({"tool_choice": "required", "guided_regex": "a"}, "tool_choice"),
+        ({"messages": [*MESSAGES, {"role": "assistant", "tool_calls": [{"function": 3}]}]},
+         "messages.1.tool_calls.0.function"),
+        ({"tools": None, "messages": [*MESSAGES, {"role": "assistant", "content": None,
+          "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+         "messages.1.tool_calls.0.function.name"),
     ],
 )  # fmt: skip
 def test_bad_tool_requests_are_400s(engine, extra, param) -> None:
+    """(On a server without a tool-call parser.)"""
+
     async def test(client: httpx.AsyncClient, app: Any, eng: AsyncEngine) -> None:
         body = {"model": "tiny", "messages": MESSAGES, "tools": TOOLS, "max_tokens": 4, **extra}
         r = await client.post("/v1/chat/completions", json=body)
