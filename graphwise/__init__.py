@@ -1,7 +1,11 @@
 """graphwise: an LLM inference engine that runs decode eagerly or as CUDA graphs, and knows why."""
 
 from graphwise.outputs import CompletionOutput, RequestOutput
-from graphwise.sampling_params import SamplingParams
+from graphwise.sampling_params import (
+    GuidedDecodingParams,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 __version__ = "0.1.0"
 
@@ -14,4 +18,11 @@ def __getattr__(name: str):  # keep `import graphwise` light: torch loads on fir
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "GuidedDecodingParams",
+    "RequestOutput",
+    "CompletionOutput",
+]

@@ -109,21 +109,26 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         if messages and isinstance(messages[0], dict):
             conversations = [messages]
         else:
             conversations = list(messages)  # type: ignore[arg-type]
         prompts = [
-            {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt)}
+            {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, tools)}
             for c in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)  # type: ignore[arg-type]
 
     def apply_chat_template(
-        self, conversation: list[Message], add_generation_prompt: bool = True
+        self,
+        conversation: list[Message],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        return apply_chat_template(self.get_tokenizer(), conversation, add_generation_prompt)
+        """The conversation's prompt ids; `tools` (OpenAI's function specs) reach the template."""
+        return apply_chat_template(self.get_tokenizer(), conversation, add_generation_prompt, tools)
 
 
 def _engine_for(config: EngineConfig) -> EngineClient:

@@ -3,12 +3,103 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 # Temperatures below this decode greedily (vLLM's threshold): logits / T overflows float32 as T
 # nears 0 (1e-40 did), and this cold a distribution differs from argmax only between near-ties.
 GREEDY_TEMPERATURE = 1e-5
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on a request's output (vLLM's `StructuredOutputsParams`): exactly one of
+    a JSON schema (`json`, a dict or its JSON text), a `regex`, a `choice` of strings, an EBNF
+    `grammar` (xgrammar's GBNF dialect), or `json_object` (any JSON object). The output is
+    masked token by token to stay inside it, and the request finishes when it is complete."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # JSON only: no free whitespace between tokens (a model cannot loop on blanks).
+    disable_any_whitespace: bool = False
+    # Accepted for vLLM compatibility; xgrammar's backend is the only one.
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, "
+                f"json_object; got {given or 'none'}"
+            )
+        if self.structural_tag is not None:
+            raise ValueError("structured_outputs.structural_tag is not supported")
+        if self.whitespace_pattern is not None:
+            raise ValueError(
+                "structured_outputs.whitespace_pattern is not supported (xgrammar's backend "
+                "has none; use disable_any_whitespace)"
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from exc
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError("structured_outputs.regex must be a non-empty string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise ValueError("structured_outputs.grammar must be a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, (list, tuple))
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError(
+                "structured_outputs.choice must be a non-empty list of non-empty strings"
+            )
+        if self.choice is not None:
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the compiled grammar (compiled grammars are cached by it)."""
+        kind = self.kind
+        if kind == "json":
+            spec = json.dumps(self.json, sort_keys=True)
+        elif kind == "choice":
+            spec = json.dumps(self.choice)
+        elif kind == "json_object":
+            spec = ""
+        else:
+            spec = getattr(self, kind)
+        if kind in ("json", "json_object"):
+            spec += f"|ws={not self.disable_any_whitespace}"
+            spec += f"|noextra={self.disable_additional_properties}"
+        return kind, spec
+
+
+@dataclass
+class GuidedDecodingParams(StructuredOutputsParams):
+    """vLLM's older name (`SamplingParams(guided_decoding=...)`), with its `backend` field
+    (accepted; xgrammar is the only backend here)."""
+
+    backend: str | None = None
 
 
 @dataclass
@@ -46,11 +137,25 @@ class SamplingParams:
     # whether a stop string that ended the output stays in its text.
     bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
+    # A constraint on the output (JSON schema, regex, choice, grammar, JSON object); vLLM's
+    # older `guided_decoding` is the same thing under another name.
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None
     # Normalised forms, filled by __post_init__.
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self._validate()
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding, not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            if not isinstance(self.structured_outputs, dict):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop_strings = [self.stop] if self.stop else []
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content; tool_calls, tool_call_id, name where they apply
 
 
 def render_chat(
@@ -16,19 +16,24 @@ def render_chat(
     continue_final_message: bool = False,
     documents: list[dict[str, str]] | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The chat template's text for a conversation. Encoding it with add_special_tokens=False
     gives exactly HF's apply_chat_template(tokenize=True) ids; rendering apart lets the server
     check the text's length before it pays for tokenizing.
 
     `continue_final_message` leaves the last message open (the model continues it);
-    `documents` and `template_kwargs` (vLLM's chat_template_kwargs) reach the template as
-    variables. A template kwarg may not be one of apply_chat_template's own parameters
+    `documents`, `tools` and `template_kwargs` (vLLM's chat_template_kwargs) reach the
+    template as variables. A template kwarg may not be one of apply_chat_template's own parameters
     (`template_kwarg_conflicts`)."""
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the model has no chat template; send a plain prompt instead")
     if not isinstance(conversation, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        isinstance(m, dict)
+        and isinstance(m.get("role"), str)
+        and (
+            isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls"))
+        )
         for m in conversation
     ):
         raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
@@ -39,6 +44,8 @@ def render_chat(
         kwargs["continue_final_message"] = True
     if documents is not None:
         kwargs["documents"] = documents
+    if tools is not None:  # OpenAI's tools: transformers' apply_chat_template(tools=...)
+        kwargs["tools"] = tools
     text = tokenizer.apply_chat_template(
         conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
     )
@@ -62,9 +69,12 @@ def template_kwarg_conflicts(tokenizer: Any, kwargs: dict[str, Any]) -> list[str
 
 
 def apply_chat_template(
-    tokenizer: Any, conversation: list[Message], add_generation_prompt: bool = True
+    tokenizer: Any,
+    conversation: list[Message],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    text = render_chat(tokenizer, conversation, add_generation_prompt)
+    text = render_chat(tokenizer, conversation, add_generation_prompt, tools=tools)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -21,6 +21,7 @@ step's forward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from graphwise.sampling_params import SamplingParams
 
@@ -69,6 +70,18 @@ class ScheduledRow:
 
 
 @dataclass
+class GrammarBitmask:
+    """The structured-output mask of a step's constrained rows: `rows` index the step's sampled
+    rows; `bitmask` is their [len(rows), ceil(vocab / 32)] int32 numpy array (bit j of word i
+    allows token 32 i + j). None while the step is launched with its sampling deferred: the mask
+    depends on a token the previous step is still sampling (async scheduling); the engine sends
+    it with `sample_deferred` once that token is known."""
+
+    rows: list[int]
+    bitmask: Any = None  # np.ndarray; `Any` keeps core free of numpy
+
+
+@dataclass
 class SchedulerOutput:
     step_id: int = 0
     rows: list[ScheduledRow] = field(default_factory=list)
@@ -81,6 +94,8 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     num_prefill_tokens: int = 0  # prompt tokens computed by this step
     num_context_tokens: int = 0  # KV positions the step reads, summed over its rows
+    # Rows under a structured-output constraint (None: none is, and the step pays nothing).
+    grammar: GrammarBitmask | None = None
 
     @property
     def num_tokens(self) -> int:

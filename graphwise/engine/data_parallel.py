@@ -35,7 +35,7 @@ from graphwise.core.device import resolve_device
 from graphwise.distributed.launcher import watch_parent
 from graphwise.engine.client import EngineStats
 from graphwise.engine.engine import LLMEngine
-from graphwise.engine.validation import RequestLimits, normalize_request
+from graphwise.engine.validation import InvalidRequest, RequestLimits, normalize_request
 from graphwise.outputs import CompletionOutput, RequestOutput
 from graphwise.sampling_params import SamplingParams
 from graphwise.tokenizer import encode_prompt
@@ -304,6 +304,13 @@ class DataParallelEngine:
         params, prompt_token_ids = normalize_request(
             prompt, sampling_params, prompt_token_ids, self.tokenize, self.request_limits
         )
+        if params.structured_outputs is not None:  # refused here, not later in a replica
+            from graphwise.engine.structured import check_constraint
+
+            try:
+                check_constraint(params.structured_outputs)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), "structured_outputs") from exc
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")

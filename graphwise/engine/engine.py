@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from graphwise.engine.client import EngineStats
 from graphwise.engine.output_processor import OutputProcessor
 from graphwise.engine.scheduler import RequestUpdate, Scheduler
 from graphwise.engine.sequence import Sequence
+from graphwise.engine.structured import RequestGrammar, StructuredOutputs
 from graphwise.engine.validation import InvalidRequest, RequestLimits, normalize_request
 from graphwise.executor import create_executor
 from graphwise.models.loader import ModelSource, load_tokenizer, model_config_of, resolve_source
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 class _Launched:
     step: SchedulerOutput
     handle: StepHandle
+    deferred: bool = False  # sampling waits for the grammar mask (sample_deferred)
 
 
 class LLMEngine:
@@ -104,6 +107,9 @@ class LLMEngine:
             self.max_model_len,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Structured output (engine/structured.py): made on the first constrained request.
+        self._structured: StructuredOutputs | None = None
+        self._compiling: list[Sequence] = []  # constrained requests whose grammar is compiling
         self._ids = itertools.count()
         self.async_scheduling = config.async_scheduling
         self._inflight: _Launched | None = None
@@ -218,6 +224,16 @@ class LLMEngine:
             )
             for i, sid in enumerate(sample_ids)
         ]
+        if params.structured_outputs is not None:
+            try:
+                grammar = self.structured.request_grammar(params.structured_outputs)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), "structured_outputs") from exc
+            # Each sample has its own matcher over the one compile (the first waits for it).
+            seqs[0].grammar = grammar
+            for seq in seqs[1:]:
+                seq.grammar = RequestGrammar(grammar.future, grammar.key, grammar.stop_ids)
+            self._compiling.append(seqs[0])
         self.scheduler.add(seqs[0], forks=seqs[1:])
         self.output_processor.add_request(
             rid,
@@ -228,6 +244,14 @@ class LLMEngine:
             sample_ids if params.n > 1 else None,
         )
         return rid
+
+    @property
+    def structured(self) -> StructuredOutputs:
+        if self._structured is None:
+            self._structured = StructuredOutputs(
+                self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
+            )
+        return self._structured
 
     def abort_request(self, request_id: str) -> bool:
         sample_ids = self.output_processor.sample_ids(request_id)
@@ -274,19 +298,21 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         trace = self.tracer
         t0 = time.perf_counter()
+        grammar_failed = self._check_grammars() if self._compiling else []
         trace.push("schedule")
         try:
             step = self.scheduler.schedule()
+            deferred = step.grammar is not None and self._fill_grammar(step)
         finally:
             trace.pop()
         t1 = time.perf_counter()
-        launched, failed = self._launch(step) if step.rows else (None, [])
+        launched, failed = self._launch(step, deferred) if step.rows else (None, [])
         t2 = time.perf_counter()
         if self.async_scheduling:
             previous, self._inflight = self._inflight, launched
         else:
             previous = launched
-        updates: list[RequestUpdate] = failed
+        updates: list[RequestUpdate] = grammar_failed + failed
         wait_s = 0.0
         if previous is not None:
             trace.push("resolve")
@@ -296,9 +322,16 @@ class LLMEngine:
                 trace.pop()
             updates = resolved + updates
         elif launched is None and not failed and self.scheduler.waiting:
-            if not self.scheduler.running:
+            if self._compiling:  # nothing to run until a grammar is compiled: wait for one
+                futures.wait([s.grammar.future for s in self._compiling], 0.1, "FIRST_COMPLETED")
+            elif not self.scheduler.running:
                 raise RuntimeError("scheduler cannot admit any waiting request (KV pool too small)")
         outputs = self._process(updates)
+        if launched is not None and launched.deferred:
+            # The previous step's tokens are in the matchers now (and its outputs processed,
+            # stop strings applied): fill the mask and sample, while the GPU still runs this
+            # step's forward. Processing first keeps that host work inside the same window.
+            outputs += self._process(self._sample_deferred(launched))
         if self.step_log is not None:
             t3 = time.perf_counter()
             self.step_log.add(
@@ -316,14 +349,56 @@ class LLMEngine:
             )
         return outputs
 
-    def _launch(self, step: SchedulerOutput) -> tuple[_Launched | None, list[RequestUpdate]]:
+    def _launch(
+        self, step: SchedulerOutput, deferred: bool = False
+    ) -> tuple[_Launched | None, list[RequestUpdate]]:
         try:
             handle = self.executor.execute_model(step)
         except Exception as exc:
             return None, self._isolate_failure(step, exc)
         self._counts["prompt_tokens"] += step.num_prefill_tokens
         self._counts["steps"] += 1
-        return _Launched(step, handle), []
+        return _Launched(step, handle, deferred), []
+
+    # ---- structured output ------------------------------------------------------------
+    def _check_grammars(self) -> list[RequestUpdate]:
+        """Fail the waiting requests whose grammar failed to compile; forget the compiled."""
+        failed: dict[str, str] = {}
+        still: list[Sequence] = []
+        for seq in self._compiling:
+            if seq.is_finished:
+                continue
+            if not seq.grammar.ready:
+                still.append(seq)
+            elif seq.grammar.failed is not None:
+                failed[seq.request_id] = seq.grammar.failed
+        self._compiling = still
+        return self.scheduler.fail_requests(failed) if failed else []
+
+    def _fill_grammar(self, step: SchedulerOutput) -> bool:
+        """Fill the step's grammar mask now if every constrained row's tokens are known;
+        True when one waits for a token still being sampled (async scheduling): then the step
+        is launched with its sampling deferred until that token is in its matcher."""
+        assert step.grammar is not None
+        grammars, waits = self.scheduler.step_grammars(step)
+        if waits:
+            return True
+        step.grammar.bitmask = self.structured.fill(grammars)
+        return False
+
+    def _sample_deferred(self, launched: _Launched) -> list[RequestUpdate]:
+        step = launched.step
+        assert step.grammar is not None
+        grammars, _ = self.scheduler.step_grammars(step)
+        step.grammar.bitmask = self.structured.fill(grammars)
+        launched.deferred = False
+        try:
+            launched.handle = self.executor.sample_deferred(step.grammar)
+        except Exception as exc:
+            if self._inflight is launched:
+                self._inflight = None
+            return self._isolate_failure(step, exc)
+        return []
 
     def _isolate_failure(self, step: SchedulerOutput, exc: Exception) -> list[RequestUpdate]:
         """A step failed to launch. Fail the requests that caused it (the rows the runner cannot
@@ -408,6 +483,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the tensor/pipeline-parallel workers, if any (also done at exit)."""
+        if self._structured is not None:
+            self._structured.shutdown()
         self.executor.shutdown()
 
     def reset_prefix_cache(self) -> int:

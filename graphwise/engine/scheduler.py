@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from graphwise.core.step import (
+    GrammarBitmask,
     ModelRunnerOutput,
     NewRequest,
     PromptLogprobs,
@@ -201,14 +202,19 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        # 2. Waiting sequences, in arrival order, unless this step already had to preempt.
+        # 2. Waiting sequences, in arrival order, unless this step already had to preempt. One
+        # whose grammar is still compiling waits without holding up those behind it.
+        w = 0
         while (
-            self.waiting
+            w < len(self.waiting)
             and not preempted
             and budget > 0
             and len(self.running) + self._reserved_seats < self.max_num_seqs
         ):
-            seq = self.waiting[0]
+            seq = self.waiting[w]
+            if seq.grammar is not None and not seq.grammar.ready:
+                w += 1
+                continue
             seats = min(len(seq.forks), self.max_num_seqs - 1)  # for its samples (n > 1)
             if len(self.running) + self._reserved_seats + 1 + seats > self.max_num_seqs:
                 break
@@ -220,7 +226,7 @@ class Scheduler:
             n = min(remaining, budget)
             if not bm.can_admit(seq, cached, num_cached + n):
                 break
-            self.waiting.popleft()
+            del self.waiting[w]
             seq.num_reserved_seats = seats
             self._reserved_seats += seats
             bm.admit(seq, cached)
@@ -250,6 +256,7 @@ class Scheduler:
             out.block_copies = self.block_manager.take_copies()
         sampled: list[Sequence] = []
         forked: list[Sequence] = []
+        grammar_rows: list[int] = []
         for seq, n in picked:
             c, known = seq.num_computed_tokens, len(seq.token_ids)
             if c + n <= known:
@@ -272,17 +279,27 @@ class Scheduler:
                     new_block_ids=seq.block_table[seq.num_blocks_sent :],
                     reset_block_table=seq.num_blocks_sent == 0,
                     sample=sample,
-                    ban_stop_tokens=sample and seq.num_output_tokens < p.min_tokens,
+                    # a grammar decides when its output may end: no min_tokens ban against it
+                    ban_stop_tokens=sample
+                    and seq.num_output_tokens < p.min_tokens
+                    and seq.grammar is None,
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)
             out.num_prefill_tokens += max(0, min(n, seq.num_prompt_tokens - c))
             if sample:
+                if seq.grammar is not None:
+                    grammar_rows.append(len(sampled))
                 sampled.append(seq)
                 if seq.forks:  # n > 1: its samples sample right after it
                     children = self._fork_rows(out, seq, c + n)
-                    sampled.extend(children)
+                    for child in children:
+                        if child.grammar is not None:
+                            grammar_rows.append(len(sampled))
+                        sampled.append(child)
                     forked.extend(children)
+        if grammar_rows:
+            out.grammar = GrammarBitmask(grammar_rows)
         for seq, n in picked:
             seq.num_computed_tokens += n
             out.num_context_tokens += seq.num_computed_tokens
@@ -346,6 +363,9 @@ class Scheduler:
         for child in reversed(rest):
             self.waiting.appendleft(child)
         for child in children:
+            # Its grammar shares the parent's compile, done by now: `ready` makes its matcher.
+            if child.grammar is not None and not child.grammar.ready:
+                raise RuntimeError(f"{child!r}: its grammar is not compiled at the fork")
             self.block_manager.fork(seq, child)
             child.num_computed_tokens = num_computed
             child.status = SequenceStatus.RUNNING
@@ -353,6 +373,17 @@ class Scheduler:
             child.num_cached_tokens = seq.num_cached_tokens
             self.running.append(child)
         return children
+
+    def step_grammars(self, step: SchedulerOutput) -> tuple[list, bool]:
+        """The grammars of a step's constrained rows (None for a request that has ended), and
+        whether any of them still waits for a token the previous step is sampling (then its
+        mask can only be filled once that step is resolved)."""
+        assert step.grammar is not None
+        _, sampled = self._in_flight[step.step_id]
+        seqs = [sampled[i] for i in step.grammar.rows]
+        grammars = [None if s.is_finished else s.grammar for s in seqs]
+        waits = any(not s.is_finished and s.num_placeholders > 1 for s in seqs)
+        return grammars, waits
 
     def update_from_output(
         self, step: SchedulerOutput, output: ModelRunnerOutput
@@ -390,7 +421,14 @@ class Scheduler:
         for seq, token, lp in got:
             if seq.is_finished:
                 continue
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                updates.append(
+                    self._fail(seq, f"token {token} does not fit the structured-output grammar")
+                )
+                continue
             reason, stop = self._check_stop(seq, token)
+            if reason is None and seq.grammar is not None and seq.grammar.is_terminated:
+                reason = "stop"  # the constraint is complete
             update = RequestUpdate(
                 seq.request_id,
                 [token],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import sys
 import time
+from typing import Any
 
 from graphwise.core.step import PromptLogprobs
 from graphwise.sampling_params import SamplingParams
@@ -47,6 +48,9 @@ class Sequence:
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
         self.bad_words_ids = bad_words_ids  # params.bad_words as token sequences
+        # Its structured-output constraint (engine/structured.py RequestGrammar), if any: the
+        # scheduler admits it once compiled and advances its matcher with each token.
+        self.grammar: Any = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = SequenceStatus.WAITING
         # Tokens whose KV is in the cache; the scheduler advances it, preemption resets it.

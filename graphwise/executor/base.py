@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from graphwise.config import EngineConfig
-from graphwise.core.step import SchedulerOutput
+from graphwise.core.step import GrammarBitmask, SchedulerOutput
 from graphwise.models.loader import ModelSource
 from graphwise.runner.model_runner import ModelRunner
 from graphwise.runner.step_handle import StepHandle
@@ -39,6 +39,11 @@ class Executor(ABC):
     def execute_model(self, step: SchedulerOutput) -> StepHandle:
         """Launch one step on every rank; the driver's handle."""
 
+    @abstractmethod
+    def sample_deferred(self, grammar: GrammarBitmask) -> StepHandle:
+        """Sample the step launched last, whose sampling waited for its grammar mask (every
+        rank joins: the sampled tokens are broadcast); the driver's handle."""
+
     def shutdown(self) -> None:  # noqa: B027 - nothing to stop in one process
         """Stop the workers, if any (also done at exit)."""
 
@@ -56,6 +61,9 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, step: SchedulerOutput) -> StepHandle:
         return self.driver.execute_model(step)
+
+    def sample_deferred(self, grammar: GrammarBitmask) -> StepHandle:
+        return self.driver.sample_deferred(grammar)
 
 
 def create_executor(

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from graphwise.config import EngineConfig
 from graphwise.core.device import resolve_device, resolve_dtype
-from graphwise.core.step import SchedulerOutput
+from graphwise.core.step import GrammarBitmask, SchedulerOutput
 from graphwise.distributed import parallel_state
 from graphwise.distributed.launcher import (
     LocalWorkers,
@@ -177,6 +177,10 @@ class MultiProcExecutor(Executor):
     def execute_model(self, step: SchedulerOutput) -> StepHandle:
         self._broadcast(("execute_model", (step,), False))
         return self._guard(self.driver.execute_model, step)
+
+    def sample_deferred(self, grammar: GrammarBitmask) -> StepHandle:
+        self._broadcast(("sample_deferred", (grammar,), False))
+        return self._guard(self.driver.sample_deferred, grammar)
 
     def shutdown(self) -> None:
         self._cluster.close()

@@ -129,6 +129,30 @@ class TokenHistory:
         return every[:, :vocab], outs[:, :vocab]
 
 
+def apply_grammar_bitmask(
+    logits: torch.Tensor,
+    rows: list[int],
+    bitmask,
+    upload: Upload,  # bitmask: np.ndarray
+) -> None:
+    """Mask to -inf the tokens a structured-output constraint forbids, in place on the
+    [N, V] logits: `rows` of them, by their int32 words (bit j of word i: token 32 i + j).
+    Applied after the logits (outside any CUDA graph), before every other processor."""
+    vocab = logits.shape[-1]
+    (row_t,) = upload(torch.int64, rows)
+    (words,) = upload(torch.int32, bitmask)
+    words = words.view(len(rows), -1)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = ((words[:, :, None] >> shifts) & 1).view(len(rows), -1)
+    width = bits.shape[1]
+    if width < vocab:  # ids past the mask: never allowed
+        bits = torch.nn.functional.pad(bits, (0, vocab - width))
+    allowed = bits[:, :vocab].bool()
+    sub = logits.index_select(0, row_t)
+    sub.masked_fill_(~allowed, float("-inf"))
+    logits.index_copy_(0, row_t, sub)
+
+
 def apply_logits_processors(
     logits: torch.Tensor,
     inputs: StepInputs,

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from graphwise.config import EngineConfig, RunnerLimits
-from graphwise.core.step import SchedulerOutput
+from graphwise.core.step import GrammarBitmask, SchedulerOutput
 from graphwise.core.tracing import NULL_TRACER, Tracer
 from graphwise.distributed import parallel_state
 from graphwise.distributed.parallel_state import SINGLE, ParallelContext
@@ -38,7 +38,11 @@ from graphwise.runner.inputs import (
     build_step_inputs,
     find_bad_rows,
 )
-from graphwise.runner.logits_processors import TokenHistory, apply_logits_processors
+from graphwise.runner.logits_processors import (
+    TokenHistory,
+    apply_grammar_bitmask,
+    apply_logits_processors,
+)
 from graphwise.runner.logprobs import (
     log_softmax_rows,
     plan_prompt_rows,
@@ -117,6 +121,8 @@ class ModelRunner:
         # The last launched step's sampled tokens, on the device: the next step's inputs for
         # requests whose newest token the host does not know yet (async scheduling).
         self._last_tokens: torch.Tensor | None = None
+        # A launched step whose sampling waits for its grammar mask (logits, inputs, ...).
+        self._deferred: tuple | None = None
 
     # ---- start-up -----------------------------------------------------------------------
     @property
@@ -305,9 +311,13 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
             finally:
                 trace.pop()
+        if step.grammar is not None and step.grammar.bitmask is None:
+            # The grammar mask waits for the previous step's token: sample when it comes.
+            self._deferred = (logits, inputs, req_ids, used_graph, prompt)
+            return StepHandle([], None, used_graph)
         trace.push("sample")  # everything after the logits
         try:
-            return self._sample_and_share(logits, inputs, req_ids, used_graph, prompt)
+            return self._sample_and_share(logits, inputs, req_ids, used_graph, prompt, step.grammar)
         finally:
             trace.pop()
 
@@ -329,6 +339,19 @@ class ModelRunner:
             self.tracer.pop()
         return None if out is None else (plan.rows, *out)
 
+    @torch.inference_mode()
+    def sample_deferred(self, grammar: GrammarBitmask) -> StepHandle:
+        """Sample the step launched last, whose sampling waited for its grammar mask."""
+        if self._deferred is None:
+            raise RuntimeError("sample_deferred without a step waiting for its grammar mask")
+        logits, inputs, req_ids, used_graph, prompt = self._deferred
+        self._deferred = None
+        self.tracer.push("sample")
+        try:
+            return self._sample_and_share(logits, inputs, req_ids, used_graph, prompt, grammar)
+        finally:
+            self.tracer.pop()
+
     def _sample_and_share(
         self,
         logits: torch.Tensor | None,
@@ -336,6 +359,7 @@ class ModelRunner:
         req_ids: list[str],
         used_graph: bool,
         prompt: PromptParts | None = None,
+        grammar: GrammarBitmask | None = None,
     ) -> StepHandle:
         logprobs = None
         if self.is_driver:
@@ -351,6 +375,8 @@ class ModelRunner:
             )
             # Of the raw logits, before any masking (vLLM's default "raw_logprobs").
             raw = log_softmax_rows(logits, wanted, self.upload)
+            if grammar is not None:
+                apply_grammar_bitmask(logits, grammar.rows, grammar.bitmask, self.upload)
             tokens = self._sample(logits, inputs)
             if raw is not None:
                 logprobs = sampled_logprobs(raw, tokens, wanted, self.upload)

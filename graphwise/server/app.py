@@ -80,6 +80,7 @@ from graphwise.server.protocol import (
     validation_error,
 )
 from graphwise.server.tokenizing import PromptLimits, TokenizerLanes, token_bound
+from graphwise.server.tools import ToolStream, constrain_for_tools, plan_tools
 from graphwise.tokenizer import render_chat, template_kwarg_conflicts
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class ServerSettings:
     # A client that sends nothing of its body for this long gets a 408 and loses its
     # connection (a trickling client would otherwise hold a request open forever).
     body_idle_timeout_s: float = 30.0
+    # How `tool_choice: "auto"` finds tool calls in the output (server/tools.py; vLLM's
+    # --tool-call-parser): "hermes", "llama3_json", or None (auto is then refused).
+    tool_call_parser: str | None = None
 
 
 class ServerState:
@@ -715,6 +719,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         req = await parse_body(request, ChatCompletionRequest, state)
         model = state.resolve_model(req.model)
         state.check_supported(req)
+        tool_plan = plan_tools(req, settings.tool_call_parser)
         conversation = [m.template_dict() for m in req.messages]
         # vLLM's chat echo: the last message's content leads the reply when it is the reply's
         # role's (the assistant's: a message being continued).
@@ -741,6 +746,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 continue_final_message=req.continue_final_message,
                 documents=req.documents,
                 template_kwargs=template_kwargs,
+                tools=tool_plan.tools if tool_plan is not None else None,
             )
             state.limits.check_text(text, "messages")
             return list(tok.encode(text, add_special_tokens=req.add_special_tokens))
@@ -749,6 +755,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         size += sum(len(str(extra)) for extra in (req.documents, template_kwargs) if extra)
         ids = await state.run_tokenizer(tokenize_chat, "messages", size)
         params = req.to_sampling_params(len(ids), state.max_model_len)
+        if tool_plan is not None and tool_plan.structured is not None:
+            constrain_for_tools(params, tool_plan)
         state.check_request(ids, params, "messages")
         rid, engine_id = response_id("chatcmpl", req.request_id)
         created = int(time.time())
@@ -768,13 +776,20 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                     id=rid, created=created, model=model, choices=choices, usage=usage
                 )
 
+            tool_streams: dict[int, ToolStream] = {}  # by choice index
+
             def chunk(i: int, out: RequestOutput) -> list[BaseModel]:
                 pieces = []
                 for o in sample_deltas(out, n):
-                    if not o.text and not o.finish_reason and not (top is not None and o.token_ids):
-                        continue
-                    delta = DeltaMessage(content=o.text or None)
-                    c = ChatStreamChoice(index=o.index, delta=delta, finish_reason=o.finish_reason)
+                    wants_lp = top is not None and bool(o.token_ids)
+                    text, calls, reason = o.text, [], o.finish_reason
+                    if tool_plan is not None:
+                        stream = tool_streams.setdefault(o.index, tool_plan.stream())
+                        text, calls, reason = stream.feed(o.text, reason is not None, reason)
+                    if not text and not calls and not reason and not wants_lp:
+                        continue  # held back (a partial UTF-8 char, a possible stop string)
+                    delta = DeltaMessage(content=text or None, tool_calls=calls or None)
+                    c = ChatStreamChoice(index=o.index, delta=delta, finish_reason=reason)
                     c.logprobs = chat_lp(o)
                     pieces.append(make([c]))
                 return pieces
@@ -792,6 +807,15 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             usage_chunk = (lambda u: make([], u)) if req.include_usage else None
             return EventStream(events(streams, first, chunk, usage_chunk), streams, rid)
         outs = await collect(request, streams)
+
+        def finish(o: CompletionOutput) -> tuple[str | None, list, str | None]:
+            """A sample's message content, tool calls and finish reason."""
+            if tool_plan is None:
+                return echo_text + o.text, [], o.finish_reason
+            content, calls, reason = tool_plan.finish(o.text, o.finish_reason)
+            return (echo_text + content if content is not None else None), calls, reason
+
+        finished = [(o, *finish(o)) for o in outs[0].outputs]
         resp = ChatCompletionResponse(
             id=rid,
             created=created,
@@ -799,12 +823,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             choices=[
                 ChatChoice(
                     index=o.index,
-                    message=AssistantMessage(content=echo_text + o.text),
+                    message=AssistantMessage(content=content, tool_calls=tool_calls),
                     logprobs=chat_lp(o),
-                    finish_reason=o.finish_reason,
+                    finish_reason=finish_reason,
                     stop_reason=o.stop_reason,
                 )
-                for o in outs[0].outputs
+                for o, content, tool_calls, finish_reason in finished
             ],
             usage=usage_of(outs),
             prompt_logprobs=prompt_logprobs_json(outs[0].prompt_logprobs),

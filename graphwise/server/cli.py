@@ -50,6 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to let in-flight requests finish on SIGTERM before cancelling them",
     )
     g.add_argument("--disable-access-log", action="store_true", help="no line per request")
+    g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="how tool_choice 'auto' finds tool calls in the output: hermes (<tool_call> JSON) "
+        "or llama3_json (vLLM's names); without it 'auto' is refused",
+    )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="accepted for vLLM compatibility: --tool-call-parser alone enables 'auto'",
+    )
     add_engine_args(parser)
 
 
@@ -81,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
     if args.shutdown_timeout <= 0:
         raise ValueError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
+    if args.tool_call_parser is not None:
+        from graphwise.server.tools import make_parser
+
+        make_parser(args.tool_call_parser)  # an unknown name fails here, naming the known ones
     config = engine_config_from_args(args)  # bad engine options fail before anything else
     from graphwise.executor.worker import is_torchrun_worker, run_torchrun_worker
 
@@ -107,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         model_root=_model_root(args),
         api_key=args.api_key or None,
         engine_stop_timeout_s=args.shutdown_timeout,
+        tool_call_parser=args.tool_call_parser,
     )
     app = build_app(async_engine, settings)
     host, port = sock.getsockname()[:2]

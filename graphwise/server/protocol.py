@@ -6,13 +6,21 @@ we (a silently coerced string hides client bugs). Floats still accept JSON integ
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_serializer,
+)
 
 from graphwise.sampling_params import SamplingParams
 
@@ -136,10 +144,6 @@ class Refused:
     hint: str = ""
 
 
-def _text_format(value: Any) -> bool:
-    return isinstance(value, dict) and value.get("type") == "text"
-
-
 # Every request field of OpenAI's and vLLM's completion and chat APIs that the request models
 # below do not declare: those they declare are the implemented ones. One table for both routes
 # (a chat-only field sent to /v1/completions is treated the same way); the README shows it, and
@@ -155,7 +159,9 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
         "OpenAI's cache-routing hint; the prefix cache here matches prompts by content"
     ),
     "prediction": Ignored("OpenAI's predicted output only speeds decoding up; output is the same"),
-    "parallel_tool_calls": Ignored("matters only with `tools`, which are refused"),
+    "guided_decoding_backend": Ignored(
+        "vLLM's choice of grammar engine; xgrammar is this server's only one"
+    ),
     "mm_processor_kwargs": Ignored(
         "options for a multimodal processor; only text content is accepted, so none runs"
     ),
@@ -170,17 +176,8 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
     "truncate_prompt_tokens": Refused(),
     "truncation_side": Refused(),
     "prompt_embeds": Refused(),
-    "response_format": Refused((None, _text_format), "only {'type': 'text'} is supported"),
-    "structured_outputs": Refused(),
-    "guided_json": Refused(),
-    "guided_regex": Refused(),
-    "guided_choice": Refused(),
-    "guided_grammar": Refused(),
     "structural_tag": Refused(),
-    "guided_decoding_backend": Refused(),
-    "guided_whitespace_pattern": Refused(),
-    "tools": Refused((None, [])),
-    "tool_choice": Refused((None, "none", "auto")),
+    "guided_whitespace_pattern": Refused((None,), "xgrammar has no whitespace pattern"),
     "functions": Refused((None, [])),
     "function_call": Refused((None, "none", "auto")),
     "include_reasoning": Refused((True, None), "no reasoning parser: reasoning stays in content"),
@@ -263,6 +260,13 @@ class _SamplingRequest(BaseModel):
     allowed_token_ids: Annotated[list[int], Field(max_length=1 << 18)] | None = None
     bad_words: Annotated[list[str], Field(max_length=256)] | None = None
     include_stop_str_in_output: bool = False
+    # Output constraints (server/structured.py turns them into one StructuredOutputsParams).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # vLLM's: logprobs name tokens "token_id:<id>" instead of their text.
     return_tokens_as_token_ids: bool = False
     # vLLM's: the prompt tokens' logprobs and the top `prompt_logprobs` at each, returned in
@@ -277,6 +281,7 @@ class _SamplingRequest(BaseModel):
     # vLLM's: the response id is "<cmpl|chatcmpl>-<request_id>" (the engine's own id stays
     # unique whatever clients send).
     request_id: str | None = Field(None, min_length=1, max_length=256)
+    _structured: tuple[Any, ...] | None = PrivateAttr(None)  # the checked output constraint
 
     def check_supported(self) -> list[str]:
         """A 400 for the first field, in request order, that asks for what is not implemented
@@ -373,6 +378,11 @@ class _SamplingRequest(BaseModel):
                 param=self.max_tokens_param(),
                 code="context_length_exceeded",
             )
+        from graphwise.server.structured import structured_outputs_of
+
+        if self._structured is None:  # once per request, however many prompts it holds
+            self._structured = (structured_outputs_of(self),)
+        structured = self._structured[0]
         try:
             return SamplingParams(
                 n=n,
@@ -398,6 +408,7 @@ class _SamplingRequest(BaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 bad_words=self.bad_words,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=structured,
             )
         except ValueError as exc:  # SamplingParams names the field first
             first = str(exc).split(" ", 1)[0]
@@ -464,20 +475,59 @@ class TextPart(_Strict):
     text: str
 
 
+class MessageFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends JSON text; templates want a mapping
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant message, sent back in the history."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # An assistant's earlier tool calls, and a tool message's answer to one of them.
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def template_dict(self) -> dict[str, str]:
+    def template_dict(self) -> dict[str, Any]:
         content = self.content or ""
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         # OpenAI's "developer" is the newer name for "system"; templates know only the latter.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        out: dict[str, Any] = {"role": role, "content": content}
+        if self.tool_calls:
+            # Templates (transformers' convention) read arguments as a mapping: OpenAI sends
+            # them as JSON text.
+            calls = []
+            for call in self.tool_calls:
+                args: Any = call.function.arguments
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except ValueError:
+                        pass  # not JSON: the template gets the text
+                fn = {"name": call.function.name, "arguments": args}
+                calls.append({"id": call.id, "type": call.type, "function": fn})
+            out["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -493,6 +543,10 @@ class ChatCompletionRequest(_SamplingRequest):
     documents: list[dict[str, str]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Annotated[str, Field(max_length=32)] | None = None
+    # OpenAI's tools (server/tools.py): functions the model may call, and whether it must.
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     prompt_param: ClassVar[str] = "messages"
 
@@ -594,7 +648,8 @@ class CompletionResponse(_Response):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ChatTopLogprob(BaseModel):
@@ -629,6 +684,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:
