@@ -4,7 +4,7 @@
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
 #                      [capture] [moe] [kernels] [tp2] [models-tests] [models] [sampling]
-#                      [quant-kernels]
+#                      [quant-kernels] [moe-small]
 #   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   models-tests: the GPU tests of issue 16's families (tiny models vs HF on Triton, graphs vs
@@ -16,6 +16,13 @@
 #   quant-kernels: the GPU tests of the GGUF / INT4 packed-weight kernels, then
 #   scripts/quant_kernel_bench.py (Qwen2.5-7B shapes, M 1/8/64 or QK_M) into
 #   quant-kernels-${GPU_TAG:-h200}.json.
+#   moe-small: the MoE GEMV path's GPU tests, scripts/moe_kernel_bench.py (grouped GEMM vs GEMV
+#   at Mixtral / Qwen3-30B-A3B expert shapes, t 1..64, plus a launch-setting sweep; MOE_SWEEP=0
+#   skips the sweep) into moe-kernels-${GPU_TAG:-h200}.json, then graph decode latency of each
+#   preset in MOE_PRESETS (default mixtral-8x7b qwen3-30b-a3b; empty skips) at batch 1/8/64
+#   into latency-<preset>-smallm-${GPU_TAG:-h200}.json. All of it may pass one 10-minute call:
+#   split with MOE_PRESETS="" first, then MOE_PRESETS=... and `moe-small` tests skipped by
+#   MOE_TESTS=0.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -119,6 +126,18 @@ for step in "${steps[@]}"; do
         -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/quant-kernels-tests.log" | tail -15 || status=1
       timeout 400 python3 scripts/quant_kernel_bench.py --m "${QK_M:-1,8,64}" \
         --out "$OUT/quant-kernels-$TAG.json" 2>&1 | tee "$OUT/quant-kernels.log" | tail -5 || status=1 ;;
+    moe-small)
+      [ "${MOE_TESTS:-1}" = 0 ] || timeout 300 python3 -m pytest tests/kernels/test_fused_moe.py -m gpu -q \
+        -p no:cacheprovider 2>&1 | tee "$OUT/moe-small-tests.log" | tail -15 || status=1
+      [ "${MOE_BENCH:-1}" = 0 ] || timeout 400 python3 scripts/moe_kernel_bench.py \
+        --out "$OUT/moe-kernels-$TAG.json" $([ "${MOE_SWEEP:-1}" = 0 ] && echo --no-sweep) \
+        2>&1 | tee "$OUT/moe-kernels.log" | tail -40 || status=1
+      for preset in ${MOE_PRESETS-mixtral-8x7b qwen3-30b-a3b}; do
+        timeout 420 python3 -m graphwise.cli bench latency --preset "$preset" \
+          --batch-sizes "${MOE_BATCH:-1,8,64}" --input-len 32 --output-len 128 --compare graph \
+          --output "$OUT/latency-$preset-smallm-$TAG.json" \
+          2>&1 | tee "$OUT/latency-$preset-smallm.log" | grep -v "it/s\]" | tail -12 || status=1
+      done ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

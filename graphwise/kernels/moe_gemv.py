@@ -46,6 +46,9 @@ PROGRAMS_PER_SM = 8
 # Weight elements one program loads per loop step (each of gate and up in the first kernel):
 # 4096 bf16 = 8 KB, 32 elements (4 x 16-byte loads) per thread at 4 warps.
 TILE_ELEMS = 4096
+# Launch settings; scripts/moe_kernel_bench.py sweeps these and the two constants above.
+NUM_WARPS = 4
+NUM_STAGES = 3
 
 
 def expected_reread(tokens: int, topk: int, num_experts: int) -> float:
@@ -60,7 +63,7 @@ def use_small_m(tokens: int, topk: int, num_experts: int) -> bool:
     return tokens >= 1 and expected_reread(tokens, topk, num_experts) <= SMALL_M_MAX_REREAD
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # interpreter: few programs, fast tests
@@ -157,9 +160,7 @@ def _down_sum_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w_rows = (
-        w_ptr
-        + experts[:, None, None] * stride_we
-        + offs_n[None, :, None].to(tl.int64) * stride_wn
+        w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None].to(tl.int64) * stride_wn
     )  # [TOPK_PAD, BLOCK_N, 1]
     a_rows = act_ptr + pairs[:, None].to(tl.int64) * stride_am  # [TOPK_PAD, 1]
     row_mask = live[:, None, None] & n_mask[None, :, None]
@@ -168,9 +169,7 @@ def _down_sum_kernel(
         kk = k0 + offs_k
         k_mask = kk < K
         a = tl.load(a_rows + kk[None, :], mask=live[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(
-            w_rows + kk[None, None, :], mask=row_mask & k_mask[None, None, :], other=0.0
-        )
+        w = tl.load(w_rows + kk[None, None, :], mask=row_mask & k_mask[None, None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)
     out = tl.sum(acc * gate[:, None], axis=0)
     tl.store(
@@ -186,11 +185,15 @@ def fused_moe_small_m(
     w_down: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    tile_elems: int = TILE_ELEMS,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    tile_elems: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
-    """fused_moe's result by two GEMV kernels (same arguments; see fused_moe)."""
+    """fused_moe's result by two GEMV kernels (same arguments; see fused_moe). The launch
+    settings default to the module's constants (read at call time, so a sweep can set them)."""
+    tile_elems = tile_elems or TILE_ELEMS
+    num_warps = num_warps or NUM_WARPS
+    num_stages = num_stages or NUM_STAGES
     t, h = x.shape
     num_experts, two_i, _ = w_gate_up.shape
     inter = two_i // 2
@@ -246,4 +249,3 @@ def fused_moe_small_m(
         num_stages=num_stages,
     )
     return out
-

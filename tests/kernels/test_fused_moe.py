@@ -110,7 +110,8 @@ def test_small_m_matches_loop_interpreter(kern, k, e, mode, dtype):
     from graphwise.kernels.moe_gemv import fused_moe_small_m
 
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for t in range(1, 9):
+    # t = 1..8 for each (k, E, dtype), shared out among the three routing modes (interpreter time)
+    for t in {"uniform": (1, 4, 7), "skewed": (2, 5, 8), "one": (3, 6)}[mode]:
         x, wgu, wd, w, ids = _moe_inputs(t, k, e, 32, 48, mode, dtype)
         # fp32 routing weights as Mixtral passes them, the model dtype as Qwen does
         weights = w if t % 2 else w.to(dtype)
