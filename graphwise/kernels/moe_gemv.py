@@ -46,6 +46,9 @@ PROGRAMS_PER_SM = 8
 # Weight elements one program loads per loop step (each of gate and up in the first kernel):
 # 4096 bf16 = 8 KB, 32 elements (4 x 16-byte loads) per thread at 4 warps.
 TILE_ELEMS = 4096
+# Shortest K step worth narrowing the column tile for: 256 bf16 = 512 contiguous bytes of each
+# weight row per step (a few DRAM bursts rather than one 128-byte line per row).
+MIN_BLOCK_K = 256
 # Launch settings; scripts/moe_kernel_bench.py sweeps these and the two constants above.
 NUM_WARPS = 4
 NUM_STAGES = 3
@@ -54,7 +57,8 @@ NUM_STAGES = 3
 def expected_reread(tokens: int, topk: int, num_experts: int) -> float:
     """Pairs per distinct expert hit when `tokens` tokens each pick `topk` of `num_experts`
     experts uniformly: pairs / (E * (1 - (1 - k/E)^t))."""
-    hit = num_experts * (1.0 - (1.0 - topk / num_experts) ** tokens)
+    pick = min(1.0, topk / num_experts)  # under TP a rank may hold fewer experts than k
+    hit = num_experts * (1.0 - (1.0 - pick) ** tokens)
     return tokens * topk / max(hit, 1e-9)
 
 
@@ -70,17 +74,18 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _block_n(rows: int, n: int, target: int) -> int:
-    """Largest power-of-two column tile in [2, 64] giving at least `target` programs."""
-    block_n = 64
+def _tiles(rows: int, n: int, k: int, slots: int, target: int, tile_elems: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) for `rows` x cdiv(n, BLOCK_N) programs, each loading `slots` weight
+    tiles of BLOCK_N x BLOCK_K per step. BLOCK_N: the largest power of two in [2, 64] that
+    gives `target` programs, but no wider than leaves BLOCK_K >= MIN_BLOCK_K (long contiguous
+    runs of each weight row per step). BLOCK_K: the rest of the `tile_elems` budget."""
+    k_pow2 = triton.next_power_of_2(k)
+    widest = max(2, tile_elems // (slots * min(MIN_BLOCK_K, k_pow2)))
+    block_n = min(64, triton.next_power_of_2(widest + 1) // 2)
     while block_n > 2 and rows * triton.cdiv(n, block_n) < target:
         block_n //= 2
-    return block_n
-
-
-def _block_k(k: int, others: int, tile_elems: int) -> int:
-    """K step so that one loaded weight tile holds about `tile_elems` elements."""
-    return max(16, min(triton.next_power_of_2(k), tile_elems // others))
+    block_k = max(16, min(k_pow2, tile_elems // (slots * block_n)))
+    return block_n, block_k
 
 
 @triton.jit
@@ -204,8 +209,7 @@ def fused_moe_small_m(
     target = PROGRAMS_PER_SM * _num_sms(x.device)
 
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    bn = _block_n(pairs, inter, target)
-    bk = _block_k(h, bn, tile_elems)
+    bn, bk = _tiles(pairs, inter, h, 1, target, tile_elems)
     _gate_up_silu_kernel[(pairs, triton.cdiv(inter, bn))](
         x,
         w_gate_up,
@@ -227,8 +231,7 @@ def fused_moe_small_m(
 
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     topk_pad = triton.next_power_of_2(topk)
-    bn = _block_n(t, h, target)
-    bk = _block_k(inter, topk_pad * bn, tile_elems)
+    bn, bk = _tiles(t, h, inter, topk_pad, target, tile_elems)
     _down_sum_kernel[(t, triton.cdiv(h, bn))](
         act,
         w_down,

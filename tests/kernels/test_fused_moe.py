@@ -166,6 +166,8 @@ def test_small_m_dispatch_by_shape(kern, monkeypatch):
     assert [use_small_m(t, 8, 128) for t in (1, 4, 8, 16, 64)] == [True] * 3 + [False] * 2
     assert expected_reread(1, 8, 128) == pytest.approx(1.0)
     assert expected_reread(8, 2, 8) == pytest.approx(16 / (8 * (1 - 0.75**8)))
+    # a TP rank holding fewer experts than k: every local expert is hit by every token
+    assert expected_reread(3, 2, 1) == pytest.approx(6.0) and not use_small_m(3, 2, 1)
 
     calls = []
     real_small, real_align = fm.fused_moe_small_m, fm.moe_align
