@@ -166,6 +166,15 @@ def main() -> None:
         rows += shape_rows
         sweep += shape_sweep
         torch.cuda.empty_cache()
+    # Where the GEMV path wins, and the re-read factor there: what SMALL_M_MAX_REREAD should be.
+    crossover = {}
+    for name in {r["shape"] for r in rows}:
+        wins = [r for r in rows if r["shape"] == name and r["gemv_ms"] < r["grouped_ms"]]
+        crossover[name] = {
+            "gemv_faster_at_tokens": [r["tokens"] for r in wins],
+            "max_expected_reread_won": max((r["expected_reread"] for r in wins), default=None),
+        }
+        print(f"{name}: GEMV faster at t={crossover[name]['gemv_faster_at_tokens']}", flush=True)
     keys = ["E", "k", "H", "I", "fp32_routing"]
     result = {
         "benchmark": "moe_kernels",
@@ -176,6 +185,7 @@ def main() -> None:
         "copy_bandwidth_bytes_per_s": bw,
         "environment": environment(dev),
         "rows": rows,
+        "crossover": crossover,
         "sweep": sweep,
     }
     with open(args.out, "w") as f:
