@@ -122,8 +122,12 @@ def _gate_up_silu_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
-        xk = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         w_mask = n_mask[:, None] & k_mask[None, :]
+        # x's chunk loaded at the weight tile's full shape (repeats hit L1), so that it lands in
+        # the same register layout: a [BLOCK_K] load broadcast later costs a shared-memory
+        # layout conversion and barriers every step
+        x_ptrs = tl.broadcast_to(x_row + kk[None, :], (BLOCK_N, BLOCK_K))
+        xk = tl.load(x_ptrs, mask=w_mask, other=0.0).to(tl.float32)
         g = tl.load(gate_rows + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
         u = tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
         acc_gate += tl.sum(g * xk, axis=1)
@@ -167,15 +171,18 @@ def _down_sum_kernel(
     w_rows = (
         w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None].to(tl.int64) * stride_wn
     )  # [TOPK_PAD, BLOCK_N, 1]
-    a_rows = act_ptr + pairs[:, None].to(tl.int64) * stride_am  # [TOPK_PAD, 1]
+    # act rows loaded at the weight tile's full shape, as x in the gate_up kernel
+    a_rows = tl.broadcast_to(
+        act_ptr + pairs[:, None, None].to(tl.int64) * stride_am, (TOPK_PAD, BLOCK_N, 1)
+    )
     row_mask = live[:, None, None] & n_mask[None, :, None]
     acc = tl.zeros((TOPK_PAD, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
+        kk = (k0 + offs_k)[None, None, :]
         k_mask = kk < K
-        a = tl.load(a_rows + kk[None, :], mask=live[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_rows + kk[None, None, :], mask=row_mask & k_mask[None, None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)
+        a = tl.load(a_rows + kk, mask=row_mask & k_mask, other=0.0)
+        w = tl.load(w_rows + kk, mask=row_mask & k_mask, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=2)
     out = tl.sum(acc * gate[:, None], axis=0)
     tl.store(
         out_ptr + token.to(tl.int64) * stride_om + offs_n,
