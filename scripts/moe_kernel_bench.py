@@ -6,7 +6,7 @@ flushed before each (a model's layers never find the previous layer's experts in
 the achieved GB/s of the expert bytes the batch has to read (distinct experts hit x their
 gate_up + down bytes) and that floor at the measured copy bandwidth; `dispatch` is the path
 fused_moe picks by itself. `sweep` times the GEMV path's launch settings at t <= 16, to tune
-moe_gemv's constants (TILE_ELEMS, PROGRAMS_PER_SM, warps, stages).
+moe_gemv's constants (TILE_ELEMS, PROGRAMS_PER_SM, NUM_WARPS).
     PYTHONPATH=. python3 scripts/moe_kernel_bench.py --out FILE [--tokens 1,2,4] [--no-sweep]
 """
 
@@ -31,15 +31,14 @@ SWEEP = [  # GEMV launch settings tried at t <= 16 (the first is moe_gemv's defa
     {
         "tile_elems": moe_gemv.TILE_ELEMS,
         "num_warps": moe_gemv.NUM_WARPS,
-        "num_stages": moe_gemv.NUM_STAGES,
         "programs_per_sm": moe_gemv.PROGRAMS_PER_SM,
     },
-    {"tile_elems": 4096, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8},
-    {"tile_elems": 2048, "num_warps": 4, "num_stages": 3, "programs_per_sm": 8},
-    {"tile_elems": 8192, "num_warps": 4, "num_stages": 3, "programs_per_sm": 8},
-    {"tile_elems": 8192, "num_warps": 8, "num_stages": 3, "programs_per_sm": 8},
-    {"tile_elems": 4096, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4},
-    {"tile_elems": 4096, "num_warps": 4, "num_stages": 3, "programs_per_sm": 16},
+    {"tile_elems": 4096, "num_warps": 8, "programs_per_sm": 8},
+    {"tile_elems": 2048, "num_warps": 4, "programs_per_sm": 8},
+    {"tile_elems": 8192, "num_warps": 4, "programs_per_sm": 8},
+    {"tile_elems": 8192, "num_warps": 8, "programs_per_sm": 8},
+    {"tile_elems": 4096, "num_warps": 4, "programs_per_sm": 4},
+    {"tile_elems": 4096, "num_warps": 4, "programs_per_sm": 16},
 ]
 
 
@@ -85,7 +84,6 @@ def gemv_with(config: dict, x, wgu, wd, w, ids):
             ids,
             tile_elems=config["tile_elems"],
             num_warps=config["num_warps"],
-            num_stages=config["num_stages"],
         )
 
     return fn

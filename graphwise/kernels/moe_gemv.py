@@ -6,9 +6,9 @@ a GEMV, bound by the bytes of the expert rows it streams. The grouped-GEMM path
 row of a block is padding and the sort costs several small kernels per layer. Here:
 
 1. gate_up: grid (pair, column tile). A program reads its pair's token row and the gate and
-   up rows of the same I-columns of its expert, accumulates both in fp32 (multiply + tl.sum:
-   M=1 has no use for tensor cores) and writes silu(gate) * up, so the [pairs, 2I]
-   pre-activation never goes to memory.
+   up rows of the same I-columns of its expert, accumulates both in fp32 (elementwise
+   multiply-add over the K steps, one tl.sum at the end: M=1 has no use for tensor cores) and
+   writes silu(gate) * up, so the [pairs, 2I] pre-activation never goes to memory.
 2. down: grid (token, column tile). A program reads the down rows of all k experts of its
    token at once ([k, BLOCK_N, BLOCK_K] tiles, so k streams are in flight together, not one
    after another) and writes sum_j w_j * down_j(act_j) for its H-columns. The top-k sum is
@@ -49,9 +49,11 @@ TILE_ELEMS = 4096
 # Shortest K step worth narrowing the column tile for: 256 bf16 = 512 contiguous bytes of each
 # weight row per step (a few DRAM bursts rather than one 128-byte line per row).
 MIN_BLOCK_K = 256
-# Launch settings; scripts/moe_kernel_bench.py sweeps these and the two constants above.
+# Launch settings; scripts/moe_kernel_bench.py sweeps these and the constants above. No
+# num_stages: Triton (3.6 and 3.9, sm_90) software-pipelines only loads that feed tl.dot; these
+# kernels compile to the same SASS at 1 and 3 stages. Loads in flight come from wide tiles (one
+# loop step loads 4 x 16 bytes per thread per weight tile) and several resident programs per SM.
 NUM_WARPS = 4
-NUM_STAGES = 3
 
 
 def expected_reread(tokens: int, topk: int, num_experts: int) -> float:
@@ -117,8 +119,10 @@ def _gate_up_silu_kernel(
     # rows [0, N) of w are the gate projection, [N, 2N) the up projection
     gate_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
     up_rows = gate_rows + N * stride_wn
-    acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # elementwise fp32 partial sums, reduced over K once after the loop: a tl.sum per step
+    # crosses warps (shared memory + barriers every step) whenever the layout splits K
+    acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
@@ -130,9 +134,10 @@ def _gate_up_silu_kernel(
         xk = tl.load(x_ptrs, mask=w_mask, other=0.0).to(tl.float32)
         g = tl.load(gate_rows + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
         u = tl.load(up_rows + kk[None, :], mask=w_mask, other=0.0).to(tl.float32)
-        acc_gate += tl.sum(g * xk, axis=1)
-        acc_up += tl.sum(u * xk, axis=1)
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+        acc_gate += g * xk
+        acc_up += u * xk
+    gate = tl.sum(acc_gate, axis=1)
+    act = gate * tl.sigmoid(gate) * tl.sum(acc_up, axis=1)
     tl.store(
         act_ptr + pair.to(tl.int64) * stride_am + offs_n,
         act.to(act_ptr.dtype.element_ty),
@@ -176,14 +181,14 @@ def _down_sum_kernel(
         act_ptr + pairs[:, None, None].to(tl.int64) * stride_am, (TOPK_PAD, BLOCK_N, 1)
     )
     row_mask = live[:, None, None] & n_mask[None, :, None]
-    acc = tl.zeros((TOPK_PAD, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((TOPK_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced after the loop
     for k0 in range(0, K, BLOCK_K):
         kk = (k0 + offs_k)[None, None, :]
         k_mask = kk < K
         a = tl.load(a_rows + kk, mask=row_mask & k_mask, other=0.0)
         w = tl.load(w_rows + kk, mask=row_mask & k_mask, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=2)
-    out = tl.sum(acc * gate[:, None], axis=0)
+        acc += w.to(tl.float32) * a.to(tl.float32)
+    out = tl.sum(tl.sum(acc, axis=2) * gate[:, None], axis=0)
     tl.store(
         out_ptr + token.to(tl.int64) * stride_om + offs_n,
         out.to(out_ptr.dtype.element_ty),
@@ -199,13 +204,11 @@ def fused_moe_small_m(
     topk_ids: torch.Tensor,
     tile_elems: int | None = None,
     num_warps: int | None = None,
-    num_stages: int | None = None,
 ) -> torch.Tensor:
     """fused_moe's result by two GEMV kernels (same arguments; see fused_moe). The launch
     settings default to the module's constants (read at call time, so a sweep can set them)."""
     tile_elems = tile_elems or TILE_ELEMS
     num_warps = num_warps or NUM_WARPS
-    num_stages = num_stages or NUM_STAGES
     t, h = x.shape
     num_experts, two_i, _ = w_gate_up.shape
     inter = two_i // 2
@@ -233,7 +236,6 @@ def fused_moe_small_m(
         BLOCK_N=bn,
         BLOCK_K=bk,
         num_warps=num_warps,
-        num_stages=num_stages,
     )
 
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
@@ -256,6 +258,5 @@ def fused_moe_small_m(
         BLOCK_N=bn,
         BLOCK_K=bk,
         num_warps=num_warps,
-        num_stages=num_stages,
     )
     return out
