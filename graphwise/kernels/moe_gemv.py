@@ -34,7 +34,7 @@ import triton.language as tl
 
 # Expected weight re-reads (pairs / distinct experts hit, uniform routing) up to which the GEMV
 # path is used. Each pair streams its expert's rows, so at factor f the kernels move f x the
-# bytes of the grouped GEMM through L2 (repeats are concurrent programs, mostly L2 hits) and do
+# bytes of the grouped GEMM through L2 (repeats run as concurrent programs: expected L2 hits) and do
 # f x the CUDA-core FMAs; past ~1.5 the grouped GEMM, which reads each expert once per block of
 # tokens with tensor cores, is the better bet. Uniform routing: Mixtral (E=8, k=2) t<=4 (1.46;
 # t=8 is 2.2), Qwen3-30B-A3B (E=128, k=8) t<=8 (1.24; t=16 is 1.56).
@@ -44,7 +44,9 @@ SMALL_M_MAX_REREAD = 1.5
 # ~36 KB per SM in flight, i.e. several programs with several KB each.
 PROGRAMS_PER_SM = 8
 # Weight elements one program loads per loop step (each of gate and up in the first kernel):
-# 4096 bf16 = 8 KB, 32 elements (4 x 16-byte loads) per thread at 4 warps.
+# 4096 bf16 = 8 KB, 32 elements (4 x 16-byte loads) per thread at 4 warps, plus as many fp32
+# partial sums. Compiled for sm_90: gate_up ~128 registers a thread (4 programs resident per
+# SM, 64 KB of loads in flight per SM), down ~80.
 TILE_ELEMS = 4096
 # Shortest K step worth narrowing the column tile for: 256 bf16 = 512 contiguous bytes of each
 # weight row per step (a few DRAM bursts rather than one 128-byte line per row).
