@@ -16,13 +16,13 @@
 #   quant-kernels: the GPU tests of the GGUF / INT4 packed-weight kernels, then
 #   scripts/quant_kernel_bench.py (Qwen2.5-7B shapes, M 1/8/64 or QK_M) into
 #   quant-kernels-${GPU_TAG:-h200}.json.
-#   moe-small: the MoE GEMV path's GPU tests, scripts/moe_kernel_bench.py (grouped GEMM vs GEMV
-#   at Mixtral / Qwen3-30B-A3B expert shapes, t 1..64, plus a launch-setting sweep; MOE_SWEEP=0
-#   skips the sweep) into moe-kernels-${GPU_TAG:-h200}.json, then graph decode latency of each
-#   preset in MOE_PRESETS (default mixtral-8x7b qwen3-30b-a3b; empty skips) at batch 1/8/64
-#   into latency-<preset>-smallm-${GPU_TAG:-h200}.json. All of it may pass one 10-minute call:
-#   split with MOE_PRESETS="" first, then MOE_PRESETS=... and `moe-small` tests skipped by
-#   MOE_TESTS=0.
+#   moe-small: tests/kernels/test_fused_moe.py (all of it, compiled), then
+#   scripts/moe_kernel_bench.py (grouped GEMM vs GEMV at Mixtral / Qwen3-30B-A3B expert shapes,
+#   t 1..64, plus a launch-setting sweep that MOE_SWEEP=0 skips) into
+#   moe-kernels-${GPU_TAG:-h200}.json, then graph decode latency of each preset in MOE_PRESETS
+#   (default mixtral-8x7b qwen3-30b-a3b; empty skips) at batch 1/8/64 into
+#   latency-<preset>-smallm-${GPU_TAG:-h200}.json. All of it may not fit one 10-minute call:
+#   split as MOE_PRESETS="" (tests + bench), then MOE_TESTS=0 MOE_BENCH=0 (latency only).
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -127,7 +127,9 @@ for step in "${steps[@]}"; do
       timeout 400 python3 scripts/quant_kernel_bench.py --m "${QK_M:-1,8,64}" \
         --out "$OUT/quant-kernels-$TAG.json" 2>&1 | tee "$OUT/quant-kernels.log" | tail -5 || status=1 ;;
     moe-small)
-      [ "${MOE_TESTS:-1}" = 0 ] || timeout 300 python3 -m pytest tests/kernels/test_fused_moe.py -m gpu -q \
+      # the whole file: the CPU tests (ragged shapes, TP masking, NaN-poisoned skipped experts,
+      # dispatch) run compiled here, plus the gpu-marked model-shape and graph-replay tests
+      [ "${MOE_TESTS:-1}" = 0 ] || timeout 300 python3 -m pytest tests/kernels/test_fused_moe.py -q \
         -p no:cacheprovider 2>&1 | tee "$OUT/moe-small-tests.log" | tail -15 || status=1
       [ "${MOE_BENCH:-1}" = 0 ] || timeout 400 python3 scripts/moe_kernel_bench.py \
         --out "$OUT/moe-kernels-$TAG.json" $([ "${MOE_SWEEP:-1}" = 0 ] && echo --no-sweep) \

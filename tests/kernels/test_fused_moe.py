@@ -95,7 +95,11 @@ def test_fused_moe_bf16_gpu(kern, t):
 # --- the small-M (GEMV) path: moe_gemv.fused_moe_small_m ---------------------------------
 
 
-def _moe_inputs(t, k, e, h, i, mode, dtype, device="cpu"):
+# the interpreter on CPU, the compiled kernels where there is a GPU (as conftest decides)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _moe_inputs(t, k, e, h, i, mode, dtype, device=DEVICE):
     x = torch.randn(t, h, device=device).to(dtype)
     wgu = (torch.randn(e, 2 * i, h, device=device) * 0.2).to(dtype)
     wd = (torch.randn(e, h, i, device=device) * 0.2).to(dtype)
