@@ -4,7 +4,7 @@
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
 #                      [capture] [moe] [kernels] [tp2] [models-tests] [models] [sampling]
-#                      [quant-kernels]
+#                      [quant-kernels] [moe-small]
 #   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   models-tests: the GPU tests of issue 16's families (tiny models vs HF on Triton, graphs vs
@@ -19,6 +19,13 @@
 #   quant: issue 17's GPU tests of the FP8 paths, then `bench latency` on qwen2.5-7b (dummy
 #   weights, batch 1 and 64, graphs) in bf16 and with quantization=fp8 (QUANT_FORMATS), merged
 #   by benchmarks/quant_report.py into quant-${GPU_TAG:-h200}.json.
+#   moe-small: tests/kernels/test_fused_moe.py (all of it, compiled), then
+#   scripts/moe_kernel_bench.py (grouped GEMM vs GEMV at Mixtral / Qwen3-30B-A3B expert shapes,
+#   t 1..64, plus a launch-setting sweep that MOE_SWEEP=0 skips) into
+#   moe-kernels-${GPU_TAG:-h200}.json, then graph decode latency of each preset in MOE_PRESETS
+#   (default mixtral-8x7b qwen3-30b-a3b; empty skips) at batch 1/8/64 into
+#   latency-<preset>-smallm-${GPU_TAG:-h200}.json. All of it may not fit one 10-minute call:
+#   split as MOE_PRESETS="" (tests + bench), then MOE_TESTS=0 MOE_BENCH=0 (latency only).
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -138,6 +145,22 @@ for step in "${steps[@]}"; do
       done
       python3 benchmarks/quant_report.py "$OUT" --output "$OUT/quant-$TAG.json" \
         2>&1 | tee -a "$OUT/quant.log" || status=1 ;;
+    moe-small)
+      # the whole file: the CPU tests (ragged shapes, TP masking, NaN-poisoned skipped experts,
+      # dispatch) run compiled here, plus the gpu-marked model-shape and graph-replay tests
+      [ "${MOE_TESTS:-1}" = 0 ] || timeout 300 python3 -m pytest tests/kernels/test_fused_moe.py -q \
+        -p no:cacheprovider 2>&1 | tee "$OUT/moe-small-tests.log" | tail -15 || status=1
+      [ "${MOE_BENCH:-1}" = 0 ] || timeout 400 python3 scripts/moe_kernel_bench.py \
+        --out "$OUT/moe-kernels-$TAG.json" $([ "${MOE_SWEEP:-1}" = 0 ] && echo --no-sweep) \
+        2>&1 | tee "$OUT/moe-kernels.log" | tail -40 || status=1
+      for preset in ${MOE_PRESETS-mixtral-8x7b qwen3-30b-a3b}; do
+        # the GEMV path is off by default until this run measures it: switch it on here
+        GRAPHWISE_MOE_SMALL_M_MAX_REREAD=${GRAPHWISE_MOE_SMALL_M_MAX_REREAD:-1.5} \
+          timeout 420 python3 -m graphwise.cli bench latency --preset "$preset" \
+          --batch-sizes "${MOE_BATCH:-1,8,64}" --input-len 32 --output-len 128 --compare graph \
+          --output "$OUT/latency-$preset-smallm-$TAG.json" \
+          2>&1 | tee "$OUT/latency-$preset-smallm.log" | grep -v "it/s\]" | tail -12 || status=1
+      done ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

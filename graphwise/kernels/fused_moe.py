@@ -5,6 +5,9 @@ padded to a multiple of BLOCK_M, so every BLOCK_M rows of the list belong to one
 program multiplies such a block of gathered rows by that expert's weight tile: expert weights
 are read once per block of tokens, and experts with no tokens cost nothing. The alignment is
 done with tensor ops of fixed size (no host sync), so the layer can be captured in a CUDA graph.
+
+At decode batch sizes (few pairs per expert) `fused_moe` takes the GEMV path of moe_gemv.py
+instead: no alignment, one streaming program per (pair, column tile).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import triton
 import triton.language as tl
 
 from graphwise.kernels.activation import silu_and_mul
+from graphwise.kernels.moe_gemv import fused_moe_small_m, use_small_m
 
 
 def moe_align(
@@ -157,11 +161,13 @@ def fused_moe(
     block_n: int = 64,
     block_k: int = 64,
     num_warps: int = 4,
+    small_m: bool | None = None,
 ) -> torch.Tensor:
     """Routed experts of a MoE layer: sum_j w_j * down_e(silu(gate_e x) * up_e x), e = ids[:, j].
 
     x [T, H]; w_gate_up [E, 2I, H]; w_down [E, H, I]; topk_weights [T, k] (x's dtype or fp32);
-    topk_ids [T, k]. Returns [T, H] in x's dtype.
+    topk_ids [T, k]. Returns [T, H] in x's dtype. small_m: force the GEMV path (True) or the
+    grouped GEMM (False); None picks by shape (moe_gemv.use_small_m).
     """
     t, h = x.shape
     num_experts, two_i, h_w = w_gate_up.shape
@@ -170,6 +176,10 @@ def fused_moe(
     topk = topk_ids.shape[1]
     if t == 0:
         return torch.empty_like(x)
+    if small_m is None:
+        small_m = use_small_m(t, topk, num_experts)
+    if small_m:
+        return fused_moe_small_m(x, w_gate_up, w_down, topk_weights, topk_ids)
     if block_m is None:
         # Rows per expert block: small when few tokens reach each expert (padding waste), large
         # when many do (fewer re-reads of the weight tiles). Shapes only: no host sync.
