@@ -17,6 +17,11 @@ Per-layer options: a sliding window (the context is ``[max(0, seq_len - window),
 derived on the device like the splits, so a graph captured once serves every length) and a
 tanh soft-cap on the scores. A head_dim that is not a power of two is padded to one in
 registers (masked loads and stores), e.g. Phi-3's 96.
+
+An FP8 (e4m3) cache is read as such (half the bytes of bf16) and widened to q's dtype in
+registers, which is exact. Its per-tensor scales are applied where they cost nothing: the
+scores are linear in k, so ``k_scale`` joins the softmax scale, and the output is linear in
+v, so ``v_scale`` multiplies the output once instead of every V tile.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ def _decode_split_kernel(
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2 (exp2 is one instruction)
     softcap_scale,  # with SOFTCAP: cap * log2(e), and qk_scale = scale / cap
     window,  # with WINDOW: keys at positions >= seq_len - window only
+    v_scale,  # with KV_FP8: the output's factor (k_scale is folded into qk_scale)
     stride_qb,
     stride_qh,
     stride_ob,
@@ -97,6 +103,7 @@ def _decode_split_kernel(
     DIRECT_OUT: tl.constexpr,  # single split: write the final output, skip the reduce
     WINDOW: tl.constexpr,  # sliding-window layer
     SOFTCAP: tl.constexpr,  # tanh soft-capped scores
+    KV_FP8: tl.constexpr,  # e4m3 cache: widen the tiles to q's dtype, scale the output
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -139,6 +146,8 @@ def _decode_split_kernel(
         tok = block_ids * stride_cache_block + (offs_n % PAGE_SIZE) * stride_cache_tok + kv_base
         kv_mask = _dim_mask(n_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(tl.float32).to(q.dtype)  # e4m3 -> fp32 is exact (and right in the interpreter)
         qk = _scores(q, k, qk_scale, softcap_scale, SOFTCAP, DOT_PRECISION)
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -146,12 +155,16 @@ def _decode_split_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = v.to(tl.float32).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Empty split or padding lane (seq_len 0): l_i == 0, acc == 0 -> output 0, lse -inf.
     has_tokens = l_i > 0.0
     o = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
+    if KV_FP8:  # the splits' partials are linear in v: scaling each scales their combination
+        o = o * v_scale
     if DIRECT_OUT:
         dst = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=hd_mask)
@@ -208,6 +221,25 @@ def _decode_reduce_kernel(
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
     else:
         tl.store(dst, o.to(out_ptr.dtype.element_ty))
+
+
+def check_kv_dtype(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """The cache is q's dtype, or e4m3 (then True: the kernel dequantizes)."""
+    assert k_cache.dtype == v_cache.dtype, f"K cache {k_cache.dtype}, V cache {v_cache.dtype}"
+    if k_cache.dtype == torch.float8_e4m3fn:
+        assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
+        return True
+    assert q.dtype == k_cache.dtype, f"q {q.dtype} and KV cache {k_cache.dtype} differ"
+    return False
+
+
+def _score_scales(scale: float, softcap: float | None, k_scale: float) -> tuple[float, float]:
+    """(qk_scale, softcap_scale) for ``_scores``: base 2, and an FP8 cache's k_scale folded
+    into the softmax scale (scores are linear in k; the soft-cap comes after)."""
+    scale = scale * k_scale
+    if softcap:
+        return scale / softcap, softcap * _LOG2E
+    return scale * _LOG2E, 1.0
 
 
 def head_dim_block(head_dim: int) -> int:
@@ -291,6 +323,8 @@ def decode_attention(
     num_stages: int | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` over each sequence's paged KV; returns ``[B, Hq, D]``.
 
@@ -299,7 +333,8 @@ def decode_attention(
     ``choose_num_splits``); pass ``workspace`` from ``alloc_decode_workspace`` to avoid the
     per-call allocation of the split partials. ``sliding_window`` W: only the last W keys of
     each sequence are read; ``softcap`` c: scores ``c * tanh(scale * q.k / c)`` (see
-    ``reference.py``).
+    ``reference.py``). A ``torch.float8_e4m3fn`` cache holds ``k / k_scale`` and
+    ``v / v_scale`` (see ``kv_store``); it is dequantized in registers.
     """
     b, hq, d = q.shape
     num_blocks, page_size, hkv, d_cache = k_cache.shape
@@ -308,7 +343,7 @@ def decode_attention(
     assert v_cache.shape == k_cache.shape and k_cache.stride() == v_cache.stride()
     assert q.stride(2) == 1 and k_cache.stride(3) == 1, "head_dim axis must be contiguous"
     assert block_tables.shape[0] == b and seq_lens.shape[0] == b
-    assert q.dtype == k_cache.dtype, f"q {q.dtype} and KV cache {k_cache.dtype} differ"
+    kv_fp8 = check_kv_dtype(q, k_cache, v_cache)
     group = hq // hkv
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -348,9 +383,9 @@ def decode_attention(
         out,
         part_out,
         part_lse,
-        scale / softcap if softcap else scale * _LOG2E,
-        softcap * _LOG2E if softcap else 1.0,
+        *_score_scales(scale, softcap, k_scale if kv_fp8 else 1.0),
         sliding_window or 0,
+        float(v_scale),
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -371,6 +406,7 @@ def decode_attention(
         DIRECT_OUT=direct,
         WINDOW=bool(sliding_window),
         SOFTCAP=bool(softcap),
+        KV_FP8=kv_fp8,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,

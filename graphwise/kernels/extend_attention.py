@@ -9,7 +9,9 @@ mask; only the tiles around the diagonal pay for it.
 
 A sliding window (per layer) bounds the keys a tile reads to ``[first row's position - window
 + 1, last row's position]``; the tiles at both edges of that band are masked, the whole tiles
-inside it are not. Soft-capping and padded head_dim work as in ``decode_attention``.
+inside it are not. Soft-capping, padded head_dim and an FP8 (e4m3) cache work as in
+``decode_attention`` (tiles widened to q's dtype in registers, ``k_scale`` folded into the
+softmax scale, ``v_scale`` applied to the output).
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from graphwise.kernels.decode_attention import _dim_mask, _scores, head_dim_block
-
-_LOG2E = 1.4426950408889634
+from graphwise.kernels.decode_attention import (
+    _dim_mask,
+    _score_scales,
+    _scores,
+    check_kv_dtype,
+    head_dim_block,
+)
 
 
 @triton.jit
@@ -48,6 +54,7 @@ def _attend_tiles(
     CAUSAL_MASK: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax accumulation over keys ``[key_start, key_end)`` (base-2 exponent).
@@ -62,6 +69,8 @@ def _attend_tiles(
         tok = block_ids * stride_cache_block + (offs_n % PAGE_SIZE) * stride_cache_tok + kv_base
         kv_mask = _dim_mask(n_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(tl.float32).to(q.dtype)  # e4m3 -> fp32 is exact (and right in the interpreter)
         qk = _scores(q, k, qk_scale, softcap_scale, SOFTCAP, DOT_PRECISION)
         if CAUSAL_MASK:
             visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
@@ -80,6 +89,8 @@ def _attend_tiles(
         p = tl.exp2(qk - pivot[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = v.to(tl.float32).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -99,6 +110,7 @@ def _extend_kernel(
     qk_scale,
     softcap_scale,
     window,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -115,6 +127,7 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Launch the heaviest (last, most keys) query tiles first to shorten the causal tail.
@@ -163,22 +176,24 @@ def _extend_kernel(
             acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_base,
             band_start, full_start, qk_scale, softcap_scale, window,
             stride_cache_block, stride_cache_tok,
-            HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, WINDOW, SOFTCAP, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, WINDOW, SOFTCAP, KV_FP8, DOT_PRECISION,
         )  # fmt: skip
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_base,
         full_start, unmasked_end, qk_scale, softcap_scale, window,
         stride_cache_block, stride_cache_tok,
-        HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, False, WINDOW, SOFTCAP, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, False, WINDOW, SOFTCAP, KV_FP8, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_base,
         unmasked_end, key_end, qk_scale, softcap_scale, window,
         stride_cache_block, stride_cache_tok,
-        HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, WINDOW, SOFTCAP, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, WINDOW, SOFTCAP, KV_FP8, DOT_PRECISION,
     )  # fmt: skip
 
     o = acc / l_i[:, None]
+    if KV_FP8:
+        o = o * v_scale
     dst = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=md_mask)
 
@@ -199,6 +214,8 @@ def extend_attention(
     num_stages: int = 2,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens ``q [T, Hq, D]`` over their sequences' paged KV.
 
@@ -206,7 +223,7 @@ def extend_attention(
     new tokens' KV is already in the cache), ``block_tables`` int32 ``[B, max_blocks]``.
     ``max_q_len`` is an upper bound on any sequence's new-token count; None uses ``T`` (always
     safe; excess programs exit immediately). ``sliding_window`` and ``softcap`` as in
-    ``decode_attention``. Returns ``[T, Hq, D]`` in q's dtype.
+    ``decode_attention``; so are ``k_scale`` / ``v_scale`` of an FP8 cache. Returns ``[T, Hq, D]`` in q's dtype.
     """
     t, hq, d = q.shape
     num_blocks, page_size, hkv, d_cache = k_cache.shape
@@ -214,7 +231,7 @@ def extend_attention(
     assert hq % hkv == 0, f"num_q_heads {hq} is not a multiple of num_kv_heads {hkv}"
     assert v_cache.shape == k_cache.shape and k_cache.stride() == v_cache.stride()
     assert q.stride(2) == 1 and k_cache.stride(3) == 1, "head_dim axis must be contiguous"
-    assert q.dtype == k_cache.dtype, f"q {q.dtype} and KV cache {k_cache.dtype} differ"
+    kv_fp8 = check_kv_dtype(q, k_cache, v_cache)
     b = seq_lens.shape[0]
     assert cu_seqlens_q.shape[0] == b + 1 and block_tables.shape[0] == b
     if out is None:
@@ -238,9 +255,9 @@ def extend_attention(
         cu_seqlens_q,
         seq_lens,
         block_tables,
-        scale / softcap if softcap else scale * _LOG2E,
-        softcap * _LOG2E if softcap else 1.0,
+        *_score_scales(scale, softcap, k_scale if kv_fp8 else 1.0),
         sliding_window or 0,
+        float(v_scale),
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -257,6 +274,7 @@ def extend_attention(
         BLOCK_N=block_n,
         WINDOW=bool(sliding_window),
         SOFTCAP=bool(softcap),
+        KV_FP8=kv_fp8,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,

@@ -16,17 +16,42 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_E4M3_MAX = 448.0  # the largest finite e4m3 value
+
+
+def quantize_kv_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """An FP8 KV cache's entries: ``x / scale`` in fp32, saturated to +-448, rounded to the
+    nearest e4m3 value (ties to even). vLLM's per-tensor ``k_scale`` / ``v_scale``."""
+    return (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cache entries as ``dtype`` values: an FP8 cache times its scale (in fp32, then cast);
+    any other cache as it is (its dtype is the model's)."""
+    if x.dtype != FP8_KV_DTYPE:
+        return x.to(dtype)
+    return (x.float() * scale).to(dtype)
+
+
 def store_kv_ref(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write ``k, v [T, Hkv, D]`` into the paged caches at flat slots; slot < 0 is skipped."""
+    """Write ``k, v [T, Hkv, D]`` into the paged caches at flat slots; slot < 0 is skipped.
+    An FP8 cache gets ``quantize_kv_fp8`` of them."""
     num_blocks, block_size, hkv, d = k_cache.shape
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
+    if k_cache.dtype == FP8_KV_DTYPE:
+        k, v = quantize_kv_fp8(k, k_scale), quantize_kv_fp8(v, v_scale)
+        # Indexed writes are not implemented for fp8 on the CPU: write the raw bytes.
+        k_cache, v_cache, k, v = (t.view(torch.uint8) for t in (k_cache, v_cache, k, v))
     k_cache.view(num_blocks * block_size, hkv, d)[slots] = k[valid].to(k_cache.dtype)
     v_cache.view(num_blocks * block_size, hkv, d)[slots] = v[valid].to(v_cache.dtype)
 
@@ -83,18 +108,21 @@ def decode_attention_ref(
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query token per sequence against its paged KV. ``q [B, Hq, D]`` -> ``[B, Hq, D]``.
 
     Vectorised over the batch (no host sync): every sequence is gathered to the full
     ``max_blocks * block_size`` length and positions ``>= seq_len`` (and, with a sliding
     window, ``< seq_len - window``) are masked. A lane with ``seq_len == 0`` outputs zeros.
+    An FP8 cache is dequantized (times ``k_scale`` / ``v_scale``) in fp32.
     """
     b, hq, d = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
-    k = gather_kv_ref(k_cache, block_tables).float()  # [B, L, Hkv, D]
-    v = gather_kv_ref(v_cache, block_tables).float()
+    k = dequantize_kv(gather_kv_ref(k_cache, block_tables), k_scale, torch.float32)
+    v = dequantize_kv(gather_kv_ref(v_cache, block_tables), v_scale, torch.float32)
     k = k.repeat_interleave(group, dim=2)  # [B, L, Hq, D]
     v = v.repeat_interleave(group, dim=2)
     scores = softcap_scores(torch.einsum("bhd,blhd->bhl", q.float(), k) * scale, softcap)
@@ -127,12 +155,14 @@ def extend_attention_ref(
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Packed causal prefill/extend against the paged cache. ``q [T, Hq, D]`` -> ``[T, Hq, D]``.
 
     Query ``i`` of sequence ``b`` sits at absolute position ``seq_len - q_len + i`` and sees keys
     at positions ``<= `` that (and, with a sliding window, ``> position - window``). Loops over
-    sequences on the host (reads ``cu_seqlens_q``).
+    sequences on the host (reads ``cu_seqlens_q``). FP8 caches as in ``decode_attention_ref``.
     """
     _, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -147,8 +177,10 @@ def extend_attention_ref(
             continue
         # Keys before the first query's window are seen by no query (and may hold anything).
         lo = max(0, kv_len - q_len - sliding_window + 1) if sliding_window else 0
-        k = gather_kv_ref(k_cache, block_tables[b : b + 1], kv_len)[0, lo:].float()  # [L, Hkv, D]
-        v = gather_kv_ref(v_cache, block_tables[b : b + 1], kv_len)[0, lo:].float()
+        k = gather_kv_ref(k_cache, block_tables[b : b + 1], kv_len)[0, lo:]  # [L, Hkv, D]
+        v = gather_kv_ref(v_cache, block_tables[b : b + 1], kv_len)[0, lo:]
+        k = dequantize_kv(k, k_scale, torch.float32)
+        v = dequantize_kv(v, v_scale, torch.float32)
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         qb = q[q_start:q_end].float()  # [Lq, Hq, D]

@@ -55,11 +55,16 @@ class AttentionBackend(ABC):
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [T, Hq, D]
         """Store the new tokens' K/V in the paged cache, then attend.
 
         Per-layer options (HF semantics): `sliding_window` W lets the query at position p see
-        keys p - W < k <= p only; `softcap` c turns scores s into c * tanh(s / c)."""
+        keys p - W < k <= p only; `softcap` c turns scores s into c * tanh(s / c). An FP8
+        (`torch.float8_e4m3fn`) cache stores k / k_scale and v / v_scale (vLLM's per-tensor
+        scales; plain floats, so a captured graph keeps them) and attention dequantizes;
+        other caches ignore the scales."""
 
     # ---- CUDA-graph hooks -------------------------------------------------------------
     def init_graph_buffers(self, max_bs: int, max_blocks: int, device: torch.device) -> None:

@@ -3,6 +3,10 @@
 Decode is vectorised over the batch with fixed shapes (so it can be captured in a CUDA graph);
 prefill/extend loops over sequences with scaled_dot_product_attention, or, for a soft-capped
 layer (which SDPA cannot express), with HF's eager arithmetic.
+
+An FP8 (e4m3) cache is written with ``quantize_kv_fp8`` (x / scale, saturated) and the
+gathered K/V are dequantized (times the scale) before the arithmetic, which is unchanged: the
+CPU path computes what the Triton kernels compute, from the same cache contents.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from graphwise.kernels.reference import FP8_KV_DTYPE, dequantize_kv, quantize_kv_fp8
 from graphwise.layers.attention.backend import AttentionBackend, AttentionMetadata
 
 
@@ -28,8 +33,14 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
         slots = torch.where(slot_mapping < 0, self.scratch_slot, slot_mapping)
+        if k_cache.dtype == FP8_KV_DTYPE:
+            k, v = quantize_kv_fp8(k, k_scale), quantize_kv_fp8(v, v_scale)
+            # index_copy_ has no fp8 kernel on the CPU: copy the raw bytes.
+            k_cache, v_cache, k, v = (t.view(torch.uint8) for t in (k_cache, v_cache, k, v))
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
@@ -44,8 +55,10 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         if meta.is_decode:
             return decode_attention_torch(
                 q,
@@ -56,8 +69,12 @@ class TorchAttentionBackend(AttentionBackend):
                 scale,
                 sliding_window,
                 softcap,
+                k_scale,
+                v_scale,
             )
-        return extend_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+        return extend_attention_torch(
+            q, k_cache, v_cache, meta, scale, sliding_window, softcap, k_scale, v_scale
+        )
 
 
 def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -74,12 +91,14 @@ def decode_attention_torch(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     L = block_tables.shape[1] * block_size
-    k = k_cache[block_tables].reshape(B, L, Hkv, D)
-    v = v_cache[block_tables].reshape(B, L, Hkv, D)
+    k = dequantize_kv(k_cache[block_tables].reshape(B, L, Hkv, D), k_scale, torch.float32)
+    v = dequantize_kv(v_cache[block_tables].reshape(B, L, Hkv, D), v_scale, torch.float32)
     qg = q.view(B, Hkv, Hq // Hkv, D).float()
     scores = _softcap(torch.einsum("bhgd,blhd->bhgl", qg, k.float()) * scale, softcap)
     pos = torch.arange(L, device=q.device)[None, :]
@@ -100,6 +119,8 @@ def extend_attention_torch(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     _, block_size, Hkv, D = k_cache.shape
     out = torch.empty_like(q)
@@ -112,6 +133,7 @@ def extend_attention_torch(
         skip = first - first // block_size * block_size
         ks = k_cache[blocks].reshape(-1, Hkv, D)[skip : skip + seq_len - first]
         vs = v_cache[blocks].reshape(-1, Hkv, D)[skip : skip + seq_len - first]
+        ks, vs = dequantize_kv(ks, k_scale, q.dtype), dequantize_kv(vs, v_scale, q.dtype)
         qs = q[start : start + q_len]
         # Query i sits at position seq_len - q_len + i and sees keys up to that position (and,
         # with a window, after position - window).

@@ -47,8 +47,10 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale=k_scale, v_scale=v_scale)
         if meta.is_decode:
             splits = self._splits(q, k_cache, meta.block_tables, sliding_window)
             if self.workspace is None:
@@ -71,6 +73,8 @@ class TritonAttentionBackend(AttentionBackend):
                 workspace=ws if fits else None,
                 sliding_window=sliding_window,
                 softcap=softcap,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         return extend_attention(
             q,
@@ -83,6 +87,8 @@ class TritonAttentionBackend(AttentionBackend):
             max_q_len=meta.max_q_len,
             sliding_window=sliding_window,
             softcap=softcap,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     def _eager_workspace(self, q: torch.Tensor, k_cache: torch.Tensor) -> None:
