@@ -8,6 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 CudaGraphMode = Literal["auto", "on", "off"]
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def kv_cache_dtype_error(name: object) -> str:
+    """What is wrong with a `kv_cache_dtype` this engine does not take (vLLM has more)."""
+    why = ""
+    if name == "fp8_e5m2":
+        why = " (graphwise's FP8 KV cache is e4m3 only: use 'fp8' or 'fp8_e4m3')"
+    elif name in ("bfloat16", "float16", "float32", "half"):
+        why = " (with 'auto' the cache follows the model's dtype: set dtype instead)"
+    return f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}{why}"
 
 
 @dataclass
@@ -22,6 +33,9 @@ class EngineConfig:
     # Weight format (vLLM's names): None reads the checkpoint's quantization_config (if any);
     # "fp8" on a full-precision checkpoint quantizes it at load. See layers/quantization.
     quantization: str | None = None
+    # The KV cache's element type (vLLM's names): "auto" is the model's dtype; "fp8" (=
+    # "fp8_e4m3") stores e4m3 with per-layer k/v scales from the checkpoint (else 1.0).
+    kv_cache_dtype: str = "auto"
     num_layers: int | None = None  # cut a large model to fit one GPU (performance work)
     max_model_len: int | None = None
     max_num_seqs: int = 256
@@ -97,6 +111,8 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}"
             )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(kv_cache_dtype_error(self.kv_cache_dtype))
         if self.quantization is not None and not isinstance(self.quantization, str):
             raise ValueError(f"quantization must be a format name, got {self.quantization!r}")
         if self.cuda_graph_min_speedup <= 0:
@@ -141,6 +157,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="weight format: fp8 (online, or an fp8 checkpoint), compressed-tensors; "
         "default: the checkpoint's quantization_config",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="KV cache element type: auto (the model's dtype) or fp8 / fp8_e4m3 (e4m3, per-layer "
+        "scales from the checkpoint or 1.0; needs compute capability >= 8.9 on a GPU)",
     )
     g.add_argument("--num-layers", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)

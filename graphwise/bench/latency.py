@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
 
     bandwidth = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 27))
     weights_bytes = engine.memory_plan.weights_bytes
-    kv_per_token = engine.model_config.kv_bytes_per_token(engine.dtype)
+    kv_per_token = engine.model_config.kv_bytes_per_token(engine.kv_cache_dtype)
     hf_model = build_hf_model(engine) if any(m.startswith("hf") for m in modes) else None
 
     rows: list[dict[str, Any]] = []
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         # sequence's KV so far.
         mean_context = args.input_len + args.output_len / 2
         floor_bytes = engine.model_config.decode_step_bytes(
-            weights_bytes, engine.dtype, b, mean_context
+            weights_bytes, engine.dtype, b, mean_context, engine.kv_cache_dtype
         )
         floor_ms = floor_bytes / bandwidth * 1e3
         for mode in modes:
@@ -303,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         "num_layers": engine.model_config.num_hidden_layers,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "quantization": getattr(args, "quantization", None),
+        "kv_cache_dtype": str(engine.kv_cache_dtype).removeprefix("torch."),
         "settings": {
             "batch_sizes": batch_sizes,
             "input_len": args.input_len,

@@ -34,3 +34,13 @@ def resolve_dtype(name: str, device: torch.device, config_dtype: torch.dtype | N
     if config_dtype in (torch.float16, torch.bfloat16):
         return config_dtype
     return torch.bfloat16
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type for `kv_cache_dtype` (vLLM's names): "auto" is the model's
+    dtype, "fp8" / "fp8_e4m3" is e4m3 (`torch.float8_e4m3fn`, one byte per element)."""
+    if name == "auto":
+        return model_dtype
+    if name in ("fp8", "fp8_e4m3"):
+        return torch.float8_e4m3fn
+    raise ValueError(f"kv_cache_dtype must be 'auto', 'fp8' or 'fp8_e4m3', got {name!r}")

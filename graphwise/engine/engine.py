@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from graphwise.config import EngineConfig, RunnerLimits
-from graphwise.core.device import resolve_device, resolve_dtype
+from graphwise.core.device import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from graphwise.core.step import SchedulerOutput
 from graphwise.core.tracing import NULL_TRACER, StepRecord, StepSink, Tracer
 from graphwise.engine.block_manager import BlockManager
@@ -62,6 +62,8 @@ class LLMEngine:
         mc = self.model_config
         device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
+        # The KV cache's element type: the model's, or e4m3 (kv_cache_dtype="fp8").
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.tokenizer = load_tokenizer(source, config)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:

@@ -319,6 +319,7 @@ REPORT_SCHEMA: dict[str, Any] = {
     "copy_bandwidth_bytes_per_s": NUM,
     "weights_bytes": int,
     "kv_bytes_per_token": int,
+    "kv_cache_dtype": str,
     "sync_ms": OPT_NUM,
     "graphs_available": bool,
     "graphs_unavailable_reason": OPT_STR,
@@ -609,7 +610,9 @@ def explain_batch(
     )
     mc = engine.model_config
     weights = engine.memory_plan.weights_bytes
-    step_bytes = mc.decode_step_bytes(weights, engine.dtype, batch_size, ctx_len)
+    step_bytes = mc.decode_step_bytes(
+        weights, engine.dtype, batch_size, ctx_len, engine.kv_cache_dtype
+    )
     return {
         "batch_size": batch_size,
         "context_len": ctx_len,
@@ -653,7 +656,7 @@ def run_explain(engine: Any, settings: ExplainSettings) -> dict[str, Any]:
             from graphwise.insight.emulate import BandwidthEmulator
 
             mc = engine.model_config
-            per_layer = mc.kv_bytes_per_token(engine.dtype) // mc.num_hidden_layers
+            per_layer = mc.kv_bytes_per_token(engine.kv_cache_dtype) // mc.num_hidden_layers
             emulator = BandwidthEmulator(
                 runner.model, per_layer, settings.emulate_bandwidth, bandwidth, settings.context_len
             ).install()
@@ -717,7 +720,8 @@ def run_explain(engine: Any, settings: ExplainSettings) -> dict[str, Any]:
         },
         "copy_bandwidth_bytes_per_s": bandwidth,
         "weights_bytes": int(engine.memory_plan.weights_bytes),
-        "kv_bytes_per_token": int(mc.kv_bytes_per_token(engine.dtype)),
+        "kv_bytes_per_token": int(mc.kv_bytes_per_token(engine.kv_cache_dtype)),
+        "kv_cache_dtype": str(engine.kv_cache_dtype).removeprefix("torch."),
         "sync_ms": sync_ms,
         "graphs_available": graphs is not None,
         "graphs_unavailable_reason": unavailable,

@@ -23,6 +23,7 @@ from torch import nn
 from graphwise.distributed import parallel_state
 from graphwise.layers import ops
 from graphwise.layers.attention import Attention, ForwardContext
+from graphwise.layers.attention.kv_cache_dtype import kv_scale_target, scale_value
 from graphwise.layers.linear import (
     ColumnParallelLinear,
     Linear,
@@ -289,8 +290,28 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.pp_size > 1 and not self.model.owns(name):
                 continue  # another pipeline stage holds it
+            target = kv_scale_target(name)
+            if target is not None:  # an FP8 KV cache's scale: the attention layer keeps it
+                self.set_kv_scales(name, tensor, *target)
+                continue
             loaded.update(self.map_weight(name, tensor, params))
         return loaded
+
+    def set_kv_scales(
+        self, name: str, tensor: torch.Tensor, layer: int, which: tuple[str, ...]
+    ) -> None:
+        """Checkpoint scale `name` into layer `layer`'s attention (vLLM's names, see
+        layers/attention/kv_cache_dtype.py). They are plain floats: a CUDA graph captures them
+        as constants, and TP ranks all use the one per-tensor value."""
+        try:
+            attn = self.get_submodule(f"model.layers.{layer}.self_attn.attn")
+        except AttributeError:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+            ) from None
+        value = scale_value(name, tensor)
+        for w in which:
+            attn.set_kv_scale(w, value)
 
     def map_weight(
         self, name: str, tensor: torch.Tensor, params: dict[str, nn.Parameter]

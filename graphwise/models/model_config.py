@@ -301,7 +301,8 @@ class ModelConfig:
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """KV bytes per token of context. Sliding-window layers are counted in full: their
+        """KV bytes per token of context in a cache of `dtype` (the KV cache's: the model's, or
+        `torch.float8_e4m3fn`, 1 byte). Sliding-window layers are counted in full: their
         blocks outside the window are not freed (the block manager keeps whole sequences)."""
         elem = torch.empty(0, dtype=dtype).element_size()
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
@@ -316,13 +317,19 @@ class ModelConfig:
         return 3 * self.hidden_size * size * elem
 
     def decode_step_bytes(
-        self, weights_bytes: int, dtype: torch.dtype, batch_size: int, context_len: float
+        self,
+        weights_bytes: int,
+        dtype: torch.dtype,
+        batch_size: int,
+        context_len: float,
+        kv_dtype: torch.dtype | None = None,
     ) -> float:
         """Bytes a decode step must read at least: the weights, except the routed experts no
         token of the batch picks, plus each sequence's KV (a sliding-window layer reads only its
         window). With top-k of E experts chosen uniformly, an expert is missed by one token with
         probability 1 - k/E, so the batch reads E * (1 - (1 - k/E) ** batch) experts per layer on
-        average: the floor of a MoE at batch 1 is its active parameters, not all of them."""
+        average: the floor of a MoE at batch 1 is its active parameters, not all of them.
+        `kv_dtype` is the KV cache's element type (default `dtype`; an fp8 cache: 1 byte)."""
         per_expert = self.expert_bytes(dtype)
         moe_layers = sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
         unread = 0.0
@@ -330,7 +337,7 @@ class ModelConfig:
             e, k = self.num_experts, self.num_experts_per_tok
             read = e * (1.0 - (1.0 - k / e) ** batch_size)
             unread = moe_layers * (e - read) * per_expert
-        elem = torch.empty(0, dtype=dtype).element_size()
+        elem = torch.empty(0, dtype=kv_dtype or dtype).element_size()
         per_layer_token = 2 * self.num_key_value_heads * self.head_dim * elem
         kv = 0.0
         for i in range(self.num_hidden_layers):

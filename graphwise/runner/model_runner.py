@@ -28,6 +28,11 @@ from graphwise.distributed import parallel_state
 from graphwise.distributed.parallel_state import SINGLE, ParallelContext
 from graphwise.layers import ops
 from graphwise.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
+from graphwise.layers.attention.kv_cache_dtype import (
+    check_kv_cache_device,
+    check_kv_cache_scheme,
+    kv_cache_torch_dtype,
+)
 from graphwise.layers.attention.torch_backend import TorchAttentionBackend
 from graphwise.layers.sampler import SamplingTensors, sample
 from graphwise.models.model_config import ModelConfig
@@ -99,6 +104,12 @@ class ModelRunner:
         self.model_config = local_model_config(model_config, parallel)
         self.device = device
         self.dtype = dtype
+        # The KV cache's element type: the model's, or e4m3 with per-layer scales (the
+        # attention layers hold them; the backends quantize and dequantize).
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
+        check_kv_cache_device(self.kv_cache_dtype, device)
+        if config.kv_cache_dtype != "auto":
+            check_kv_cache_scheme(model_config.raw.get("quantization_config"))
         self.parallel = parallel
         self.is_driver = parallel.rank == 0
         self.layer_range = parallel_state.stage_layers(
@@ -138,7 +149,7 @@ class ModelRunner:
         """KV bytes one token takes on this rank: its KV heads, its stage's layers."""
         mc = self.model_config
         start, end = self.layer_range
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = torch.empty(0, dtype=self.kv_cache_dtype).element_size()  # fp8: 1 byte
         return 2 * (end - start) * mc.num_key_value_heads * mc.head_dim * elem
 
     def plan_graphs(self, limits: RunnerLimits):  # -> GraphPlan | None
@@ -162,12 +173,13 @@ class ModelRunner:
         mc = self.model_config
         shape = (num_blocks + 1, self.block_size, mc.num_key_value_heads, mc.head_dim)
         start, end = self.layer_range
-        none = torch.empty(0, dtype=self.dtype, device=self.device)
+        kv_dtype = self.kv_cache_dtype
+        none = torch.empty(0, dtype=kv_dtype, device=self.device)
 
         def pair() -> tuple[torch.Tensor, torch.Tensor]:
             return (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
             )
 
         self.kv_caches = [
@@ -230,12 +242,14 @@ class ModelRunner:
         """Copy KV blocks (src, dst) in every layer this rank holds: the copy-on-write of
         blocks that forked samples share (n > 1). Queued before the step's forward, on the
         same stream, so the copy reads what earlier steps wrote and precedes this step's
-        writes. Every rank makes it on its own shard (the SchedulerOutput carries it)."""
+        writes. Every rank makes it on its own shard (the SchedulerOutput carries it). The
+        blocks are copied as raw bytes, whatever the cache's dtype (index_copy_ has no fp8
+        kernel on the CPU; an fp8 block's scales are per layer, so its bytes are all of it)."""
         src, dst = self.upload(torch.int64, [s for s, _ in copies], [d for _, d in copies])
         for k, v in self.kv_caches:
             if k.numel():  # a pipeline stage holds only its own layers
-                k.index_copy_(0, dst, k.index_select(0, src))
-                v.index_copy_(0, dst, v.index_select(0, src))
+                for cache in (k.view(torch.uint8), v.view(torch.uint8)):
+                    cache.index_copy_(0, dst, cache.index_select(0, src))
 
     def forget_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:

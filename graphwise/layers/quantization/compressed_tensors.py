@@ -79,10 +79,9 @@ class CompressedTensorsConfig(QuantizationConfig):
             )
         if hf_config.get("sparsity_config"):
             raise ValueError("compressed-tensors sparsity_config (sparse weights) is not supported")
-        if hf_config.get("kv_cache_scheme"):
-            raise ValueError(
-                "compressed-tensors kv_cache_scheme (an FP8 KV cache) is not supported"
-            )
+        # kv_cache_scheme (an FP8 KV cache's scales, `k_proj.output_scale` / `v_proj...`) is not
+        # a weight format: the model loader gives those scales to the attention layers and the
+        # runner checks the scheme (layers/attention/kv_cache_dtype.py).
         fmt = hf_config.get("format")
         self.ignore = list(hf_config.get("ignore") or [])
         self.groups: list[tuple[list[str], Fp8LinearMethod]] = []
