@@ -155,6 +155,21 @@ def test_fp8_kv_tokens_equal_the_round_trip_reference(llama, fake_fp8_store) -> 
     assert rate >= MIN_HF_PREFIX_AGREEMENT
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3-moe", "phi3"])
+def test_windows_softcap_and_other_families_equal_the_round_trip(
+    arch, tiny_model_dir, fake_fp8_store
+):
+    """Gemma 2 (sliding windows shorter than the prompts, soft-capped scores), a MoE with q/k
+    norms, Phi-3's packed projections: fp8 tokens equal the round-trip reference, with prefix
+    caching and chunked prefill."""
+    path = tiny_model_dir(arch)
+    prompts = _prompts(6, n=8)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    kw = dict(model=str(path), block_size=8, max_num_batched_tokens=24)
+    got = _tokens(_generate(LLM(**kw, kv_cache_dtype="fp8"), prompts, params))
+    assert _tokens(_generate(LLM(**kw), prompts, params)) == got
+
+
 def test_fp8_kv_agreement_with_full_precision_kv(llama) -> None:
     prompts = _prompts(2)
     full = _tokens(_generate(LLM(model=str(llama), block_size=8), prompts))
