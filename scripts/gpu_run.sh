@@ -4,7 +4,7 @@
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
 #                      [capture] [moe] [kernels] [tp2] [models-tests] [models] [sampling]
-#                      [quant-kernels] [moe-small]
+#                      [quant-kernels] [moe-small] [kv-fp8]
 #   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   models-tests: the GPU tests of issue 16's families (tiny models vs HF on Triton, graphs vs
@@ -19,6 +19,9 @@
 #   quant: issue 17's GPU tests of the FP8 paths, then `bench latency` on qwen2.5-7b (dummy
 #   weights, batch 1 and 64, graphs) in bf16 and with quantization=fp8 (QUANT_FORMATS), merged
 #   by benchmarks/quant_report.py into quant-${GPU_TAG:-h200}.json.
+#   kv-fp8: the FP8 KV cache's GPU tests, then bench latency and explain at batch 64 and 4096
+#   tokens of context with --kv-cache-dtype auto and fp8, merged by benchmarks/kv_fp8_report.py
+#   into kv-fp8-${GPU_TAG:-h200}.json.
 #   moe-small: tests/kernels/test_fused_moe.py (all of it, compiled), then
 #   scripts/moe_kernel_bench.py (grouped GEMM vs GEMV at Mixtral / Qwen3-30B-A3B expert shapes,
 #   t 1..64, plus a launch-setting sweep that MOE_SWEEP=0 skips) into
@@ -161,6 +164,26 @@ for step in "${steps[@]}"; do
           --output "$OUT/latency-$preset-smallm-$TAG.json" \
           2>&1 | tee "$OUT/latency-$preset-smallm.log" | grep -v "it/s\]" | tail -12 || status=1
       done ;;
+    kv-fp8)
+      # issue 17 item 5: the FP8 KV cache's GPU tests (kernels at real shapes, graphs, engines),
+      # then decode at batch 64 with 4096 tokens of context, bf16 KV vs fp8 KV: `bench latency`
+      # (graphs) and `explain` (the attention kernels' share of the step), merged by
+      # benchmarks/kv_fp8_report.py into kv-fp8-${GPU_TAG:-h200}.json (target: the attention
+      # share falls >= 40%). KV_FP8_TESTS=0 skips the tests.
+      [ "${KV_FP8_TESTS:-1}" = 0 ] || timeout 300 python3 -m pytest tests/kernels/test_kv_fp8.py \
+        tests/gpu/test_kv_fp8_gpu.py -m gpu -q -rA -p no:cacheprovider -s \
+        2>&1 | tee "$OUT/kv-fp8-tests.log" | grep -v "^PASSED" | tail -25 || status=1
+      for kv in auto fp8; do
+        timeout 300 python3 -m graphwise.cli bench latency --preset qwen2.5-7b --kv-cache-dtype "$kv" \
+          --batch-sizes "${KV_FP8_BATCH:-64}" --input-len 4096 --output-len 64 --compare graph \
+          --output "$OUT/latency-kv-$kv.json" \
+          2>&1 | tee "$OUT/latency-kv-$kv.log" | grep -v "it/s\]" | tail -6 || status=1
+        timeout 300 python3 -m graphwise.cli explain --preset qwen2.5-7b --kv-cache-dtype "$kv" \
+          --batch-sizes "${KV_FP8_BATCH:-64}" --context-len 4096 --output-dir "$OUT/explain-kv-$kv" \
+          2>&1 | tee "$OUT/explain-kv-$kv.log" | grep -v "it/s\]" | tail -8 || status=1
+      done
+      python3 benchmarks/kv_fp8_report.py "$OUT" --output "$OUT/kv-fp8-$TAG.json" \
+        2>&1 | tee -a "$OUT/kv-fp8.log" || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
