@@ -144,10 +144,11 @@ class LLMEngine:
         executor.collective_rpc("allocate_kv_cache", num_blocks)
         driver = executor.driver
         logger.info(
-            "KV cache: %d blocks x %d tokens (%.1f MiB per rank), attention backend: %s",
+            "KV cache: %d blocks x %d tokens (%.1f MiB per rank, %s), attention backend: %s",
             num_blocks,
             self.config.block_size,
             num_blocks * driver.kv_bytes_per_token() * self.config.block_size / 2**20,
+            str(self.kv_cache_dtype).removeprefix("torch."),
             driver.backend.name,
         )
         self.capture_stats = executor.collective_rpc("capture_graphs", limits)[0]

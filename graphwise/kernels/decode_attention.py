@@ -18,10 +18,14 @@ derived on the device like the splits, so a graph captured once serves every len
 tanh soft-cap on the scores. A head_dim that is not a power of two is padded to one in
 registers (masked loads and stores), e.g. Phi-3's 96.
 
-An FP8 (e4m3) cache is read as such (half the bytes of bf16) and widened to q's dtype in
-registers, which is exact. Its per-tensor scales are applied where they cost nothing: the
-scores are linear in k, so ``k_scale`` joins the softmax scale, and the output is linear in
-v, so ``v_scale`` multiplies the output once instead of every V tile.
+An FP8 (e4m3) cache is read as such (half the bytes of bf16) and widened in registers, which
+is exact: to fp16 for a bf16/fp16 model (one packed conversion per two values, e4m3 -> f16x2,
+where e4m3 -> bf16 would go through fp32: at 1 byte per value the conversions, not the loads,
+could bound the kernel), and the dots run in fp16 (q and the probabilities converted once per
+tile; fp16 keeps 3 more mantissa bits than bf16, and q is far inside its range); to fp32 for an
+fp32 model. Its per-tensor scales are applied where they cost nothing: the scores are linear in
+k, so ``k_scale`` joins the softmax scale, and the output is linear in v, so ``v_scale``
+multiplies the output once instead of every V tile.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ def _decode_split_kernel(
     DIRECT_OUT: tl.constexpr,  # single split: write the final output, skip the reduce
     WINDOW: tl.constexpr,  # sliding-window layer
     SOFTCAP: tl.constexpr,  # tanh soft-capped scores
-    KV_FP8: tl.constexpr,  # e4m3 cache: widen the tiles to q's dtype, scale the output
+    KV_FP8: tl.constexpr,  # e4m3 cache: widen the tiles to KV_COMPUTE, scale the output
+    KV_COMPUTE: tl.constexpr,  # with KV_FP8: the dots' dtype (fp16, or fp32 for an fp32 q)
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -129,6 +134,8 @@ def _decode_split_kernel(
         mask=hd_mask,
         other=0.0,
     )
+    if KV_FP8:
+        q = q.to(KV_COMPUTE)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -147,7 +154,7 @@ def _decode_split_kernel(
         kv_mask = _dim_mask(n_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if KV_FP8:
-            k = k.to(tl.float32).to(q.dtype)  # e4m3 -> fp32 is exact (and right in the interpreter)
+            k = k.to(KV_COMPUTE)
         qk = _scores(q, k, qk_scale, softcap_scale, SOFTCAP, DOT_PRECISION)
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -156,7 +163,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if KV_FP8:
-            v = v.to(tl.float32).to(q.dtype)
+            v = v.to(KV_COMPUTE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -231,6 +238,12 @@ def check_kv_dtype(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         return True
     assert q.dtype == k_cache.dtype, f"q {q.dtype} and KV cache {k_cache.dtype} differ"
     return False
+
+
+def kv_compute_dtype(q_dtype: torch.dtype):
+    """The dtype an fp8 cache's tiles widen to (and the dots run in): fp32 for an fp32 model,
+    else fp16 (e4m3 -> fp16 is one packed instruction and exact)."""
+    return tl.float32 if q_dtype == torch.float32 else tl.float16
 
 
 def _score_scales(scale: float, softcap: float | None, k_scale: float) -> tuple[float, float]:
@@ -407,6 +420,7 @@ def decode_attention(
         WINDOW=bool(sliding_window),
         SOFTCAP=bool(softcap),
         KV_FP8=kv_fp8,
+        KV_COMPUTE=kv_compute_dtype(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,

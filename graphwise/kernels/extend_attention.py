@@ -10,8 +10,8 @@ mask; only the tiles around the diagonal pay for it.
 A sliding window (per layer) bounds the keys a tile reads to ``[first row's position - window
 + 1, last row's position]``; the tiles at both edges of that band are masked, the whole tiles
 inside it are not. Soft-capping, padded head_dim and an FP8 (e4m3) cache work as in
-``decode_attention`` (tiles widened to q's dtype in registers, ``k_scale`` folded into the
-softmax scale, ``v_scale`` applied to the output).
+``decode_attention`` (tiles widened in registers, to fp16 unless the model is fp32, ``k_scale``
+folded into the softmax scale, ``v_scale`` applied to the output).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from graphwise.kernels.decode_attention import (
     _scores,
     check_kv_dtype,
     head_dim_block,
+    kv_compute_dtype,
 )
 
 
@@ -55,6 +56,7 @@ def _attend_tiles(
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     KV_FP8: tl.constexpr,
+    KV_COMPUTE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax accumulation over keys ``[key_start, key_end)`` (base-2 exponent).
@@ -70,7 +72,7 @@ def _attend_tiles(
         kv_mask = _dim_mask(n_mask[:, None], offs_d, HEAD_DIM, BLOCK_D)
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if KV_FP8:
-            k = k.to(tl.float32).to(q.dtype)  # e4m3 -> fp32 is exact (and right in the interpreter)
+            k = k.to(KV_COMPUTE)
         qk = _scores(q, k, qk_scale, softcap_scale, SOFTCAP, DOT_PRECISION)
         if CAUSAL_MASK:
             visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
@@ -90,7 +92,7 @@ def _attend_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if KV_FP8:
-            v = v.to(tl.float32).to(q.dtype)
+            v = v.to(KV_COMPUTE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -128,6 +130,7 @@ def _extend_kernel(
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     KV_FP8: tl.constexpr,
+    KV_COMPUTE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Launch the heaviest (last, most keys) query tiles first to shorten the causal tail.
@@ -152,6 +155,8 @@ def _extend_kernel(
         mask=md_mask,
         other=0.0,
     )
+    if KV_FP8:
+        q = q.to(KV_COMPUTE)
     q_pos = prefix + offs_m  # absolute position of each query row
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -176,19 +181,22 @@ def _extend_kernel(
             acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_base,
             band_start, full_start, qk_scale, softcap_scale, window,
             stride_cache_block, stride_cache_tok,
-            HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, WINDOW, SOFTCAP, KV_FP8, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, WINDOW, SOFTCAP, KV_FP8, KV_COMPUTE,
+            DOT_PRECISION,
         )  # fmt: skip
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_base,
         full_start, unmasked_end, qk_scale, softcap_scale, window,
         stride_cache_block, stride_cache_tok,
-        HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, False, WINDOW, SOFTCAP, KV_FP8, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, False, WINDOW, SOFTCAP, KV_FP8, KV_COMPUTE,
+        DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_base,
         unmasked_end, key_end, qk_scale, softcap_scale, window,
         stride_cache_block, stride_cache_tok,
-        HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, WINDOW, SOFTCAP, KV_FP8, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, WINDOW, SOFTCAP, KV_FP8, KV_COMPUTE,
+        DOT_PRECISION,
     )  # fmt: skip
 
     o = acc / l_i[:, None]
@@ -275,6 +283,7 @@ def extend_attention(
         WINDOW=bool(sliding_window),
         SOFTCAP=bool(softcap),
         KV_FP8=kv_fp8,
+        KV_COMPUTE=kv_compute_dtype(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,

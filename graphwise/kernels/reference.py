@@ -34,6 +34,14 @@ def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Te
     return (x.float() * scale).to(dtype)
 
 
+def gather_blocks(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``cache[index]`` for any cache dtype: an fp8 cache is indexed through its bytes (not every
+    indexing kernel of every torch build takes float8)."""
+    if cache.dtype != FP8_KV_DTYPE:
+        return cache[index]
+    return cache.view(torch.uint8)[index].view(FP8_KV_DTYPE)
+
+
 def store_kv_ref(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -66,7 +74,7 @@ def gather_kv_ref(
     """
     num_blocks, block_size, hkv, d = cache.shape
     bt = block_tables.long().clamp(0, num_blocks - 1)
-    dense = cache[bt]  # [B, max_blocks, block_size, Hkv, D]
+    dense = gather_blocks(cache, bt)  # [B, max_blocks, block_size, Hkv, D]
     dense = dense.reshape(bt.shape[0], -1, hkv, d)
     return dense if max_len is None else dense[:, :max_len]
 

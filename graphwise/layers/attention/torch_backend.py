@@ -14,7 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graphwise.kernels.reference import FP8_KV_DTYPE, dequantize_kv, quantize_kv_fp8
+from graphwise.kernels.reference import (
+    FP8_KV_DTYPE,
+    dequantize_kv,
+    gather_blocks,
+    quantize_kv_fp8,
+)
 from graphwise.layers.attention.backend import AttentionBackend, AttentionMetadata
 
 
@@ -97,8 +102,9 @@ def decode_attention_torch(
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     L = block_tables.shape[1] * block_size
-    k = dequantize_kv(k_cache[block_tables].reshape(B, L, Hkv, D), k_scale, torch.float32)
-    v = dequantize_kv(v_cache[block_tables].reshape(B, L, Hkv, D), v_scale, torch.float32)
+    k = gather_blocks(k_cache, block_tables).reshape(B, L, Hkv, D)
+    v = gather_blocks(v_cache, block_tables).reshape(B, L, Hkv, D)
+    k, v = dequantize_kv(k, k_scale, torch.float32), dequantize_kv(v, v_scale, torch.float32)
     qg = q.view(B, Hkv, Hq // Hkv, D).float()
     scores = _softcap(torch.einsum("bhgd,blhd->bhgl", qg, k.float()) * scale, softcap)
     pos = torch.arange(L, device=q.device)[None, :]
@@ -131,8 +137,8 @@ def extend_attention_torch(
         num_blocks = -(-seq_len // block_size)
         blocks = meta.block_tables[b, first // block_size : num_blocks]
         skip = first - first // block_size * block_size
-        ks = k_cache[blocks].reshape(-1, Hkv, D)[skip : skip + seq_len - first]
-        vs = v_cache[blocks].reshape(-1, Hkv, D)[skip : skip + seq_len - first]
+        ks = gather_blocks(k_cache, blocks).reshape(-1, Hkv, D)[skip : skip + seq_len - first]
+        vs = gather_blocks(v_cache, blocks).reshape(-1, Hkv, D)[skip : skip + seq_len - first]
         ks, vs = dequantize_kv(ks, k_scale, q.dtype), dequantize_kv(vs, v_scale, q.dtype)
         qs = q[start : start + q_len]
         # Query i sits at position seq_len - q_len + i and sees keys up to that position (and,
