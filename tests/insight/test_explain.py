@@ -194,6 +194,7 @@ def _report():
         "copy_bandwidth_bytes_per_s": 3.02e12,
         "weights_bytes": 15_230_000_000,
         "kv_bytes_per_token": 57344,
+        "kv_cache_dtype": "bfloat16",
         "sync_ms": 0.03,
         "graphs_available": True,
         "graphs_unavailable_reason": None,

@@ -136,6 +136,7 @@ def llama(tiny_model_dir) -> Path:
     return tiny_model_dir("llama")
 
 
+@pytest.mark.slow
 def test_fp8_kv_tokens_equal_the_round_trip_reference(llama, fake_fp8_store) -> None:
     prompts = _prompts(1)
     llm = LLM(model=str(llama), block_size=8, kv_cache_dtype="fp8")
@@ -155,6 +156,7 @@ def test_fp8_kv_tokens_equal_the_round_trip_reference(llama, fake_fp8_store) -> 
     assert rate >= MIN_HF_PREFIX_AGREEMENT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gemma2", "qwen3-moe", "phi3"])
 def test_windows_softcap_and_other_families_equal_the_round_trip(
     arch, tiny_model_dir, fake_fp8_store
@@ -170,6 +172,7 @@ def test_windows_softcap_and_other_families_equal_the_round_trip(
     assert _tokens(_generate(LLM(**kw), prompts, params)) == got
 
 
+@pytest.mark.slow
 def test_fp8_kv_agreement_with_full_precision_kv(llama) -> None:
     prompts = _prompts(2)
     full = _tokens(_generate(LLM(model=str(llama), block_size=8), prompts))
@@ -188,6 +191,7 @@ def test_fp8_kv_agreement_with_full_precision_kv(llama) -> None:
     assert first >= MIN_FIRST_TOKEN_AGREEMENT
 
 
+@pytest.mark.slow
 def test_prefix_cache_chunked_prefill_preemption_and_n_keep_fp8_tokens(llama) -> None:
     """The same fp8 tokens when blocks are shared (prefix cache), prompts are chunked, the pool
     forces preemption, and n > 1 samples fork and copy fp8 blocks."""
