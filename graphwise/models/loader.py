@@ -134,6 +134,16 @@ def build_model(
     config_dict = model_config.raw
     cls = resolve_model_class(model_config.architecture)
     quant = quantization.resolve(cfg.quantization, config_dict.get("quantization_config"))
+    if (
+        quant is not None
+        and quant.requires_checkpoint
+        and source.kind != "preset"
+        and cfg.load_format != "dummy"
+    ):
+        raise ValueError(
+            f"quantization={quant.name!r} cannot quantize full-precision weights at load: "
+            f"use a {quant.name} checkpoint (its config.json names it), or load_format='dummy'"
+        )
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
