@@ -75,3 +75,21 @@ def test_int4_split_cutting_a_group_is_refused(tmp_path, make_llm):
     write_int4_checkpoint(src, tmp_path / "g64", "gptq", group=64)  # o_proj: 32 inputs per rank
     with pytest.raises(Exception, match="group_size=64"):
         make_llm(tmp_path / "g64", tensor_parallel_size=2)
+
+
+def test_gguf_packed_mixed_types_under_tp2_match_dequantized(tmp_path, make_llm, monkeypatch):
+    """GGUF blocks kept packed (forced on CPU) under TP=2: rows of every shard type split per
+    rank, o/down split by whole blocks (256 of 512 / 512 of 1024 inputs), tokens equal the
+    single-device dequantized model's."""
+    from tests.models.test_gguf_packed import GREEDY as GGUF_GREEDY
+    from tests.models.test_gguf_packed import prompts as gguf_prompts
+    from tests.models.test_gguf_packed import write_mixed_gguf
+
+    path = write_mixed_gguf(tmp_path / "mixed.gguf")
+    monkeypatch.setenv("GRAPHWISE_GGUF_PACKED", "0")
+    ref = generate(make_llm(path), gguf_prompts(), GGUF_GREEDY)
+    monkeypatch.setenv("GRAPHWISE_GGUF_PACKED", "1")
+    llm = make_llm(path, tensor_parallel_size=2)
+    assert generate(llm, gguf_prompts(), GGUF_GREEDY) == ref
+    qkv = llm.llm_engine.executor.driver.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.quant_method.name == "gguf" and qkv.qweight_v.shape[0] == 128  # 256 / 2 rows

@@ -106,3 +106,45 @@ def test_int4_dummy_preset_runs_with_graphs(fmt):
     embed = 152064 * 3584 * 2 * 2
     plan = engine.memory_plan
     assert abs(plan.weights_bytes - (2 * per_layer + embed)) < 0.01 * plan.weights_bytes
+
+
+# ---- GGUF -----------------------------------------------------------------------------------
+def test_default_gguf_on_gpu_keeps_packed_weights_and_answers_paris(monkeypatch):
+    monkeypatch.delenv("GRAPHWISE_GGUF_PACKED", raising=False)  # the default: packed on CUDA
+    llm = LLM(max_num_seqs=8, gpu_memory_utilization=0.3, cuda_graph="on")
+    question = [[{"role": "user", "content": "What is the capital of France?"}]]
+    out = llm.chat(question, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+    model = llm.llm_engine.executor.driver.model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.quant_method.name == "gguf" and qkv.qweight.dtype == torch.uint8
+    assert qkv.gguf_dense is None  # the Triton kernels read the packed bytes
+    assert llm.llm_engine.capture_stats is not None  # decode ran as CUDA graphs
+    plan = llm.llm_engine.memory_plan.weights_bytes
+    assert plan == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_mixed_gguf_on_gpu_agrees_with_cpu(tmp_path, monkeypatch, request):
+    """The mixed-type tiny GGUF (per-shard Q4_K/Q6_K qkv, Q4_0/Q4_1 gate/up, ...) through the
+    Triton kernels in fp32 activations against the CPU's dequantized fp32 path."""
+    from tests.models.test_gguf_packed import GREEDY as GGUF_GREEDY
+    from tests.models.test_gguf_packed import prompts, write_mixed_gguf
+
+    path = write_mixed_gguf(tmp_path / "mixed.gguf")
+    outs = {}
+    for device in ("cpu", "cuda"):
+        monkeypatch.setenv("GRAPHWISE_GGUF_PACKED", "1" if device == "cuda" else "0")
+        llm = LLM(model=str(path), device=device, dtype="float32", block_size=16)
+        res = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts()], GGUF_GREEDY, use_tqdm=False
+        )
+        outs[device] = [o.outputs[0].token_ids for o in res]
+        if device == "cuda":
+            qkv = llm.llm_engine.executor.driver.model.model.layers[0].self_attn.qkv_proj
+            assert qkv.gguf_dense is None and qkv.qweight_v.is_cuda
+        del llm
+    torch.cuda.empty_cache()
+    rate = _agreement(outs["cuda"], outs["cpu"])
+    print(f"mixed GGUF: fp32 GPU kernels vs CPU dequantized greedy agreement {rate:.3f}")
+    request.node.user_properties.append(("agreement", rate))
+    assert rate >= 0.95

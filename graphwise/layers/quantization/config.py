@@ -51,7 +51,7 @@ class QuantizationConfig:
 FORMATS: dict[str, Callable[[dict[str, Any] | None], QuantizationConfig]] = {}
 # vLLM's names that graphwise refuses with a reason (a format that lands moves to FORMATS).
 KNOWN_UNSUPPORTED: dict[str, str] = {
-    "gguf": "GGUF files are dequantized at load; quantization='gguf' is not needed",
+    "gguf": "quantization='gguf' needs a .gguf model file (--model FILE.gguf)",
     "bitsandbytes": "bitsandbytes weights are not supported",
     "awq_marlin": "graphwise runs AWQ checkpoints with its own kernels: use quantization='awq'",
     "gptq_marlin": "graphwise runs GPTQ checkpoints with its own kernels: use quantization='gptq'",
