@@ -4,7 +4,7 @@
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
 #                      [capture] [moe] [kernels] [tp2] [models-tests] [models] [sampling]
-#                      [quant-kernels] [moe-small]
+#                      [quant-kernels] [quant-int4] [moe-small]
 #   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   models-tests: the GPU tests of issue 16's families (tiny models vs HF on Triton, graphs vs
@@ -19,6 +19,10 @@
 #   quant: issue 17's GPU tests of the FP8 paths, then `bench latency` on qwen2.5-7b (dummy
 #   weights, batch 1 and 64, graphs) in bf16 and with quantization=fp8 (QUANT_FORMATS), merged
 #   by benchmarks/quant_report.py into quant-${GPU_TAG:-h200}.json.
+#   quant-int4: issue 17's GPU tests of INT4 (AWQ/GPTQ) and GGUF weights kept packed
+#   (tests/gpu/test_quant_packed_gpu.py), then `bench latency` on qwen2.5-7b (dummy weights,
+#   batch 1 and 64, graphs) in bf16, gptq and awq (QUANT_INT4_FORMATS), merged with any other
+#   latency-quant-*.json in $OUT (the `quant` step's) into quant-${GPU_TAG:-h200}.json.
 #   moe-small: tests/kernels/test_fused_moe.py (all of it, compiled), then
 #   scripts/moe_kernel_bench.py (grouped GEMM vs GEMV at Mixtral / Qwen3-30B-A3B expert shapes,
 #   t 1..64, plus a launch-setting sweep that MOE_SWEEP=0 skips) into
@@ -145,6 +149,18 @@ for step in "${steps[@]}"; do
       done
       python3 benchmarks/quant_report.py "$OUT" --output "$OUT/quant-$TAG.json" \
         2>&1 | tee -a "$OUT/quant.log" || status=1 ;;
+    quant-int4)
+      timeout 300 python3 -m pytest tests/gpu/test_quant_packed_gpu.py -m gpu -q -rA -p no:cacheprovider \
+        2>&1 | tee "$OUT/quant-int4-gpu-tests.log" | grep -v "^PASSED" | tail -20 || status=1
+      for weights in ${QUANT_INT4_FORMATS:-bf16 gptq awq}; do
+        qflag=(); [ "$weights" = bf16 ] || qflag=(--quantization "$weights")
+        timeout 200 python3 -m graphwise.cli bench latency --preset qwen2.5-7b --load-format dummy \
+          "${qflag[@]}" --batch-sizes "${QUANT_BATCH:-1,64}" --input-len 32 \
+          --output-len "${QUANT_OUT:-256}" --compare graph --output "$OUT/latency-quant-$weights.json" \
+          2>&1 | tee "$OUT/latency-quant-$weights.log" | grep -v "it/s\]" | tail -6 || status=1
+      done
+      python3 benchmarks/quant_report.py "$OUT" --output "$OUT/quant-$TAG.json" \
+        2>&1 | tee -a "$OUT/quant-int4.log" || status=1 ;;
     moe-small)
       # the whole file: the CPU tests (ragged shapes, TP masking, NaN-poisoned skipped experts,
       # dispatch) run compiled here, plus the gpu-marked model-shape and graph-replay tests
