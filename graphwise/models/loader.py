@@ -134,22 +134,23 @@ def model_config_of(source: ModelSource, cfg: EngineConfig) -> ModelConfig:
     return ModelConfig.from_dict(config_dict)
 
 
-def keep_gguf_packed(device: torch.device) -> bool:
-    """Whether a GGUF file's linear weights stay packed: on CUDA (the Triton kernels), not on
-    CPU (dequantized at load: faster there). GRAPHWISE_GGUF_PACKED=1 forces packed weights on
-    any device (the CPU then dequantizes each layer once with the torch reference: how the
-    tests check the packed loading, slicing and TP paths), =0 dequantizes everywhere."""
+def keep_gguf_packed(asked: bool) -> bool:
+    """Whether a GGUF file's linear weights stay packed (the Triton kernels on CUDA; on CPU each
+    layer is dequantized once with the torch reference): when `quantization="gguf"` asks for
+    it. Without it they are dequantized at load, as before, until an H200 run has checked the
+    packed kernels end to end (their speed per format: kernels/README.md).
+    GRAPHWISE_GGUF_PACKED=1 forces packed weights, =0 dequantized ones."""
     forced = os.environ.get("GRAPHWISE_GGUF_PACKED", "")
     if forced in ("0", "1"):
         return forced == "1"
-    return device.type == "cuda"
+    return asked
 
 
 def _resolve_quantization(
     source: ModelSource, cfg: EngineConfig, config_dict: dict[str, Any], device: torch.device
 ) -> quantization.QuantizationConfig | None:
     if source.kind == "gguf" and cfg.quantization in (None, "gguf"):
-        if cfg.load_format == "dummy" or not keep_gguf_packed(device):
+        if cfg.load_format == "dummy" or not keep_gguf_packed(cfg.quantization == "gguf"):
             return None  # dequantized at load
         assert source.path is not None
         return GgufConfig(gguf_tensor_types(source.path, config_dict))

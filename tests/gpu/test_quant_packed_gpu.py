@@ -110,8 +110,8 @@ def test_int4_dummy_preset_runs_with_graphs(fmt):
 
 # ---- GGUF -----------------------------------------------------------------------------------
 def test_default_gguf_on_gpu_keeps_packed_weights_and_answers_paris(monkeypatch):
-    monkeypatch.delenv("GRAPHWISE_GGUF_PACKED", raising=False)  # the default: packed on CUDA
-    llm = LLM(max_num_seqs=8, gpu_memory_utilization=0.3, cuda_graph="on")
+    monkeypatch.delenv("GRAPHWISE_GGUF_PACKED", raising=False)
+    llm = LLM(max_num_seqs=8, gpu_memory_utilization=0.3, cuda_graph="on", quantization="gguf")
     question = [[{"role": "user", "content": "What is the capital of France?"}]]
     out = llm.chat(question, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
     assert "Paris" in out[0].outputs[0].text

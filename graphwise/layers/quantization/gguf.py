@@ -4,7 +4,7 @@ dequantizes them on the fly (kernels/gguf_quant.py).
 
 The config is not parsed from a `quantization_config`: the model loader builds it from the GGUF
 file's tensor types (`GgufConfig(types)`, HF weight name -> type name) when the weights stay
-packed (on CUDA, or when GRAPHWISE_GGUF_PACKED=1 forces it; see models/loader.py). Layers
+packed (quantization="gguf", or GRAPHWISE_GGUF_PACKED=1; see models/loader.py). Layers
 whose weights the kernels cannot read (F16/F32/BF16 and other quant types), the LM head, and
 the embeddings are dequantized at load as before.
 
