@@ -78,6 +78,12 @@ class Sequence:
             PromptLogprobs(0) if sampling_params.prompt_logprobs is not None else None
         )
         self.prompt_logprobs_sent = False
+        # Speculative decoding (engine/ngram.py): whether this request may get drafts, the
+        # drafts chosen for the step being described, and how many a step in flight verifies
+        # (until it resolves the request is not scheduled: its length is unknown).
+        self.speculate = False
+        self.draft_token_ids: list[int] = []
+        self.num_drafts_in_flight = 0
 
     @property
     def num_tokens(self) -> int:
