@@ -14,10 +14,14 @@ from graphwise import LLM, SamplingParams
 from graphwise.config import EngineConfig, SpeculativeConfig
 from graphwise.engine.ngram import propose_ngram
 from graphwise.layers.sampler import SamplingTensors, verify_drafts
-
 from tests.conftest import hf_greedy
 
-SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+SPEC = {
+    "method": "ngram",
+    "num_speculative_tokens": 4,
+    "prompt_lookup_max": 3,
+    "prompt_lookup_min": 1,
+}
 
 
 def _prompts(seed: int = 0) -> list[list[int]]:
@@ -61,9 +65,17 @@ def test_speculative_config_errors_name_the_field():
         ({"method": "eagle", "num_speculative_tokens": 2}, "speculative_config.method"),
         ({"method": "ngram"}, "num_speculative_tokens"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
-        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": -1}, "prompt_lookup"),
         (
-            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": -1},
+            "prompt_lookup",
+        ),
+        (
+            {
+                "method": "ngram",
+                "num_speculative_tokens": 2,
+                "prompt_lookup_min": 4,
+                "prompt_lookup_max": 2,
+            },
             "prompt_lookup_min",
         ),
         ({"method": "ngram", "num_speculative_tokens": 2, "draft": 1}, "draft"),
@@ -83,7 +95,9 @@ def test_cli_flag_parses_json():
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    args = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 5}'])
+    args = parser.parse_args(
+        ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 5}']
+    )
     assert engine_config_from_args(args).speculative.num_speculative_tokens == 5
     assert engine_config_from_args(parser.parse_args([])).speculative is None
 
@@ -94,8 +108,12 @@ def test_greedy_with_ngram_equals_plain_and_hf(tiny_model_dir, async_scheduling)
     model_dir = tiny_model_dir("llama")
     prompts = _prompts()
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    plain_engine, plain = _generate(model_dir, None, params, prompts, async_scheduling=async_scheduling)
-    spec_engine, spec = _generate(model_dir, SPEC, params, prompts, async_scheduling=async_scheduling)
+    plain_engine, plain = _generate(
+        model_dir, None, params, prompts, async_scheduling=async_scheduling
+    )
+    spec_engine, spec = _generate(
+        model_dir, SPEC, params, prompts, async_scheduling=async_scheduling
+    )
     assert spec == plain
     assert [t for t, _ in spec] == hf_greedy(model_dir, prompts, 24)
     stats = spec_engine.get_stats()
@@ -122,7 +140,10 @@ def _mixed_params(n: int) -> list[SamplingParams]:
         elif kind == 2:
             out.append(
                 SamplingParams(
-                    temperature=0, max_tokens=14, min_tokens=8, stop_token_ids=list(range(0, 512, 5))
+                    temperature=0,
+                    max_tokens=14,
+                    min_tokens=8,
+                    stop_token_ids=list(range(0, 512, 5)),
                 )
             )
         else:
@@ -227,7 +248,10 @@ def test_requests_that_cannot_speculate_decode_plainly(tiny_model_dir):
 def test_seeded_sampling_with_ngram_is_reproducible(tiny_model_dir):
     model_dir = tiny_model_dir("llama")
     prompts = _prompts()
-    params = [SamplingParams(temperature=0.7, seed=11 + i, max_tokens=20, ignore_eos=True) for i in range(4)]
+    params = [
+        SamplingParams(temperature=0.7, seed=11 + i, max_tokens=20, ignore_eos=True)
+        for i in range(4)
+    ]
     runs = []
     for async_scheduling in (False, True, False):
         engine, out = _generate(model_dir, SPEC, params, prompts, async_scheduling=async_scheduling)
@@ -236,7 +260,9 @@ def test_seeded_sampling_with_ngram_is_reproducible(tiny_model_dir):
     assert runs[0] == runs[1] == runs[2]
 
 
-def _verify_many(logits_rows, drafts, temperature, top_p=1.0, trials=100000, seed=0, rule=verify_drafts):
+def _verify_many(
+    logits_rows, drafts, temperature, top_p=1.0, trials=100000, seed=0, rule=verify_drafts
+):
     """`trials` identical rows: each verifies `drafts` against `logits_rows` [k, V]; the bonus is
     sampled from `bonus_logits` by the caller's rule (here: from the last row's distribution)."""
     k, vocab = len(drafts), logits_rows.shape[1] - 0
