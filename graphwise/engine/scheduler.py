@@ -184,7 +184,7 @@ class Scheduler:
         for child in orphans:
             child.fork_parent = None
         self.block_manager.release(seq)
-        seq.num_placeholders = 0
+        seq.num_placeholders = seq.num_drafts_in_flight = 0
         seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids))
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -639,6 +639,7 @@ class Scheduler:
         for seq in sampled:
             if not seq.is_finished:
                 seq.num_placeholders -= 1
+                seq.num_drafts_in_flight = 0  # its drafts were never verified
         for seq in seqs:
             if seq.is_finished:
                 continue

@@ -368,3 +368,41 @@ def test_greedy_verification_accepts_while_argmax_matches():
     )
     assert out.tolist() == [[4, 1, 2], [4, -1, -1]]
     assert last.tolist() == [2, 4]
+
+
+def test_a_failed_verify_step_rolls_back_and_the_others_recompute(tiny_model_dir, monkeypatch):
+    """A verify step that fails to launch: the request blamed for it fails alone, the others
+    (drafts never verified) go back to waiting, recompute and finish with the tokens they
+    would have had; no block leaks."""
+    model_dir = tiny_model_dir("llama")
+    prompts = _prompts(4)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    _, clean = _generate(model_dir, SPEC, params, prompts)
+    llm = LLM(model=str(model_dir), speculative_config=SPEC)
+    engine = llm.llm_engine
+    rids = [engine.add_request(None, params, prompt_token_ids=p) for p in prompts]
+    real = engine.executor.execute_model
+    failed: list[str] = []
+
+    def execute(step):
+        if not failed and step.num_draft_tokens:
+            failed.append(step.rows[0].request_id)
+            raise RuntimeError("injected launch failure")
+        return real(step)
+
+    monkeypatch.setattr(engine.executor, "execute_model", execute)
+    monkeypatch.setattr(
+        engine.executor.driver, "find_bad_rows", lambda step: {failed[0]: "injected"}
+    )
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert failed
+    for rid, (tokens, _) in zip(rids, clean, strict=True):
+        if rid == failed[0]:
+            assert done[rid].outputs[0].finish_reason == "error"
+        else:
+            assert done[rid].outputs[0].token_ids == tokens
+    assert engine.block_manager.num_used_blocks == 0
