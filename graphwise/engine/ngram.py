@@ -4,7 +4,8 @@ Text that repeats what came before (code being edited, a document being quoted, 
 re-asked) continues the way it continued last time. For the request's tokens so far (prompt and
 output) the proposer finds the most recent earlier occurrence of its last n tokens, for the
 longest n in [prompt_lookup_min, prompt_lookup_max] that occurs, and proposes the (up to) k
-tokens that followed it. The target model verifies them in one forward; no model runs here.
+tokens that followed it (preferring, among the longest matches, the most recent one that k
+tokens follow: in a run like "a a a a" the latest match overlaps the suffix and has one). The target model verifies them in one forward; no model runs here.
 
 Cost: numpy over the request's tokens, O(length) for the candidate scan plus O(matches * n) to
 extend the matches, a few microseconds to tens of microseconds per request and step.
@@ -41,5 +42,9 @@ def propose_ngram(tokens: np.ndarray | list[int], max_n: int, min_n: int, k: int
     best = int(matched.max())
     if best < min_n:
         return []
-    end = int(ends[np.flatnonzero(matched >= best)[-1]])  # the most recent of the longest
+    best_ends = ends[matched >= best]
+    # The most recent of the longest matches, unless fewer than k tokens follow it (a match
+    # overlapping the suffix, as in a run of one token): then the most recent that has k.
+    full = best_ends[best_ends + k < length]
+    end = int(full[-1] if full.size else best_ends[-1])
     return a[end + 1 : end + 1 + k].tolist()

@@ -53,7 +53,8 @@ def test_ngram_proposer_finds_the_most_recent_longest_match():
     assert propose_ngram([5, 6, 7], 3, 1, 2) == []  # nothing repeats
     assert propose_ngram([1, 2, 1], 3, 2, 2) == []  # only a 1-gram matches, min is 2
     assert propose_ngram([1, 2, 1], 3, 1, 3) == [2, 1]  # fewer than k follow
-    assert propose_ngram([4, 4, 4, 4], 2, 1, 3) == [4]
+    assert propose_ngram([4, 4, 4, 4, 4, 4], 2, 1, 3) == [4, 4, 4]  # a run: the full k
+    assert propose_ngram([4, 4, 4], 2, 1, 3) == [4]  # no match has k after it: the latest
     assert propose_ngram(np.array([1, 2, 1, 2]), 2, 2, 0) == []
 
 
@@ -212,15 +213,19 @@ def test_stop_strings_with_ngram(tiny_chat_dir):
         plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
         text = plain[0].outputs[0].text
         outs[spec is not None] = plain[0].outputs[0].token_ids
-        if len(text) > 6:
-            stop = text[3:6]
+        if len(text) > 12:
+            at = len(text) * 2 // 3  # late: inside what the drafts of a verify step cover
+            stop = text[at : at + 5]
             got = llm.generate(
                 prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop]), use_tqdm=False
             )[0].outputs[0]
             assert got.finish_reason == "stop" and stop not in got.text
             assert got.text == text[: text.index(stop)]
+            outs[(spec is not None, "stop")] = got.token_ids
         assert llm.llm_engine.get_stats().kv_blocks_used == 0
     assert outs[True] == outs[False]
+    # the tokens after the one that completes the stop string are dropped, as without drafts
+    assert outs.get((True, "stop")) == outs.get((False, "stop"))
 
 
 def test_requests_that_cannot_speculate_decode_plainly(tiny_model_dir):
@@ -406,3 +411,34 @@ def test_a_failed_verify_step_rolls_back_and_the_others_recompute(tiny_model_dir
         else:
             assert done[rid].outputs[0].token_ids == tokens
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_stop_string_inside_a_multi_token_update_drops_what_follows(tiny_chat_dir):
+    """A verify step hands the output processor several tokens at once: the tokens after the
+    one completing a stop string are dropped, as if they came one by one (they would never have
+    been sampled without drafts)."""
+    import time as _time
+
+    from transformers import AutoTokenizer
+
+    from graphwise.engine.output_processor import OutputProcessor
+    from graphwise.engine.scheduler import RequestUpdate
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    ids = tok.encode(" alpha beta gamma delta epsilon", add_special_tokens=False)
+    params = SamplingParams(max_tokens=50, stop=["gamma"])
+    results = []
+    for chunks in ([ids], [[t] for t in ids]):  # one update with all, one update per token
+        op = OutputProcessor(tok)
+        op.add_request("r", None, [1, 2], params, _time.monotonic())
+        final, stopped = None, []
+        for chunk in chunks:
+            outs, st = op.process([RequestUpdate("r", list(chunk))])
+            stopped += st
+            final = next((o for o in outs if o.finished), final)
+            if final is not None:
+                break
+        assert final is not None and stopped == [("r", "gamma")]
+        results.append((final.outputs[0].text, final.outputs[0].token_ids))
+    assert results[0] == results[1]
+    assert "gamma" not in results[0][0] and len(results[0][1]) < len(ids)
