@@ -442,3 +442,35 @@ def test_stop_string_inside_a_multi_token_update_drops_what_follows(tiny_chat_di
         results.append((final.outputs[0].text, final.outputs[0].token_ids))
     assert results[0] == results[1]
     assert "gamma" not in results[0][0] and len(results[0][1]) < len(ids)
+
+
+def test_random_path_with_top_k_1_equals_greedy(tiny_model_dir):
+    """temperature 1 with top_k=1 goes through the rejection sampler (random rows) but its
+    target distribution is one-hot at the argmax: the tokens must be greedy's, which checks
+    that each draft is verified against the logits of the right position."""
+    model_dir = tiny_model_dir("llama")
+    prompts = _prompts(5)
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    top1 = SamplingParams(temperature=1.0, top_k=1, max_tokens=20, ignore_eos=True, seed=3)
+    _, plain = _generate(model_dir, None, greedy, prompts)
+    engine, spec = _generate(model_dir, SPEC, top1, prompts)
+    assert spec == plain
+    assert engine.get_stats().spec_decode_num_accepted_tokens > 0
+
+
+def test_prefix_cache_holds_only_verified_tokens(tiny_model_dir):
+    """Continuations of earlier outputs hit the blocks the verify steps registered; their
+    tokens equal an engine's without speculation or prefix caching (a block with a rejected
+    draft's KV would change them)."""
+    model_dir = tiny_model_dir("llama")
+    prompts = _prompts(6)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    llm = LLM(model=str(model_dir), speculative_config=SPEC, block_size=8)
+    first = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    follow = [p + o.outputs[0].token_ids for p, o in zip(prompts, first, strict=True)]
+    hits = llm.llm_engine.block_manager.prefix_hits
+    again = llm.generate([{"prompt_token_ids": p} for p in follow], params, use_tqdm=False)
+    assert llm.llm_engine.block_manager.prefix_hits - hits >= len(prompts) * 5
+    assert llm.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
+    _, plain = _generate(model_dir, None, params, follow, enable_prefix_caching=False)
+    assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in again] == plain
