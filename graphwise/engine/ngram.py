@@ -16,6 +16,30 @@ from __future__ import annotations
 import numpy as np
 
 
+class TokenArray:
+    """A request's tokens as a growing numpy array, extended by the tokens appended since the
+    last call (converting the whole list every step would cost O(length) Python work)."""
+
+    __slots__ = ("array", "size")
+
+    def __init__(self) -> None:
+        self.array = np.zeros(64, dtype=np.int64)
+        self.size = 0
+
+    def sync(self, tokens: list[int]) -> np.ndarray:
+        n = len(tokens)
+        if n < self.size:  # (never shrinks in practice; start over if it does)
+            self.size = 0
+        if n > self.array.size:
+            grown = np.zeros(max(n, 2 * self.array.size), dtype=np.int64)
+            grown[: self.size] = self.array[: self.size]
+            self.array = grown
+        if n > self.size:
+            self.array[self.size : n] = tokens[self.size : n]
+            self.size = n
+        return self.array[:n]
+
+
 def propose_ngram(tokens: np.ndarray | list[int], max_n: int, min_n: int, k: int) -> list[int]:
     """Up to `k` draft tokens continuing `tokens`, or [] when its last `min_n` tokens never
     occurred before."""

@@ -43,7 +43,7 @@ from graphwise.core.step import (
     SchedulerOutput,
 )
 from graphwise.engine.block_manager import BlockManager
-from graphwise.engine.ngram import propose_ngram
+from graphwise.engine.ngram import TokenArray, propose_ngram
 from graphwise.engine.sequence import Sequence, SequenceStatus
 
 
@@ -312,7 +312,10 @@ class Scheduler:
         k = min(spec.num_speculative_tokens, budget - 1, seq.max_total_tokens - known - 1)
         if k <= 0:
             return 0
-        drafts = propose_ngram(seq.token_ids, spec.prompt_lookup_max, spec.prompt_lookup_min, k)
+        if seq.token_array is None:
+            seq.token_array = TokenArray()
+        tokens = seq.token_array.sync(seq.token_ids)
+        drafts = propose_ngram(tokens, spec.prompt_lookup_max, spec.prompt_lookup_min, k)
         if not drafts:
             return 0
         if not self.block_manager.allocate_slots(seq, known + len(drafts)):

@@ -84,6 +84,7 @@ class Sequence:
         self.speculate = False
         self.draft_token_ids: list[int] = []
         self.num_drafts_in_flight = 0
+        self.token_array: Any = None  # engine/ngram.py TokenArray, made on the first proposal
 
     @property
     def num_tokens(self) -> int:

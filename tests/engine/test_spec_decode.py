@@ -58,6 +58,17 @@ def test_ngram_proposer_finds_the_most_recent_longest_match():
     assert propose_ngram(np.array([1, 2, 1, 2]), 2, 2, 0) == []
 
 
+def test_token_array_follows_a_growing_list():
+    from graphwise.engine.ngram import TokenArray
+
+    buf, tokens = TokenArray(), []
+    for i in range(300):
+        tokens.append(i % 7)
+        if i % 3 == 0:
+            assert buf.sync(tokens).tolist() == tokens
+    assert buf.sync(tokens[:5]).tolist() == tokens[:5]
+
+
 def test_speculative_config_errors_name_the_field():
     cfg = EngineConfig(speculative_config='{"method": "ngram", "num_speculative_tokens": 2}')
     assert cfg.speculative == SpeculativeConfig("ngram", 2)
