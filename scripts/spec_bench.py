@@ -15,12 +15,15 @@ the verify cost (a step of k + 1 tokens per row against a plain decode step) doe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -97,6 +100,7 @@ def main() -> int:
     parser.add_argument("--prompt-lookup-min", type=int, default=2)
     parser.add_argument("--methods", default="none,ngram")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--kv-cache-memory", type=int, default=4 << 30)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -114,6 +118,7 @@ def main() -> int:
             max_num_seqs=max(batches),
             max_model_len=args.input_len + args.output_len + 64,
             enforce_eager=args.enforce_eager,
+            kv_cache_memory=args.kv_cache_memory,  # two engines in turn: a small, fixed pool
             speculative_config=spec if method == "ngram" else None,
         )
         engine = LLMEngine(config)
@@ -125,6 +130,9 @@ def main() -> int:
             print(json.dumps(row), flush=True)
         engine.shutdown()
         del engine
+        gc.collect()  # the next engine's weights and KV pool need this one's memory back
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if args.output:
         Path(args.output).write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2))
     return 0
