@@ -5,6 +5,7 @@
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
 #                      [capture] [moe] [kernels] [tp2] [models-tests] [models] [sampling]
 #                      [quant-kernels] [quant-int4] [moe-small]
+#                      [quant-kernels] [moe-small] [spec]
 #   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   models-tests: the GPU tests of issue 16's families (tiny models vs HF on Triton, graphs vs
@@ -30,6 +31,9 @@
 #   (default mixtral-8x7b qwen3-30b-a3b; empty skips) at batch 1/8/64 into
 #   latency-<preset>-smallm-${GPU_TAG:-h200}.json. All of it may not fit one 10-minute call:
 #   split as MOE_PRESETS="" (tests + bench), then MOE_TESTS=0 MOE_BENCH=0 (latency only).
+#   spec: tests/gpu/test_spec_decode_gpu.py, then scripts/spec_bench.py (plain vs n-gram
+#   speculation, k = SPEC_K, batch SPEC_BATCH, on SPEC_MODEL or the dummy SPEC_PRESET) into
+#   spec-decode-${GPU_TAG:-h200}.json: ms per output token, acceptance, verify vs decode step.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -177,6 +181,17 @@ for step in "${steps[@]}"; do
           --output "$OUT/latency-$preset-smallm-$TAG.json" \
           2>&1 | tee "$OUT/latency-$preset-smallm.log" | grep -v "it/s\]" | tail -12 || status=1
       done ;;
+    spec)
+      # issue 21, n-gram speculation: its GPU tests, then plain vs ngram on a repetitive
+      # workload (scripts/spec_bench.py): ms per output token, acceptance, verify vs decode
+      # step. SPEC_MODEL=path uses real weights (real acceptance); the preset's dummy weights
+      # measure the verify cost only.
+      timeout 200 python3 -m pytest tests/gpu/test_spec_decode_gpu.py -m gpu -q -p no:cacheprovider \
+        2>&1 | tee "$OUT/spec-tests.log" | tail -8 || status=1
+      if [ -n "${SPEC_MODEL:-}" ]; then spec_src=(--model "$SPEC_MODEL"); else spec_src=(--preset "${SPEC_PRESET:-qwen2.5-7b}"); fi
+      timeout 400 python3 scripts/spec_bench.py "${spec_src[@]}" --batch-sizes "${SPEC_BATCH:-1,8}" \
+        --num-speculative-tokens "${SPEC_K:-4}" --output-len "${SPEC_OUT:-256}" \
+        --output "$OUT/spec-decode-$TAG.json" 2>&1 | tee "$OUT/spec-bench.log" | grep "^{" || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
