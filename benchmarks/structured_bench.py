@@ -13,9 +13,9 @@ import json
 import statistics
 import time
 
-from graphwise.insight.system import environment
 from graphwise import LLM, SamplingParams, StructuredOutputsParams
 from graphwise.core.tracing import StepRecord
+from graphwise.insight.system import environment
 
 # An extraction-style schema whose output is long enough to decode many full-batch steps.
 SCHEMA = {
