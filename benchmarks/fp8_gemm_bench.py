@@ -15,6 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from graphwise.insight.system import cuda_graph_ms
 from graphwise.kernels import fp8 as k
 from graphwise.layers.quantization.fp8 import quantize_blocks, quantize_rows
 
@@ -22,21 +23,8 @@ SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "dow
 
 
 def _time(fn, reps: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 10)
-    return sorted(times)[len(times) // 2] * 1e3  # us
+    """Median microseconds of one call, as replays of a graph of 10 calls."""
+    return cuda_graph_ms(fn, calls=10, reps=reps) * 1e3
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Issue 17's result file: `bench latency` on the same preset with each weight format, one row
 per (weights, batch size): {weights, batch_size, decode_median_ms, floor_ms, x_floor}, plus
 each format's step against bf16's at the same batch size (the targets: FP8 <= 0.60x at batch
-1, <= 0.65x at batch 64) and its weight bytes.
+1, <= 0.65x at batch 64; INT4 <= 0.40x at batch 1) and its weight bytes against bf16's (INT4:
+<= 0.30x).
 
     python3 benchmarks/quant_report.py OUT_DIR --output OUT_DIR/quant-h200.json
 
@@ -15,7 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-TARGETS = {"fp8": {1: 0.60, 64: 0.65}}
+TARGETS = {"fp8": {1: 0.60, 64: 0.65}, "gptq": {1: 0.40}, "awq": {1: 0.40}}
+# INT4 formats: weights on the GPU <= 0.30x of bf16's bytes.
+BYTES_TARGETS = {"gptq": 0.30, "awq": 0.30}
 
 
 def build(out_dir: Path) -> dict[str, Any]:
@@ -46,6 +49,9 @@ def build(out_dir: Path) -> dict[str, Any]:
         target = TARGETS.get(row["weights"], {}).get(row["batch_size"])
         row["target_vs_bf16"] = target
         row["meets_target"] = None if target is None or base is None else row["vs_bf16"] <= target
+        bf16 = runs.get("bf16", {}).get("weights_bytes")
+        row["weights_vs_bf16"] = row["weights_bytes"] / bf16 if bf16 else None
+        row["target_weights_vs_bf16"] = BYTES_TARGETS.get(row["weights"])
     any_run = next(iter(runs.values()), {})
     return {
         "benchmark": "quantized weights, bench latency (issue 17)",

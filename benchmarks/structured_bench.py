@@ -15,6 +15,7 @@ import time
 
 from graphwise import LLM, SamplingParams, StructuredOutputsParams
 from graphwise.core.tracing import StepRecord
+from graphwise.insight.system import environment
 
 # An extraction-style schema whose output is long enough to decode many full-batch steps.
 SCHEMA = {
@@ -137,6 +138,7 @@ def main() -> None:
         "ratio": med[True] / med[False],
         "grammar_first_compile_s": first_compile,
         "grammar_compile_s": engine.structured.compile_s,
+        "environment": environment(engine.device),
         "runs": results,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +20,69 @@ def kv_cache_dtype_error(name: object) -> str:
     elif name in ("bfloat16", "float16", "float32", "half"):
         why = " (with 'auto' the cache follows the model's dtype: set dtype instead)"
     return f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}{why}"
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config`). Only the n-gram (prompt lookup)
+    proposer exists: each step proposes up to `num_speculative_tokens` tokens by finding the
+    most recent earlier occurrence of the request's last `prompt_lookup_max` ..
+    `prompt_lookup_min` tokens in its prompt and output, and the target model verifies them in
+    one forward (engine/ngram.py, docs/architecture.md)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
+
+    @classmethod
+    def parse(cls, value: Any) -> SpeculativeConfig | None:
+        """From a dict (or its JSON text, the CLI's form); None stays None."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unknown field(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(names))})"
+            )
+        if "method" not in value:
+            raise ValueError("speculative_config.method is required (only 'ngram' exists)")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config.num_speculative_tokens is required")
+        fields = dict(value)
+        # vLLM: prompt_lookup_min defaults to prompt_lookup_max when only that is given.
+        if "prompt_lookup_max" in fields and "prompt_lookup_min" not in fields:
+            fields["prompt_lookup_min"] = fields["prompt_lookup_max"]
+        if "prompt_lookup_min" in fields and "prompt_lookup_max" not in fields:
+            fields["prompt_lookup_max"] = fields["prompt_lookup_min"]
+        return cls(**fields)
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(
+                f"speculative_config.method must be 'ngram' (the only proposer so far), "
+                f"got {self.method!r}"
+            )
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"speculative_config.{name} must be a positive integer, got {value!r}"
+                )
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must not "
+                f"exceed prompt_lookup_max ({self.prompt_lookup_max})"
+            )
 
 
 @dataclass
@@ -59,6 +123,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Speculative decoding, vLLM's shape: {"method": "ngram", "num_speculative_tokens": k,
+    # "prompt_lookup_max": n, "prompt_lookup_min": m} (a dict, its JSON text or a
+    # SpeculativeConfig); None (the default) runs plain decoding and pays nothing for it.
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +185,26 @@ class EngineConfig:
             raise ValueError(f"quantization must be a format name, got {self.quantization!r}")
         if self.cuda_graph_min_speedup <= 0:
             raise ValueError("cuda_graph_min_speedup must be positive")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None:
+            parallel = {
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "pipeline_parallel_size": self.pipeline_parallel_size,
+                "data_parallel_size": self.data_parallel_size,
+            }
+            for name, size in parallel.items():
+                if size > 1:
+                    raise ValueError(
+                        f"speculative_config is not supported with {name} > 1 yet "
+                        "(single-GPU engines only)"
+                    )
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """The parsed speculative config (validate() turns a dict or JSON into one)."""
+        spec = self.speculative_config
+        assert spec is None or isinstance(spec, SpeculativeConfig)
+        return spec
 
     @property
     def use_cuda_graph(self) -> CudaGraphMode:
@@ -192,6 +280,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help=argparse.SUPPRESS,
     )
     g.add_argument("--max-logprobs", type=int, default=20)
+    g.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding as JSON (vLLM\'s flag), e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'',
+    )
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
     g.add_argument("--data-parallel-size", "--dp", type=int, default=1)

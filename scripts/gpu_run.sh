@@ -4,7 +4,7 @@
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
 #                      [capture] [moe] [kernels] [tp2] [models-tests] [models] [sampling]
-#                      [quant-kernels] [moe-small] [kv-fp8]
+#                      [quant-kernels] [quant-int4] [moe-small] [spec] [kv-fp8]
 #   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   models-tests: the GPU tests of issue 16's families (tiny models vs HF on Triton, graphs vs
@@ -19,6 +19,10 @@
 #   quant: issue 17's GPU tests of the FP8 paths, then `bench latency` on qwen2.5-7b (dummy
 #   weights, batch 1 and 64, graphs) in bf16 and with quantization=fp8 (QUANT_FORMATS), merged
 #   by benchmarks/quant_report.py into quant-${GPU_TAG:-h200}.json.
+#   quant-int4: issue 17's GPU tests of INT4 (AWQ/GPTQ) and GGUF weights kept packed
+#   (tests/gpu/test_quant_packed_gpu.py), then `bench latency` on qwen2.5-7b (dummy weights,
+#   batch 1 and 64, graphs) in bf16, gptq and awq (QUANT_INT4_FORMATS), merged with any other
+#   latency-quant-*.json in $OUT (the `quant` step's) into quant-${GPU_TAG:-h200}.json.
 #   kv-fp8: the FP8 KV cache's GPU tests, then bench latency and explain at batch 64 and 4096
 #   tokens of context with --kv-cache-dtype auto and fp8, merged by benchmarks/kv_fp8_report.py
 #   into kv-fp8-${GPU_TAG:-h200}.json.
@@ -29,6 +33,9 @@
 #   (default mixtral-8x7b qwen3-30b-a3b; empty skips) at batch 1/8/64 into
 #   latency-<preset>-smallm-${GPU_TAG:-h200}.json. All of it may not fit one 10-minute call:
 #   split as MOE_PRESETS="" (tests + bench), then MOE_TESTS=0 MOE_BENCH=0 (latency only).
+#   spec: tests/gpu/test_spec_decode_gpu.py, then scripts/spec_bench.py (plain vs n-gram
+#   speculation, k = SPEC_K, batch SPEC_BATCH, on SPEC_MODEL or the dummy SPEC_PRESET) into
+#   spec-decode-${GPU_TAG:-h200}.json: ms per output token, acceptance, verify vs decode step.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -148,6 +155,18 @@ for step in "${steps[@]}"; do
       done
       python3 benchmarks/quant_report.py "$OUT" --output "$OUT/quant-$TAG.json" \
         2>&1 | tee -a "$OUT/quant.log" || status=1 ;;
+    quant-int4)
+      timeout 300 python3 -m pytest tests/gpu/test_quant_packed_gpu.py -m gpu -q -rA -p no:cacheprovider \
+        2>&1 | tee "$OUT/quant-int4-gpu-tests.log" | grep -v "^PASSED" | tail -20 || status=1
+      for weights in ${QUANT_INT4_FORMATS:-bf16 gptq awq}; do
+        qflag=(); [ "$weights" = bf16 ] || qflag=(--quantization "$weights")
+        timeout 200 python3 -m graphwise.cli bench latency --preset qwen2.5-7b --load-format dummy \
+          "${qflag[@]}" --batch-sizes "${QUANT_BATCH:-1,64}" --input-len 32 \
+          --output-len "${QUANT_OUT:-256}" --compare graph --output "$OUT/latency-quant-$weights.json" \
+          2>&1 | tee "$OUT/latency-quant-$weights.log" | grep -v "it/s\]" | tail -6 || status=1
+      done
+      python3 benchmarks/quant_report.py "$OUT" --output "$OUT/quant-$TAG.json" \
+        2>&1 | tee -a "$OUT/quant-int4.log" || status=1 ;;
     moe-small)
       # the whole file: the CPU tests (ragged shapes, TP masking, NaN-poisoned skipped experts,
       # dispatch) run compiled here, plus the gpu-marked model-shape and graph-replay tests
@@ -164,6 +183,17 @@ for step in "${steps[@]}"; do
           --output "$OUT/latency-$preset-smallm-$TAG.json" \
           2>&1 | tee "$OUT/latency-$preset-smallm.log" | grep -v "it/s\]" | tail -12 || status=1
       done ;;
+    spec)
+      # issue 21, n-gram speculation: its GPU tests, then plain vs ngram on a repetitive
+      # workload (scripts/spec_bench.py): ms per output token, acceptance, verify vs decode
+      # step. SPEC_MODEL=path uses real weights (real acceptance); the preset's dummy weights
+      # measure the verify cost only.
+      timeout 200 python3 -m pytest tests/gpu/test_spec_decode_gpu.py -m gpu -q -p no:cacheprovider \
+        2>&1 | tee "$OUT/spec-tests.log" | tail -8 || status=1
+      if [ -n "${SPEC_MODEL:-}" ]; then spec_src=(--model "$SPEC_MODEL"); else spec_src=(--preset "${SPEC_PRESET:-qwen2.5-7b}"); fi
+      timeout 400 python3 scripts/spec_bench.py "${spec_src[@]}" --batch-sizes "${SPEC_BATCH:-1,8}" \
+        --num-speculative-tokens "${SPEC_K:-4}" --output-len "${SPEC_OUT:-256}" \
+        --output "$OUT/spec-decode-$TAG.json" 2>&1 | tee "$OUT/spec-bench.log" | grep "^{" || status=1 ;;
     kv-fp8)
       # issue 17 item 5: the FP8 KV cache's GPU tests (kernels at real shapes, graphs, engines),
       # then decode at batch 64 with 4096 tokens of context, bf16 KV vs fp8 KV: `bench latency`

@@ -62,6 +62,10 @@ class ScheduledRow:
     # A forked sample (num_new_tokens 0): the request whose row, just before, computes the
     # prompt's last position; this row samples from that position's logits too.
     fork_of: str | None = None
+    # Speculative decoding: the last `num_draft_tokens` of `token_ids` are proposed tokens the
+    # step verifies (num_new_tokens = 1 + drafts). The runner computes logits at every position
+    # of the row and answers with the accepted drafts and one token after them.
+    num_draft_tokens: int = 0
 
     @property
     def num_tokens_after(self) -> int:
@@ -96,6 +100,7 @@ class SchedulerOutput:
     num_context_tokens: int = 0  # KV positions the step reads, summed over its rows
     # Rows under a structured-output constraint (None: none is, and the step pays nothing).
     grammar: GrammarBitmask | None = None
+    num_draft_tokens: int = 0  # over the rows (0: a plain step, which pays nothing for drafts)
 
     @property
     def num_tokens(self) -> int:
@@ -165,3 +170,7 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict, kw_only=True)
     # Requests the runner found it could not run (a row it cannot build inputs for), with why.
     errors: dict[str, str] = field(default_factory=dict, kw_only=True)
+    # Steps that verify drafts: by sampled row, every token the row produced (its accepted
+    # drafts, then the target's token after them); sampled_token_ids then holds each row's
+    # last. None in plain steps.
+    spec_token_ids: list[list[int]] | None = field(default=None, kw_only=True)

@@ -191,6 +191,23 @@ class BlockManager:
         copies, self.copies = self.copies, []
         return copies
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks past those `num_tokens` tokens need (the slots of rejected draft
+        tokens: never registered with the prefix cache, since only verified KV is). The runner
+        gets the whole, shorter table with the sequence's next row."""
+        table = seq.block_table
+        keep = self.blocks_needed(num_tokens)
+        if len(table) <= keep:
+            return
+        for block in reversed(table[keep:]):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] == 0, f"block {block} is shared past a draft"
+            assert self.hashes[block] is None, f"block {block} holds unverified KV but is cached"
+            self.free[block] = None
+            self.free.move_to_end(block, last=False)  # uncached: recycled first
+        del table[keep:]
+        seq.num_blocks_sent = 0
+
     def release(self, seq: Sequence) -> None:
         """Drop a sequence's blocks; cached ones stay findable until recycled."""
         # Free the tail first so that, under LRU, a prefix outlives its own continuation.

@@ -31,10 +31,28 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # blocks looked up in the prefix cache
     prefix_cache_hits: int = 0
+    # Speculative decoding (vLLM's spec_decode_* counters): verify rows, draft tokens
+    # proposed, draft tokens accepted.
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def spec_decode_acceptance_rate(self) -> float:
+        """Accepted draft tokens over proposed ones (0 without speculation)."""
+        n = self.spec_decode_num_draft_tokens
+        return self.spec_decode_num_accepted_tokens / n if n else 0.0
+
+    @property
+    def spec_decode_mean_accepted_tokens(self) -> float:
+        """Tokens a verify row emits on average: 1 + its accepted drafts (vLLM's mean
+        acceptance length; 0 without speculation)."""
+        n = self.spec_decode_num_drafts
+        return 1 + self.spec_decode_num_accepted_tokens / n if n else 0.0
 
     @classmethod
     def total(cls, parts: list[EngineStats]) -> EngineStats:

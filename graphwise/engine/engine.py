@@ -107,6 +107,7 @@ class LLMEngine:
             self.max_num_batched_tokens,
             config.enable_chunked_prefill,
             self.max_model_len,
+            config.speculative,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         # Structured output (engine/structured.py): made on the first constrained request.
@@ -472,6 +473,9 @@ class LLMEngine:
             num_preemptions=sched.num_preemptions,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
+            spec_decode_num_drafts=sched.spec_stats.num_drafts,
+            spec_decode_num_draft_tokens=sched.spec_stats.num_draft_tokens,
+            spec_decode_num_accepted_tokens=sched.spec_stats.num_accepted_tokens,
         )
 
     def set_tracer(self, tracer: Tracer) -> None:

@@ -140,25 +140,33 @@ class OutputProcessor:
                 continue
             reason, stop_reason = update.finish_reason, update.stop_reason
             before = len(state.text)
-            for token in update.new_token_ids:
-                state.output_token_ids.append(token)
-                state.text += state.detokenizer.push(token)
+            p = state.params
+            found = None
+            if len(update.new_token_ids) > 1 and p.stop_strings and reason in (None, "length"):
+                # Several tokens at once (a verify step's accepted drafts): look for stop
+                # strings token by token, so that the tokens after one are dropped as they
+                # would never have been sampled without speculation.
+                found = self._push_until_stop(state, update)
+            else:
+                for token in update.new_token_ids:
+                    state.output_token_ids.append(token)
+                    state.text += state.detokenizer.push(token)
             new_logprobs = self._logprobs(state, update)
             if update.prompt_logprobs is not None:
                 state.prompt_logprobs = self._prompt_logprobs(state, update.prompt_logprobs)
             if update.new_token_ids and state.first_token_time is None:
                 state.first_token_time = now
-            p = state.params
             if (
-                p.stop_strings
+                found is None
+                and p.stop_strings
                 and reason in (None, "length")
                 and len(state.output_token_ids) >= p.min_tokens
             ):
                 found = self._find_stop_string(state, before)
-                if found is not None:
-                    if reason is None:
-                        stopped.append((state.request_id, found))
-                    reason, stop_reason = "stop", found
+            if found is not None:
+                if reason is None:
+                    stopped.append((state.request_id, found))
+                reason, stop_reason = "stop", found
             if state.samples is not None:
                 self._sample_delta(state, update, reason, stop_reason, now, new_logprobs)
                 touched[state.samples.request_id] = state.samples
@@ -299,6 +307,22 @@ class OutputProcessor:
 
     def _decode(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    @classmethod
+    def _push_until_stop(cls, state: RequestState, update: RequestUpdate) -> str | None:
+        """Append the update's tokens one at a time until the text holds a stop string; the
+        tokens after it are cut from the update. Returns the stop string found, if any."""
+        tokens = update.new_token_ids
+        for i, token in enumerate(tokens):
+            before = len(state.text)
+            state.output_token_ids.append(token)
+            state.text += state.detokenizer.push(token)
+            if len(state.output_token_ids) >= state.params.min_tokens:
+                found = cls._find_stop_string(state, before)
+                if found is not None:
+                    del tokens[i + 1 :]
+                    return found
+        return None
 
     @staticmethod
     def _find_stop_string(state: RequestState, before: int) -> str | None:

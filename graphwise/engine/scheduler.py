@@ -32,6 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from graphwise.config import SpeculativeConfig
 from graphwise.core.step import (
     GrammarBitmask,
     ModelRunnerOutput,
@@ -42,6 +43,7 @@ from graphwise.core.step import (
     SchedulerOutput,
 )
 from graphwise.engine.block_manager import BlockManager
+from graphwise.engine.ngram import TokenArray, propose_ngram
 from graphwise.engine.sequence import Sequence, SequenceStatus
 
 
@@ -61,6 +63,41 @@ class RequestUpdate:
     prompt_logprobs: PromptLogprobs | None = None
 
 
+class SpecDecodeStats:
+    """Speculative decoding counts (vLLM's spec_decode_* metrics): verify rows (`num_drafts`),
+    draft tokens proposed and accepted, and acceptances by draft position."""
+
+    def __init__(self, max_drafts: int) -> None:
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_pos = [0] * max_drafts
+
+    def add(self, num_drafts: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += accepted
+        for j in range(accepted):
+            self.accepted_per_pos[j] += 1
+
+
+def can_speculate(seq: Sequence) -> bool:
+    """Whether a request may get drafts. The ones asking for what verify steps do not compute
+    yet decode plainly: logprobs, prompt logprobs, structured outputs, penalties, logit bias,
+    allowed token ids and bad words (their processors see the last position only), and n > 1
+    (decided in `Scheduler.add`)."""
+    p = seq.sampling_params
+    return not (
+        p.logprobs is not None
+        or p.prompt_logprobs is not None
+        or seq.grammar is not None
+        or p.penalized
+        or p.logit_bias
+        or p.allowed_token_ids
+        or seq.bad_words_ids
+    )
+
+
 class Scheduler:
     def __init__(
         self,
@@ -69,6 +106,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
         max_model_len: int = sys.maxsize,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -88,6 +126,10 @@ class Scheduler:
         # be reused once its request ended, while a step still samples for the old one).
         self._in_flight: dict[int, tuple[list[Sequence], list[Sequence]]] = {}
         self._reserved_seats = 0  # held for the forks of running sequences (n > 1)
+        self.speculative = speculative
+        self.spec_stats = SpecDecodeStats(
+            speculative.num_speculative_tokens if speculative is not None else 0
+        )
 
     # ---- requests ---------------------------------------------------------------------
     def add(self, seq: Sequence, forks: list[Sequence] | tuple[Sequence, ...] = ()) -> None:
@@ -107,6 +149,8 @@ class Scheduler:
         for child in forks:
             child.fork_parent = seq
         seq.forks = list(forks)
+        if self.speculative is not None and not forks:
+            seq.speculate = can_speculate(seq)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -140,7 +184,7 @@ class Scheduler:
         for child in orphans:
             child.fork_parent = None
         self.block_manager.release(seq)
-        seq.num_placeholders = 0
+        seq.num_placeholders = seq.num_drafts_in_flight = 0
         seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids))
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -190,6 +234,18 @@ class Scheduler:
                 # Its pending token is its last (length limit): it finishes when that resolves.
                 i += 1
                 continue
+            if seq.speculate:
+                if seq.num_placeholders:
+                    # It waits for its previous token (async scheduling): drafts are proposed
+                    # from known tokens, and a verify step's length is only known once resolved.
+                    i += 1
+                    continue
+                n = self._schedule_drafts(seq, budget)
+                if n:
+                    picked.append((seq, n))
+                    budget -= n
+                    i += 1
+                    continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.allocate_slots(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()
@@ -212,7 +268,8 @@ class Scheduler:
             and len(self.running) + self._reserved_seats < self.max_num_seqs
         ):
             seq = self.waiting[w]
-            if seq.grammar is not None and not seq.grammar.ready:
+            if (seq.grammar is not None and not seq.grammar.ready) or seq.num_drafts_in_flight:
+                # (preempted while a step verifies its drafts: it waits for that step)
                 w += 1
                 continue
             seats = min(len(seq.forks), self.max_num_seqs - 1)  # for its samples (n > 1)
@@ -241,6 +298,31 @@ class Scheduler:
             budget -= n
         return self._describe(picked, preempted)
 
+    def _schedule_drafts(self, seq: Sequence, budget: int) -> int:
+        """Propose drafts for a decoding sequence and make room for them; the row's token
+        count (1 + drafts), or 0 to schedule it plainly (no drafts, or no room for them)."""
+        spec = self.speculative
+        assert spec is not None
+        known = len(seq.token_ids)
+        if seq.num_computed_tokens != known - 1:
+            return 0  # prefilling (chunked prefill: drafts go on decode rows only)
+        if seq.num_known_output_tokens < seq.sampling_params.min_tokens:
+            return 0  # its stop tokens are still banned, position by position
+        # Never past max_tokens / max_model_len: the drafts and the token after them fit.
+        k = min(spec.num_speculative_tokens, budget - 1, seq.max_total_tokens - known - 1)
+        if k <= 0:
+            return 0
+        if seq.token_array is None:
+            seq.token_array = TokenArray()
+        tokens = seq.token_array.sync(seq.token_ids)
+        drafts = propose_ngram(tokens, spec.prompt_lookup_max, spec.prompt_lookup_min, k)
+        if not drafts:
+            return 0
+        if not self.block_manager.allocate_slots(seq, known + len(drafts)):
+            return 0  # no room for the drafts: decode plainly (and preempt only for that)
+        seq.draft_token_ids = drafts
+        return 1 + len(drafts)
+
     def _describe(
         self, picked: list[tuple[Sequence, int]], preempted: list[Sequence]
     ) -> SchedulerOutput:
@@ -259,6 +341,11 @@ class Scheduler:
         grammar_rows: list[int] = []
         for seq, n in picked:
             c, known = seq.num_computed_tokens, len(seq.token_ids)
+            if seq.draft_token_ids:  # [last token, drafts]: verified by this step
+                drafts, seq.draft_token_ids = seq.draft_token_ids, []
+                self._verify_row(out, seq, drafts)
+                sampled.append(seq)
+                continue
             if c + n <= known:
                 ids, pending = seq.token_ids[c : c + n], -1
             else:  # the last input is being sampled by the step launched before this one
@@ -311,6 +398,28 @@ class Scheduler:
             seqs += forked
         self._in_flight[out.step_id] = (seqs, sampled)
         return out
+
+    def _verify_row(self, out: SchedulerOutput, seq: Sequence, drafts: list[int]) -> None:
+        """The row of a decoding sequence with drafts: its last token and the drafts, all
+        computed; the runner answers with the accepted drafts and the token after them."""
+        c = seq.num_computed_tokens
+        if seq.request_id not in self._known_to_runner or seq.request_id in self._resend:
+            self._send_state(out, seq)
+        out.rows.append(
+            ScheduledRow(
+                request_id=seq.request_id,
+                num_computed_tokens=c,
+                num_new_tokens=1 + len(drafts),
+                token_ids=[seq.token_ids[c], *drafts],
+                new_block_ids=seq.block_table[seq.num_blocks_sent :],
+                reset_block_table=seq.num_blocks_sent == 0,
+                sample=True,
+                num_draft_tokens=len(drafts),
+            )
+        )
+        seq.num_blocks_sent = len(seq.block_table)
+        seq.num_drafts_in_flight = len(drafts)
+        out.num_draft_tokens += len(drafts)
 
     def _fork_rows(self, out: SchedulerOutput, seq: Sequence, num_computed: int) -> list[Sequence]:
         """Fork `seq`'s samples (its prompt is computed by this step) and add their rows, right
@@ -401,14 +510,22 @@ class Scheduler:
                 # A prompt recomputed after a preemption is not reported twice.
                 if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
                     seq.prompt_logprobs.extend(part)
-        got: list[tuple[Sequence, int, SampleLogprobs | None]] = []
+        got: list[tuple[Sequence, list[int], SampleLogprobs | None, tuple | None]] = []
         logprobs = output.logprobs or [None] * len(sampled)
-        for seq, token, lp in zip(sampled, output.sampled_token_ids, logprobs, strict=True):
+        spec = output.spec_token_ids
+        for i, (seq, token, lp) in enumerate(
+            zip(sampled, output.sampled_token_ids, logprobs, strict=True)
+        ):
             if seq.is_finished or seq.request_id in output.errors:
                 continue
             seq.num_placeholders -= 1
+            if seq.num_drafts_in_flight:
+                assert spec is not None, "a verify step came back without its tokens"
+                kept, stop = self._take_verified(seq, spec[i])
+                got.append((seq, kept, None, stop))
+                continue
             seq.token_ids.append(token)
-            got.append((seq, token, lp))
+            got.append((seq, [token], lp, None))
         for seq in seqs:  # their KV is written now: the prefix cache may hand it out
             if not seq.is_finished:
                 self.block_manager.cache_full_blocks(seq)
@@ -418,20 +535,21 @@ class Scheduler:
             if seq.request_id in output.errors and not seq.is_finished
             for update in self._fail(seq, output.errors[seq.request_id])
         ]
-        for seq, token, lp in got:
+        for seq, tokens, lp, checked in got:
             if seq.is_finished:
                 continue
+            token = tokens[-1]
             if seq.grammar is not None and not seq.grammar.accept(token):
                 updates.append(
                     self._fail(seq, f"token {token} does not fit the structured-output grammar")
                 )
                 continue
-            reason, stop = self._check_stop(seq, token)
+            reason, stop = checked if checked is not None else self._check_stop(seq, token)
             if reason is None and seq.grammar is not None and seq.grammar.is_terminated:
                 reason = "stop"  # the constraint is complete
             update = RequestUpdate(
                 seq.request_id,
-                [token],
+                tokens,
                 reason,
                 stop,
                 seq.num_cached_tokens,
@@ -445,6 +563,29 @@ class Scheduler:
                 self._finish(seq, reason, stop)
             updates.append(update)
         return updates
+
+    def _take_verified(
+        self, seq: Sequence, tokens: list[int]
+    ) -> tuple[list[int], tuple[str | None, int | None]]:
+        """A verify row's tokens (accepted drafts, then the target's): roll the KV of rejected
+        drafts back (their slots are recomputed, their blocks freed), then append the tokens
+        up to the first that stops the request. Returns those and the stop."""
+        num_drafts, seq.num_drafts_in_flight = seq.num_drafts_in_flight, 0
+        accepted = len(tokens) - 1
+        self.spec_stats.add(num_drafts, accepted)
+        if seq.status == SequenceStatus.RUNNING:  # (preempted meanwhile: nothing is held)
+            # The step computed the last token and every draft; only the accepted ones' KV is
+            # real. The token after them is new: the next step computes it.
+            seq.num_computed_tokens -= num_drafts - accepted
+            self.block_manager.trim(seq, seq.num_computed_tokens + 1)
+        kept: list[int] = []
+        for token in tokens:
+            seq.token_ids.append(token)
+            kept.append(token)
+            reason, stop = self._check_stop(seq, token)
+            if reason is not None:
+                return kept, (reason, stop)  # what follows a stop is dropped
+        return kept, (None, None)
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
         p = seq.sampling_params
@@ -501,6 +642,7 @@ class Scheduler:
         for seq in sampled:
             if not seq.is_finished:
                 seq.num_placeholders -= 1
+                seq.num_drafts_in_flight = 0  # its drafts were never verified
         for seq in seqs:
             if seq.is_finished:
                 continue

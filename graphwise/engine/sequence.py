@@ -78,6 +78,13 @@ class Sequence:
             PromptLogprobs(0) if sampling_params.prompt_logprobs is not None else None
         )
         self.prompt_logprobs_sent = False
+        # Speculative decoding (engine/ngram.py): whether this request may get drafts, the
+        # drafts chosen for the step being described, and how many a step in flight verifies
+        # (until it resolves the request is not scheduled: its length is unknown).
+        self.speculate = False
+        self.draft_token_ids: list[int] = []
+        self.num_drafts_in_flight = 0
+        self.token_array: Any = None  # engine/ngram.py TokenArray, made on the first proposal
 
     @property
     def num_tokens(self) -> int:

@@ -77,6 +77,21 @@ def sample(
     greedy_tokens = clean.argmax(dim=-1)
     if t.all_greedy:
         return greedy_tokens
+    probs, random_rows = target_probs(clean, t)
+    noise = torch.empty_like(probs)
+    noise.exponential_(generator=default_generator)
+    for row, gen in enumerate(t.generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    # Exp(1) noise of exactly 0 would make p / E inf or NaN (0 / 0); p / tiny stays finite.
+    noise.clamp_(min=_F32.tiny)
+    random_tokens = (probs / noise).argmax(dim=-1)
+    return torch.where(random_rows, random_tokens, greedy_tokens)
+
+
+def target_probs(clean: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution each row samples from (temperature, min_p, top-k, top-p applied to
+    sanitized logits), and which rows sample at random (the others are greedy)."""
     row_max = clean.amax(dim=-1, keepdim=True)
     temp = t.temperature.float()
     # Tiny and NaN temperatures are greedy, and so is a row with no possible token (its argmax
@@ -91,12 +106,98 @@ def sample(
     if t.any_top_k_top_p:
         scaled = apply_top_k_top_p(scaled, t.top_k, t.top_p)
     probs = scaled.softmax(dim=-1)  # the largest logit is 0: the sum is >= 1, no 0 / 0
-    noise = torch.empty_like(probs)
-    noise.exponential_(generator=default_generator)
-    for row, gen in enumerate(t.generators):
-        if gen is not None:
-            noise[row].exponential_(generator=gen)
-    # Exp(1) noise of exactly 0 would make p / E inf or NaN (0 / 0); p / tiny stays finite.
-    noise.clamp_(min=_F32.tiny)
-    random_tokens = (probs / noise).argmax(dim=-1)
-    return torch.where(random_rows, random_tokens, greedy_tokens)
+    return probs, random_rows
+
+
+def verify_drafts(
+    draft_logits: torch.Tensor,
+    draft_ids: torch.Tensor,
+    slots: torch.Tensor,
+    num_drafts: list[int],
+    num_drafts_t: torch.Tensor,
+    bonus: torch.Tensor,
+    t: SamplingTensors | None,
+    default_generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative verification of S rows' drafts (deterministic drafts: the n-gram proposer).
+
+    `draft_logits` [D, V] are the target's logits at the positions that predict the D drafts
+    `draft_ids` [D] (row by row, `num_drafts` per row, `num_drafts_t` on the device);
+    `slots` [D] place each draft in an [S, K] grid (row * K + index, K = max drafts); `bonus`
+    [S] is each row's token sampled after its last draft (the ordinary sampler's, at the row's
+    last position); `t` the S rows' sampling parameters (None: all greedy).
+
+    Greedy rows accept drafts while the target's argmax equals them, then emit the argmax.
+    Random rows use rejection sampling, which keeps the target distribution p exactly. For a
+    general draft distribution q the rule accepts d ~ q with probability min(1, p(d) / q(d))
+    and on rejection samples from norm(max(0, p - q)). An n-gram draft is deterministic:
+    q = one-hot(d), so
+        accept d with probability min(1, p(d) / 1) = p(d),
+        on rejection sample from max(0, p - one-hot(d)) / (1 - p(d)): p with d removed,
+        renormalized (p(x) / (1 - p(d)) for x != d, 0 for d).
+    The token at that position is then d with probability p(d), and x != d with probability
+    (1 - p(d)) * p(x) / (1 - p(d)) = p(x): exactly p. Each later position is verified only if
+    all before it were accepted, i.e. conditioned on the same prefix the target would have
+    seen, so the whole output is distributed as plain sampling. After k accepted drafts the
+    bonus token (sampled from p at the last position) follows.
+
+    Returns the [S, K + 1] tokens each row emits (accepted drafts, then the target's token;
+    -1 after) and the [S] last token of each row."""
+    num_rows, width = bonus.shape[0], max(num_drafts)
+    clean = sanitize_logits(draft_logits)
+    greedy = clean.argmax(dim=-1)
+    accept = greedy == draft_ids
+    resample = greedy  # greedy rows: on a mismatch the target's argmax is the token
+    if t is not None:
+        expanded = SamplingTensors(
+            temperature=_per_draft(t.temperature, num_drafts, num_drafts_t),
+            top_k=_per_draft(t.top_k, num_drafts, num_drafts_t),
+            top_p=_per_draft(t.top_p, num_drafts, num_drafts_t),
+            all_greedy=False,
+            any_top_k_top_p=t.any_top_k_top_p,
+            generators=[],
+            min_p=None if t.min_p is None else _per_draft(t.min_p, num_drafts, num_drafts_t),
+        )
+        probs, random = target_probs(clean, expanded)
+        p_draft = probs.gather(1, draft_ids.unsqueeze(1)).squeeze(1)
+        uniform = torch.empty_like(p_draft)
+        noise = torch.empty_like(probs)
+        uniform.uniform_(generator=default_generator)
+        noise.exponential_(generator=default_generator)
+        at = 0
+        for gen, k in zip(t.generators, num_drafts, strict=True):
+            if gen is not None:  # a seeded request draws from its own stream
+                uniform[at : at + k].uniform_(generator=gen)
+                noise[at : at + k].exponential_(generator=gen)
+            at += k
+        noise.clamp_(min=_F32.tiny)
+        # p with the draft removed; its exponential race samples the renormalized residual
+        # (the race ignores the scale). When p(d) = 1 the residual is all zero, but then the
+        # draft is always accepted (uniform < 1) and the residual sample is never used.
+        residual = probs.scatter(1, draft_ids.unsqueeze(1), 0.0)
+        resampled = (residual / noise).argmax(dim=-1)
+        accept = torch.where(random, uniform < p_draft, accept)
+        resample = torch.where(random, resampled, resample)
+    grid_accept = torch.zeros(num_rows * width, dtype=torch.int64, device=bonus.device)
+    grid_accept[slots] = accept.long()
+    grid_draft = torch.full_like(grid_accept, -1)
+    grid_draft[slots] = draft_ids
+    grid_resample = torch.zeros_like(grid_accept)
+    grid_resample[slots] = resample
+    num_accepted = grid_accept.view(num_rows, width).cumprod(dim=1).sum(dim=1)  # [S]
+    at_reject = grid_resample.view(num_rows, width).gather(
+        1, num_accepted.clamp(max=width - 1).unsqueeze(1)
+    )
+    last = torch.where(num_accepted < num_drafts_t, at_reject.squeeze(1), bonus)
+    index = torch.arange(width + 1, device=bonus.device).unsqueeze(0)
+    drafts = torch.cat(
+        [grid_draft.view(num_rows, width), grid_draft.new_full((num_rows, 1), -1)], 1
+    )
+    n = num_accepted.unsqueeze(1)
+    out = torch.where(index < n, drafts, torch.where(index == n, last.unsqueeze(1), -1))
+    return out, last
+
+
+def _per_draft(x: torch.Tensor, num_drafts: list[int], num_drafts_t: torch.Tensor) -> torch.Tensor:
+    """A per-row tensor repeated for each of the row's drafts."""
+    return x.repeat_interleave(num_drafts_t, dim=0, output_size=sum(num_drafts))

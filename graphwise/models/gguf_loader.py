@@ -1,4 +1,5 @@
-"""GGUF files: config from the metadata, tensors dequantized with the `gguf` package.
+"""GGUF files: config from the metadata, tensors dequantized with the `gguf` package, or kept
+as the file's bytes for the linear layers that run packed (layers/quantization/gguf.py).
 
 The conventions are those of llama.cpp's converter (convert_hf_to_gguf.py), which we undo:
 - `llama`: the rows of q and k are permuted (interleaved RoPE); we permute them back.
@@ -14,7 +15,7 @@ The conventions are those of llama.cpp's converter (convert_hf_to_gguf.py), whic
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,36 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_weights(path: Path, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> tuple[str, str]:
+    """(HF checkpoint name, GGUF layer kind or "") of a GGUF tensor name."""
+    name = _GLOBAL_NAMES.get(gguf_name)
+    if name is not None:
+        return name, ""
+    parts = gguf_name.split(".")  # blk.N.kind.weight|bias
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in layer_names:
+        raise ValueError(f"GGUF tensor {gguf_name!r} is not understood")
+    return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}", parts[2]
+
+
+def gguf_tensor_types(path: Path, config: dict[str, Any]) -> dict[str, str]:
+    """HF name -> GGUF type name ("Q4_K", "F32", ...) of every 2-D tensor of the file: what a
+    quantization config needs to choose which linear layers stay packed."""
+    reader = _reader(path)
+    layer_names = _ARCH_LAYER_NAMES.get(str(config.get("gguf_architecture")), _LAYER_NAMES)
+    types: dict[str, str] = {}
+    for t in reader.tensors:
+        if t.name in _ROPE_FACTORS or len(t.shape) != 2:
+            continue
+        types[_hf_name(t.name, layer_names)[0]] = t.tensor_type.name
+    return types
+
+
+def gguf_weights(
+    path: Path, config: dict[str, Any], packed: Collection[str] = ()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every tensor of the file: dequantized to fp32, except the names in
+    `packed`, which come as the file's bytes, uint8 [rows, bytes per row] (a packed linear
+    layer reads them as they are; llama's q/k row permutation is undone on whole rows)."""
     import gguf
 
     reader = _reader(path)
@@ -191,16 +221,11 @@ def gguf_weights(path: Path, config: dict[str, Any]) -> Iterator[tuple[str, torc
     for t in reader.tensors:
         if t.name in _ROPE_FACTORS:
             continue  # read into the config by gguf_config
-        name = _GLOBAL_NAMES.get(t.name)
-        if name is None:
-            parts = t.name.split(".")  # blk.N.kind.weight|bias
-            if parts[0] != "blk" or parts[2] not in layer_names:
-                raise ValueError(f"GGUF tensor {t.name!r} is not understood")
-            name = f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
-            kind = parts[2]
+        name, kind = _hf_name(t.name, layer_names)
+        if name in packed:
+            w = np.asarray(t.data)  # uint8 [rows, bytes per row]
         else:
-            kind = ""
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
         if permute and kind == "attn_q":
             w = _unpermute(w, config["num_attention_heads"])
         elif permute and kind == "attn_k":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import zlib
 from collections.abc import Iterator
@@ -19,8 +20,14 @@ from graphwise.config import EngineConfig
 from graphwise.distributed import parallel_state
 from graphwise.layers import quantization
 from graphwise.layers.linear import Linear, create_quantized_weights, process_after_loading
+from graphwise.layers.quantization.gguf import GgufConfig
 from graphwise.models.default import DEFAULT_MODEL_NAME, default_model_path
-from graphwise.models.gguf_loader import gguf_config, gguf_has_tokenizer, gguf_weights
+from graphwise.models.gguf_loader import (
+    gguf_config,
+    gguf_has_tokenizer,
+    gguf_tensor_types,
+    gguf_weights,
+)
 from graphwise.models.model_config import ModelConfig
 from graphwise.models.registry import resolve_model_class
 
@@ -127,13 +134,48 @@ def model_config_of(source: ModelSource, cfg: EngineConfig) -> ModelConfig:
     return ModelConfig.from_dict(config_dict)
 
 
+def keep_gguf_packed(asked: bool) -> bool:
+    """Whether a GGUF file's linear weights stay packed (the Triton kernels on CUDA; on CPU each
+    layer is dequantized once with the torch reference): when `quantization="gguf"` asks for
+    it. Without it they are dequantized at load, as before, until an H200 run has checked the
+    packed kernels end to end (their speed per format: kernels/README.md).
+    GRAPHWISE_GGUF_PACKED=1 forces packed weights, =0 dequantized ones."""
+    forced = os.environ.get("GRAPHWISE_GGUF_PACKED", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return asked
+
+
+def _resolve_quantization(
+    source: ModelSource, cfg: EngineConfig, config_dict: dict[str, Any], device: torch.device
+) -> quantization.QuantizationConfig | None:
+    if source.kind == "gguf" and cfg.quantization in (None, "gguf"):
+        if cfg.load_format == "dummy" or not keep_gguf_packed(cfg.quantization == "gguf"):
+            return None  # dequantized at load
+        assert source.path is not None
+        return GgufConfig(gguf_tensor_types(source.path, config_dict))
+    if cfg.quantization == "gguf":
+        raise ValueError("quantization='gguf' needs a .gguf model file (--model FILE.gguf)")
+    return quantization.resolve(cfg.quantization, config_dict.get("quantization_config"))
+
+
 def build_model(
     source: ModelSource, cfg: EngineConfig, device: torch.device, dtype: torch.dtype
 ) -> tuple[nn.Module, ModelConfig]:
     model_config = model_config_of(source, cfg)
     config_dict = model_config.raw
     cls = resolve_model_class(model_config.architecture)
-    quant = quantization.resolve(cfg.quantization, config_dict.get("quantization_config"))
+    quant = _resolve_quantization(source, cfg, config_dict, device)
+    if (
+        quant is not None
+        and quant.requires_checkpoint
+        and source.kind != "preset"
+        and cfg.load_format != "dummy"
+    ):
+        raise ValueError(
+            f"quantization={quant.name!r} cannot quantize full-precision weights at load: "
+            f"use a {quant.name} checkpoint (its config.json names it), or load_format='dummy'"
+        )
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -154,7 +196,8 @@ def build_model(
     else:
         assert source.path is not None
         if source.kind == "gguf":
-            weights = gguf_weights(source.path, config_dict)
+            packed = quant.packed if isinstance(quant, GgufConfig) else ()
+            weights = gguf_weights(source.path, config_dict, packed)
         else:
             weights = _safetensors_weights(_safetensors_files(source.path))
         loaded = model.load_weights(  # type: ignore[operator]

@@ -25,6 +25,20 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [N] rows of the hidden states that are sampled
     sampled: list[ScheduledRow]  # the rows that sample, in the order of logits_indices
+    spec: SpecInputs | None = None  # a step that verifies drafts (None: a plain step)
+
+
+@dataclass
+class SpecInputs:
+    """The drafts of a verify step: which sampled rows carry them, and where their logits are."""
+
+    rows: list[int]  # indices into StepInputs.sampled of the rows with drafts
+    num_drafts: list[int]  # per such row
+    num_drafts_t: torch.Tensor  # [S] the same, on the device
+    logits_indices: torch.Tensor  # [D] hidden-state rows predicting each draft, row by row
+    draft_ids: torch.Tensor  # [D]
+    slots: torch.Tensor  # [D] row * max(num_drafts) + index: the drafts' [S, K] grid
+    logits: torch.Tensor | None = None  # [D, V] once the runner computed them
 
 
 class RunnerRequest:
@@ -217,6 +231,7 @@ def build_step_inputs(
     fill_dst: list[int] = []  # rows of input_ids that take a token still on the device
     fill_src: list[int] = []
     num_forks = 0
+    spec_rows: list[tuple[int, int, ScheduledRow]] = []  # (sampled index, first id, row)
     previous = None  # the last row that computes tokens
     for row in step.rows:
         c, n = row.num_computed_tokens, row.num_new_tokens
@@ -246,6 +261,8 @@ def build_step_inputs(
         seq_lens.append(c + n)
         cu.append(cu[-1] + n)
         if row.sample:
+            if row.num_draft_tokens:
+                spec_rows.append((len(sampled), len(ids) - n, row))
             logits_indices.append(len(ids) - 1)
             sampled.append(row)
     attn_rows = [r for r in step.rows if r.num_new_tokens] if num_forks else step.rows
@@ -270,7 +287,26 @@ def build_step_inputs(
         q_lens_cpu=q_lens,
         seq_lens_cpu=seq_lens,
     )
-    return StepInputs(ids_t, pos_t, meta, logits_t, sampled)
+    spec = _spec_inputs(spec_rows, upload) if spec_rows else None
+    return StepInputs(ids_t, pos_t, meta, logits_t, sampled, spec)
+
+
+def _spec_inputs(spec_rows: list[tuple[int, int, ScheduledRow]], upload: Uploader) -> SpecInputs:
+    """A row [t, d1 .. dk] predicts d(j+1) at its position j: the logits at its first k
+    positions verify its k drafts (its last position's, the ordinary sampled one, gives the
+    token after them)."""
+    width = max(row.num_draft_tokens for _, _, row in spec_rows)
+    indices: list[int] = []
+    drafts: list[int] = []
+    slots: list[int] = []
+    for s, (_, start, row) in enumerate(spec_rows):
+        k = row.num_draft_tokens
+        indices.extend(range(start, start + k))
+        drafts.extend(row.token_ids[len(row.token_ids) - k :])
+        slots.extend(range(s * width, s * width + k))
+    num_drafts = [row.num_draft_tokens for _, _, row in spec_rows]
+    indices_t, drafts_t, slots_t, num_t = upload(torch.int64, indices, drafts, slots, num_drafts)
+    return SpecInputs([i for i, _, _ in spec_rows], num_drafts, num_t, indices_t, drafts_t, slots_t)
 
 
 def find_bad_rows(

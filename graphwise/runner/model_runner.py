@@ -34,10 +34,11 @@ from graphwise.layers.attention.kv_cache_dtype import (
     kv_cache_torch_dtype,
 )
 from graphwise.layers.attention.torch_backend import TorchAttentionBackend
-from graphwise.layers.sampler import SamplingTensors, sample
+from graphwise.layers.sampler import SamplingTensors, sample, verify_drafts
 from graphwise.models.model_config import ModelConfig
 from graphwise.runner.inputs import (
     RequestStates,
+    RunnerRequest,
     StepInputs,
     Uploader,
     build_step_inputs,
@@ -323,6 +324,10 @@ class ModelRunner:
             trace.push("logits")
             try:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
+                if inputs.spec is not None:  # the positions that verify drafts
+                    inputs.spec.logits = self.model.compute_logits(  # type: ignore[operator]
+                        hidden[inputs.spec.logits_indices]
+                    )
             finally:
                 trace.pop()
         if step.grammar is not None and step.grammar.bitmask is None:
@@ -376,6 +381,7 @@ class ModelRunner:
         grammar: GrammarBitmask | None = None,
     ) -> StepHandle:
         logprobs = None
+        spec = None
         if self.is_driver:
             assert logits is not None
             wanted = (
@@ -394,6 +400,9 @@ class ModelRunner:
             tokens = self._sample(logits, inputs)
             if raw is not None:
                 logprobs = sampled_logprobs(raw, tokens, wanted, self.upload)
+            if inputs.spec is not None:
+                spec = self._verify(inputs, tokens)
+                tokens = spec[2]
         else:
             tokens = torch.empty(len(req_ids), dtype=torch.int64, device=self.device)
         if self.parallel.world_size > 1:
@@ -403,7 +412,36 @@ class ModelRunner:
         self._last_tokens = tokens
         if not self.is_driver:
             return StepHandle([], None, used_graph)
-        return self._handle(req_ids, tokens, used_graph, logprobs, prompt)
+        return self._handle(req_ids, tokens, used_graph, logprobs, prompt, spec)
+
+    def _verify(
+        self, inputs: StepInputs, tokens: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Accept or reject the drafts of the step's verify rows (layers/sampler.py
+        verify_drafts). `tokens` are every sampled row's token at its last position (for a
+        verify row: the bonus after all its drafts). Returns the verify rows, their [S, K + 1]
+        emitted tokens (-1 padded) and the step's last token per sampled row."""
+        spec = inputs.spec
+        assert spec is not None and spec.logits is not None
+        draft_logits = spec.logits
+        spec.logits = None
+        if self.vocab_limit is not None:
+            draft_logits[:, self.vocab_limit :] = float("-inf")
+        rows_t = self.upload(torch.int64, spec.rows)[0]
+        states = [self.requests[inputs.sampled[i].request_id] for i in spec.rows]
+        params = self._sampling_tensors(states)
+        emitted, last = verify_drafts(
+            draft_logits,
+            spec.draft_ids,
+            spec.slots,
+            spec.num_drafts,
+            spec.num_drafts_t,
+            tokens.index_select(0, rows_t),
+            params,
+            self.default_generator,
+        )
+        tokens = tokens.index_copy(0, rows_t, last)
+        return spec.rows, emitted, tokens
 
     def _handle(
         self,
@@ -412,9 +450,13 @@ class ModelRunner:
         used_graph: bool,
         logprobs: tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor] | None,
         prompt: PromptParts | None,
+        spec: tuple[list[int], torch.Tensor, torch.Tensor] | None = None,
     ) -> StepHandle:
+        emitted = None if spec is None else (spec[0], spec[1])
         if self.device.type != "cuda" or (tokens is None and prompt is None):
-            return StepHandle(req_ids, tokens, used_graph, logprobs=logprobs, prompt=prompt)
+            return StepHandle(
+                req_ids, tokens, used_graph, logprobs=logprobs, prompt=prompt, spec=emitted
+            )
         # Copy to pinned memory behind the step and mark it: result() waits for this step only.
         # The caching host allocator does not hand the buffers out again before the copies ran.
         host = None if tokens is None else to_pinned(tokens)
@@ -422,9 +464,11 @@ class ModelRunner:
             logprobs = (logprobs[0], to_pinned(logprobs[1]), to_pinned(logprobs[2]))
         if prompt is not None:
             prompt = (prompt[0], to_pinned(prompt[1]), to_pinned(prompt[2]))
+        if emitted is not None:
+            emitted = (emitted[0], to_pinned(emitted[1]))
         event = torch.cuda.Event()
         event.record()
-        return StepHandle(req_ids, host, used_graph, event, logprobs, prompt)
+        return StepHandle(req_ids, host, used_graph, event, logprobs, prompt, emitted)
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         apply_logits_processors(
@@ -437,7 +481,9 @@ class ModelRunner:
 
     def sampling_tensors(self, inputs: StepInputs) -> SamplingTensors | None:
         """Per-row sampling parameters on the device; None when every row is greedy."""
-        states = [self.requests[r.request_id] for r in inputs.sampled]
+        return self._sampling_tensors([self.requests[r.request_id] for r in inputs.sampled])
+
+    def _sampling_tensors(self, states: list[RunnerRequest]) -> SamplingTensors | None:
         if all(s.params.greedy for s in states):  # below 1e-5: greedy (sampler.py)
             return None
         vocab = self.model_config.vocab_size

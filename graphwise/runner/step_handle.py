@@ -30,6 +30,7 @@ class StepHandle:
         event: torch.cuda.Event | None = None,
         logprobs: tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor] | None = None,
         prompt: PromptParts | None = None,
+        spec: tuple[list[int], torch.Tensor] | None = None,
     ) -> None:
         self._req_ids = req_ids
         self._tokens = tokens
@@ -38,6 +39,8 @@ class StepHandle:
         # (row, k) of the rows that asked, their [R, 1 + K] values and ids (see _logprobs)
         self._logprobs = logprobs
         self._prompt = prompt
+        # A verify step's rows with drafts and their [S, K + 1] emitted tokens (-1 padded).
+        self._spec = spec
 
     def result(self) -> ModelRunnerOutput:
         tokens: list[int] = []
@@ -55,6 +58,11 @@ class StepHandle:
                 out.logprobs[row] = SampleLogprobs(v[0], int(t[0]), t[1 : k + 1], v[1 : k + 1])
         if self._prompt is not None:
             out.prompt_logprobs = _prompt_entries(*self._prompt)
+        if self._spec is not None:
+            rows, emitted = self._spec
+            out.spec_token_ids = [[t] for t in tokens]
+            for row, values in zip(rows, emitted.tolist(), strict=True):
+                out.spec_token_ids[row] = [t for t in values if t >= 0]
         return out
 
 

@@ -49,6 +49,9 @@ VLLM_NAMES: dict[str, str] = {
     "prefix_cache_queries_total": "vllm:prefix_cache_queries_total",
     "prefix_cache_hits_total": "vllm:prefix_cache_hits_total",
     "engine_steps_total": "",
+    "spec_decode_num_drafts_total": "vllm:spec_decode_num_drafts_total",
+    "spec_decode_num_draft_tokens_total": "vllm:spec_decode_num_draft_tokens_total",
+    "spec_decode_num_accepted_tokens_total": "vllm:spec_decode_num_accepted_tokens_total",
     "request_success_total": "vllm:request_success_total",
     "time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
     "inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
@@ -116,6 +119,22 @@ class _EngineCollector(Collector):
             "prefix_cache_hits",
             "Prefix-cache hits, in KV-cache blocks: the looked-up blocks found cached.",
             s.prefix_cache_hits,
+        )
+        yield self._counter(
+            "spec_decode_num_drafts",
+            "Speculative decoding: verify rows (a request's drafts checked in one step).",
+            s.spec_decode_num_drafts,
+        )
+        yield self._counter(
+            "spec_decode_num_draft_tokens",
+            "Speculative decoding: draft tokens proposed.",
+            s.spec_decode_num_draft_tokens,
+        )
+        yield self._counter(
+            "spec_decode_num_accepted_tokens",
+            "Speculative decoding: draft tokens accepted (accepted / proposed is the "
+            "acceptance rate).",
+            s.spec_decode_num_accepted_tokens,
         )
         steps = CounterMetricFamily(
             PREFIX + "engine_steps",

@@ -286,10 +286,10 @@ def test_online_fp8_dummy_weights_are_fp8():
 def test_unsupported_formats_are_named(tiny_src, tmp_path):
     with pytest.raises(ValueError, match="bitsandbytes"):
         resolve(None, {"quant_method": "bitsandbytes", "load_in_4bit": True})
-    with pytest.raises(ValueError, match="quant_method 'awq' is not supported"):
-        resolve(None, {"quant_method": "awq", "bits": 4})  # (ModelConfig used to refuse these)
-    with pytest.raises(ValueError, match="quantization='awq' is not supported"):
-        resolve("awq", None)
+    with pytest.raises(ValueError, match="quant_method 'hqq' is not supported"):
+        resolve(None, {"quant_method": "hqq", "nbits": 4})  # (ModelConfig used to refuse these)
+    with pytest.raises(ValueError, match="quantization='hqq' is not supported"):
+        resolve("hqq", None)
     with pytest.raises(ValueError, match="does not match"):
         resolve("fp8", _quant_config("ct-channel"))
     int4 = _quant_config("ct-channel")

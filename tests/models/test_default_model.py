@@ -71,3 +71,41 @@ def test_default_prompt_logprobs_equal_hf(default_llm, hf_default):
         top = ref[i].topk(5)
         assert list(entry)[:5] == top.indices.tolist()
         assert entry[token].decoded_token == tok.decode([token])
+
+
+def test_default_structured_outputs_validate(default_llm):
+    """Real weights under constraints (issue 20): a JSON schema, a regex and a choice, greedy
+    and seeded sampling, prefix caching on (the same prompt twice) and async scheduling."""
+    import json
+    import re
+
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("xgrammar")
+    from graphwise import StructuredOutputsParams
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    question = [{"role": "user", "content": "Name a city and its country, as JSON."}]
+    for temperature, seed in ((0.0, None), (1.0, 7)):
+        cases = [
+            StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+            StructuredOutputsParams(regex=r"[A-Z][a-z]{2,12}"),
+            StructuredOutputsParams(choice=["Paris", "Berlin", "Madrid"]),
+        ]
+        params = [
+            SamplingParams(temperature=temperature, seed=seed, max_tokens=64, structured_outputs=so)
+            for so in cases
+        ]
+        outs = default_llm.chat([question] * 3, params, use_tqdm=False)
+        again = default_llm.chat([question] * 3, params, use_tqdm=False)  # prefix-cache hits
+        for out, rerun in zip(outs, again, strict=True):
+            assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
+            if seed is not None or temperature == 0:
+                assert out.outputs[0].text == rerun.outputs[0].text
+        jsonschema.validate(json.loads(outs[0].outputs[0].text), schema)
+        assert re.fullmatch(r"[A-Z][a-z]{2,12}", outs[1].outputs[0].text)
+        assert outs[2].outputs[0].text in ("Paris", "Berlin", "Madrid")

@@ -397,3 +397,16 @@ def test_gpu_without_fp8_is_refused(monkeypatch) -> None:
 def test_unsupported_kv_cache_scheme_is_refused(scheme) -> None:
     with pytest.raises(ValueError, match="kv_cache_scheme"):
         check_kv_cache_scheme({"kv_cache_scheme": scheme})
+
+
+def test_ngram_speculation_keeps_fp8_tokens(llama) -> None:
+    """Verify rows (several new tokens per sequence) write and read the fp8 cache; rejected
+    drafts roll back: the greedy tokens are plain decoding's."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    rng = random.Random(9)
+    base = [rng.randrange(512) for _ in range(10)]
+    prompts = [base * 4, [7, 8, 9] * 8, _prompts(9, n=1)[0]]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = LLM(model=str(llama), block_size=8, kv_cache_dtype="fp8")
+    specd = LLM(model=str(llama), block_size=8, kv_cache_dtype="fp8", speculative_config=spec)
+    assert _tokens(_generate(specd, prompts, params)) == _tokens(_generate(plain, prompts, params))

@@ -41,7 +41,7 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("one long prompt of several", COMPL, {"prompt": ["hi", "hello " * 3000]}, 400, "prompt.1"),
     ("too many prompts", COMPL, {"prompt": ["a"] * 1025}, 400, "prompt"),
     ("penalty out of range", COMPL, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
-    ("chat tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("chat tools without a parser", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice"),
     ("chat template kwarg clash", CHAT, {"messages": USER, "chat_template_kwargs": {"tokenize": True}}, 400, "chat_template_kwargs.tokenize"),
     ("oversized prompt", COMPL, {"prompt": "hello " * 3000, "max_tokens": 4}, 400, "prompt"),
     ("prompt + max_tokens too long", COMPL, {"prompt": [1] * 1000, "max_tokens": 100}, 400, "max_tokens"),

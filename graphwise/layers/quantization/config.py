@@ -27,6 +27,9 @@ class QuantizationConfig:
     """One format's settings, read from a checkpoint (or the defaults of online quantization)."""
 
     name = ""  # vLLM's name, e.g. "fp8", "compressed-tensors"
+    # True when the format cannot quantize full-precision weights at load: without a checkpoint
+    # in the format only load_format="dummy" (random packed weights) can build the model.
+    requires_checkpoint = False
 
     def linear_method(self, prefixes: list[str]) -> LinearMethod:
         """The method for the linear layer whose checkpoint projections are named `prefixes`
@@ -48,12 +51,10 @@ class QuantizationConfig:
 FORMATS: dict[str, Callable[[dict[str, Any] | None], QuantizationConfig]] = {}
 # vLLM's names that graphwise refuses with a reason (a format that lands moves to FORMATS).
 KNOWN_UNSUPPORTED: dict[str, str] = {
-    "awq": "AWQ INT4 weights are not supported yet",
-    "gptq": "GPTQ INT4 weights are not supported yet",
-    "gguf": "GGUF files are dequantized at load; quantization='gguf' is not needed",
+    "gguf": "quantization='gguf' needs a .gguf model file (--model FILE.gguf)",
     "bitsandbytes": "bitsandbytes weights are not supported",
-    "awq_marlin": "AWQ INT4 weights are not supported yet",
-    "gptq_marlin": "GPTQ INT4 weights are not supported yet",
+    "awq_marlin": "graphwise runs AWQ checkpoints with its own kernels: use quantization='awq'",
+    "gptq_marlin": "graphwise runs GPTQ checkpoints with its own kernels: use quantization='gptq'",
     "marlin": "Marlin weights are not supported",
     "modelopt": "NVIDIA ModelOpt checkpoints are not supported",
     "fbgemm_fp8": "fbgemm_fp8 checkpoints are not supported (compressed-tensors and fp8 are)",
