@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build what scripts/gpu_run.sh needs on the GPU machine but that machine cannot download:
-#   .whl/     pure-Python (and cp312 manylinux) wheels: pytest and the server stack
+#   .whl/     pure-Python (and cp312 manylinux) wheels: pytest, the server stack, xgrammar,
+#             jsonschema and compressed-tensors
 #   .gpudata/ a 4,000-conversation ShareGPT subset and SmolLM2's tokenizer (for the sweep)
 # Both are git-ignored (add them to .git/info/exclude) and travel with `carry`.
 set -euo pipefail
@@ -14,9 +15,14 @@ for pkg in pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments
     fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 click==8.5.1 anyio==4.16.0 \
     pydantic==2.14.4 pydantic-core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0 \
     annotated-doc==0.0.7 prometheus-client==0.26.0 sniffio==1.3.1 opentelemetry-api==1.45.2 \
-    typing-extensions==4.16.0; do
+    typing-extensions==4.16.0 \
+    xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 jsonschema==4.26.0 \
+    jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0 \
+    compressed-tensors==0.20.1 loguru==0.7.3; do
+  # structured output (xgrammar, jsonschema) and FP8 checkpoint tests (compressed-tensors) too
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "$pkg"
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux_2_28_x86_64 -d .whl "$pkg"
 done
 PYTHONPATH=. $PY - <<'PYEOF'
 import json
