@@ -347,3 +347,32 @@ def test_streaming_reassembles_what_parsing_finds(parser) -> None:
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
         (c["function"]["name"], c["function"]["arguments"]) for c in want_calls
     ]
+
+
+def test_n_choices_each_carry_their_tool_calls(engine) -> None:
+    """n > 1 with tool_choice required: every choice is a validated call (each sample has its
+    own matcher), and a stream keeps each choice's calls apart by index."""
+
+    async def test(client: httpx.AsyncClient, app: Any, eng: AsyncEngine) -> None:
+        body = {"model": "tiny", "messages": MESSAGES, "tools": TOOLS, "tool_choice": "required",
+                "max_tokens": 200, "temperature": 1.0, "seed": 9, "n": 3}  # fmt: skip
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+        assert [c["index"] for c in choices] == [0, 1, 2]
+        for choice in choices:
+            assert choice["finish_reason"] == "tool_calls", choice
+            for call in choice["message"]["tool_calls"]:
+                jsonschema.validate(json.loads(call["function"]["arguments"]),
+                                    SCHEMAS[call["function"]["name"]])  # fmt: skip
+        streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
+        chunks = _sse(streamed.text)
+        for choice in choices:
+            mine = [{**ch, "choices": [c for c in ch["choices"] if c["index"] == choice["index"]]}
+                    for ch in chunks]  # fmt: skip
+            content, calls, reason = _streamed(mine)
+            assert reason == "tool_calls" and content == ""
+            strip = [{**c, "id": None} for c in choice["message"]["tool_calls"]]
+            assert [{**c, "id": None} for c in calls] == strip  # seeded: the same calls
+
+    _run(engine, test)
