@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graphwise.kernels.linear_io import as_rows
+
 # GGML type ids (gguf.GGMLQuantizationType values): name -> (id, elements, bytes) per block.
 _QTYPES: dict[str, tuple[int, int, int]] = {
     "Q4_0": (2, 32, 18),
@@ -613,16 +615,8 @@ def gguf_linear(
     """
     name = qtype_name(qtype)
     _check(packed, name, out_features, in_features)
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y2, out = as_rows(x, in_features, out_features, out)
     M = x2.shape[0]
-    if out is None:
-        out = torch.empty(*lead, out_features, device=x.device, dtype=x.dtype)
-    y2 = out.view(-1, out_features)
     if M == 0:
         return out
     kind = _KIND[name]

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graphwise.kernels.linear_io import as_rows
+
 FORMATS = ("awq", "gptq")
 # AutoAWQ's order of the 8 output columns inside one int32 (bits 0, 4, ..., 28).
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -577,16 +579,8 @@ def int4_linear(
         raise ValueError(
             f"INT4 {fmt} group_size={group_size}: tensor shapes {got} do not match {expect}"
         )
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y2, out = as_rows(x, in_features, out_features, out)
     M = x2.shape[0]
-    if out is None:
-        out = torch.empty(*lead, out_features, device=x.device, dtype=x.dtype)
-    y2 = out.view(-1, out_features)
     if M == 0:
         return out
     if fused_max_m is None:
