@@ -385,6 +385,19 @@ class DataParallelEngine:
                     outputs.extend(self._fail(r, rids, f"replica {r.index} died:\n{msg[1]}"))
                     break
         if not self.alive:
+            # A replica whose workers died still owes answers for requests that reached it after
+            # the failed step (their "rejected" may not have come yet): fail them here, since
+            # nothing more is read once the pool closes.
+            for r in self.replicas:
+                rids = [rid for rid, req in self.requests.items() if req.replica == r.index]
+                outputs.extend(
+                    self._fail(
+                        r,
+                        rids,
+                        f"replica {r.index}: its tensor/pipeline-parallel "
+                        "workers are gone (failed or shut down)",
+                    )
+                )
             self._pool.close(grace_s=0.0)
             if not outputs:
                 raise RuntimeError("every data-parallel replica has failed")
