@@ -540,7 +540,7 @@ class Scheduler:
                 continue
             token = tokens[-1]
             if seq.grammar is not None and not seq.grammar.accept(token):
-                updates.append(
+                updates.extend(  # (_fail ends the samples waiting on it too)
                     self._fail(seq, f"token {token} does not fit the structured-output grammar")
                 )
                 continue
