@@ -3,6 +3,7 @@
 from graphwise.outputs import CompletionOutput, RequestOutput
 from graphwise.sampling_params import (
     GuidedDecodingParams,
+    ReasoningSpec,
     SamplingParams,
     StructuredOutputsParams,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "SamplingParams",
     "StructuredOutputsParams",
     "GuidedDecodingParams",
+    "ReasoningSpec",
     "RequestOutput",
     "CompletionOutput",
 ]

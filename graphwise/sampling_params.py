@@ -102,6 +102,45 @@ class GuidedDecodingParams(StructuredOutputsParams):
     backend: str | None = None
 
 
+REASONING_STARTS = ("inside", "optional")
+
+
+@dataclass(frozen=True)
+class ReasoningSpec:
+    """How a request's output reasons before it answers, for its structured-output constraint,
+    which applies to the answer alone: no mask and no grammar step while the output is inside
+    the reasoning. Made by the server's `--reasoning-parser` from the tokenizer and the prompt
+    (`server/reasoning.py`); offline, by hand or with the same parser.
+
+    `end_token_ids`: the tokenizer's encoding of the end marker (`</think>`: one token or
+    several); the reasoning ends once the output's last tokens are these. `start`: "inside"
+    (the output begins inside the reasoning: DeepSeek-R1, or a template that opened it) or
+    "optional" (Qwen3: the output reasons only if its first tokens are `start_token_ids`; its
+    first token may be the marker's first or one the constraint allows, and a begun marker is
+    completed)."""
+
+    end_token_ids: tuple[int, ...]
+    start_token_ids: tuple[int, ...] = ()
+    start: str = "inside"
+
+    def __post_init__(self) -> None:
+        for name in ("end_token_ids", "start_token_ids"):
+            ids = getattr(self, name)
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
+                raise ValueError(f"reasoning.{name} must be a list of token ids")
+            object.__setattr__(self, name, tuple(ids))
+        if not self.end_token_ids:
+            raise ValueError("reasoning.end_token_ids must not be empty")
+        if self.start not in REASONING_STARTS:
+            raise ValueError(
+                f"reasoning.start must be one of {REASONING_STARTS}, got {self.start!r}"
+            )
+        if self.start == "optional" and not self.start_token_ids:
+            raise ValueError("reasoning.start 'optional' needs start_token_ids")
+
+
 @dataclass
 class SamplingParams:
     # Completions sampled from the prompt (vLLM's `n`): its KV is computed once and shared
@@ -141,6 +180,9 @@ class SamplingParams:
     # older `guided_decoding` is the same thing under another name.
     structured_outputs: StructuredOutputsParams | None = None
     guided_decoding: StructuredOutputsParams | None = None
+    # The output reasons before it answers (ReasoningSpec): the constraint starts after the
+    # reasoning's end marker. Without structured_outputs it changes nothing.
+    reasoning: ReasoningSpec | None = None
     # Normalised forms, filled by __post_init__.
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
 
@@ -156,6 +198,10 @@ class SamplingParams:
             if not isinstance(self.structured_outputs, dict):
                 raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict")
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.reasoning is not None and not isinstance(self.reasoning, ReasoningSpec):
+            if not isinstance(self.reasoning, dict):
+                raise ValueError("reasoning must be a ReasoningSpec or a dict")
+            self.reasoning = ReasoningSpec(**self.reasoning)
         if isinstance(self.stop, str):
             self.stop_strings = [self.stop] if self.stop else []
         else:

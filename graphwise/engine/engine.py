@@ -27,6 +27,7 @@ from graphwise.core.tracing import NULL_TRACER, StepRecord, StepSink, Tracer
 from graphwise.engine.block_manager import BlockManager
 from graphwise.engine.client import EngineStats
 from graphwise.engine.output_processor import OutputProcessor
+from graphwise.engine.reasoning import ReasoningPhase
 from graphwise.engine.scheduler import RequestUpdate, Scheduler
 from graphwise.engine.sequence import Sequence
 from graphwise.engine.structured import RequestGrammar, StructuredOutputs
@@ -237,6 +238,9 @@ class LLMEngine:
             seqs[0].grammar = grammar
             for seq in seqs[1:]:
                 seq.grammar = RequestGrammar(grammar.future, grammar.key, grammar.stop_ids)
+            if params.reasoning is not None:  # the constraint starts after the reasoning
+                for seq in seqs:
+                    seq.grammar.reasoning = ReasoningPhase(params.reasoning)
             self._compiling.append(seqs[0])
         self.scheduler.add(seqs[0], forks=seqs[1:])
         self.output_processor.add_request(

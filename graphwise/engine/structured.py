@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from graphwise.engine.reasoning import adjust_masks
 from graphwise.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class RequestGrammar:
     """One request's constraint: its compiled grammar (a future until the compile ends) and,
     from its first step on, its matcher."""
 
-    __slots__ = ("future", "key", "matcher", "stop_ids", "failed")
+    __slots__ = ("future", "key", "matcher", "stop_ids", "failed", "reasoning")
 
     def __init__(self, future: Future, key: tuple[str, str], stop_ids: list[int]) -> None:
         self.future = future
@@ -62,6 +63,9 @@ class RequestGrammar:
         self.stop_ids = stop_ids
         self.matcher: Any = None
         self.failed: str | None = None
+        # engine/reasoning.py ReasoningPhase when the output reasons first: the constraint
+        # starts after the reasoning (tokens before are not the matcher's).
+        self.reasoning: Any = None
 
     @property
     def ready(self) -> bool:
@@ -79,7 +83,14 @@ class RequestGrammar:
 
     def accept(self, token: int) -> bool:
         """Advance by a sampled token; False if the grammar refuses it."""
+        if self.reasoning is not None and self.reasoning.take(token):
+            return True  # a reasoning token: not the constraint's
         return bool(self.matcher.accept_token(token))
+
+    @property
+    def follows_grammar(self) -> bool:
+        """Whether the grammar masks the next token (not inside the reasoning)."""
+        return self.reasoning is None or self.reasoning.follows_grammar
 
     @property
     def is_terminated(self) -> bool:
@@ -186,7 +197,10 @@ class StructuredOutputs:
         live = [
             (i, g.matcher)
             for i, g in enumerate(grammars)
-            if g is not None and g.matcher is not None and not g.matcher.is_terminated()
+            if g is not None
+            and g.matcher is not None
+            and g.follows_grammar
+            and not g.matcher.is_terminated()
         ]
         if len(live) == 1:
             live[0][1].fill_next_token_bitmask(mask, live[0][0])
@@ -197,6 +211,7 @@ class StructuredOutputs:
                 [m for _, m in live], mask, [i for i, _ in live]
             )
         arr = mask.numpy()
+        adjust_masks(grammars, arr)  # rows that reason first (engine/reasoning.py)
         empty = ~arr.any(axis=1)
         if empty.any():
             arr[empty] = -1

@@ -67,6 +67,11 @@ def check_sampling_params(params: SamplingParams, limits: RequestLimits) -> None
     check_token_ids(params.stop_token_ids or [], "stop_token_ids", limits.vocab_size)
     check_token_ids(list(params.logit_bias or ()), "logit_bias", limits.vocab_size)
     check_token_ids(params.allowed_token_ids or [], "allowed_token_ids", limits.vocab_size)
+    if params.reasoning is not None:
+        marks = params.reasoning
+        check_token_ids(
+            [*marks.start_token_ids, *marks.end_token_ids], "reasoning", limits.vocab_size
+        )
     if params.logprobs is not None and params.logprobs > limits.max_logprobs:
         raise InvalidRequest(
             f"logprobs is {params.logprobs}, more than this engine's max_logprobs "

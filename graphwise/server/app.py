@@ -46,7 +46,7 @@ from graphwise.outputs import (
     RequestOutput,
     SampleLogprob,
 )
-from graphwise.sampling_params import SamplingParams
+from graphwise.sampling_params import ReasoningSpec, SamplingParams
 from graphwise.server.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -79,6 +79,13 @@ from graphwise.server.protocol import (
     shown,
     validation_error,
 )
+from graphwise.server.reasoning import (
+    CONTENT,
+    OPTIONAL,
+    ReasoningStream,
+    make_reasoning_parser,
+    reasoning_tag_ids,
+)
 from graphwise.server.tokenizing import PromptLimits, TokenizerLanes, token_bound
 from graphwise.server.tools import ToolStream, constrain_for_tools, plan_tools
 from graphwise.tokenizer import render_chat, template_kwarg_conflicts
@@ -106,6 +113,9 @@ class ServerSettings:
     # How `tool_choice: "auto"` finds tool calls in the output (server/tools.py; vLLM's
     # --tool-call-parser): "hermes", "llama3_json", or None (auto is then refused).
     tool_call_parser: str | None = None
+    # How chat replies are split into reasoning and content (server/reasoning.py; vLLM's
+    # --reasoning-parser): "deepseek_r1", "qwen3", or None (the reply is all content).
+    reasoning_parser: str | None = None
 
 
 class ServerState:
@@ -117,6 +127,11 @@ class ServerState:
         self.max_model_len = engine.engine.max_model_len
         self.request_limits: RequestLimits = engine.engine.request_limits
         tokenizer = engine.engine.tokenizer
+        self.reasoning = make_reasoning_parser(settings.reasoning_parser)
+        # The reasoning tags' token ids (start, end), for the engine's constraint phase.
+        self.reasoning_tags: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        if self.reasoning is not None and tokenizer is not None:
+            self.reasoning_tags = reasoning_tag_ids(self.reasoning, tokenizer)
         self.lanes = TokenizerLanes(tokenizer) if tokenizer is not None else None
         bound, why = token_bound(tokenizer) if tokenizer is not None else (None, "no tokenizer")
         self.limits = PromptLimits(self.max_model_len, bound, text_prompts=tokenizer is not None)
@@ -140,6 +155,13 @@ class ServerState:
             self.max_body_bytes,
             why if bound is not None else "configured",
         )
+
+    def reasoning_spec(self, start: str) -> ReasoningSpec | None:
+        """What tells the engine where a reply's reasoning ends (None: it begins as content)."""
+        if self.reasoning_tags is None or start == CONTENT:
+            return None
+        begin, end = self.reasoning_tags
+        return ReasoningSpec(end, begin if start == OPTIONAL else (), start)
 
     def check_supported(self, req: CompletionRequest | ChatCompletionRequest) -> None:
         """Refuses what asks for an unimplemented feature; logs each unknown field name once
@@ -738,7 +760,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 param=f"chat_template_kwargs.{clash[0]}",
             )
 
-        def tokenize_chat(tok: Any) -> list[int]:
+        reasoner = state.reasoning
+        hide_reasoning = reasoner is not None and not req.include_reasoning
+
+        def tokenize_chat(tok: Any) -> tuple[list[int], str]:
             text = render_chat(
                 tok,
                 conversation,
@@ -749,14 +774,18 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 tools=tool_plan.tools if tool_plan is not None else None,
             )
             state.limits.check_text(text, "messages")
-            return list(tok.encode(text, add_special_tokens=req.add_special_tokens))
+            # Where the reply begins relative to its reasoning: the prompt may have opened it.
+            start = reasoner.initial(text) if reasoner is not None else CONTENT
+            return list(tok.encode(text, add_special_tokens=req.add_special_tokens)), start
 
         size = sum(len(m["content"]) for m in conversation)
         size += sum(len(str(extra)) for extra in (req.documents, template_kwargs) if extra)
-        ids = await state.run_tokenizer(tokenize_chat, "messages", size)
+        ids, start = await state.run_tokenizer(tokenize_chat, "messages", size)
         params = req.to_sampling_params(len(ids), state.max_model_len)
         if tool_plan is not None and tool_plan.structured is not None:
             constrain_for_tools(params, tool_plan)
+        if params.structured_outputs is not None:  # the constraint starts after the reasoning
+            params.reasoning = state.reasoning_spec(start)
         state.check_request(ids, params, "messages")
         rid, engine_id = response_id("chatcmpl", req.request_id)
         created = int(time.time())
@@ -765,7 +794,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         n = params.n
 
         def chat_lp(o: CompletionOutput) -> ChatLogprobs | None:
-            if top is None or o.logprobs is None:
+            # Hidden reasoning hides the logprobs too: their tokens would show it (vLLM's).
+            if top is None or o.logprobs is None or hide_reasoning:
                 return None
             return chat_logprobs(o.token_ids, o.logprobs, top, req.return_tokens_as_token_ids)
 
@@ -777,18 +807,30 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 )
 
             tool_streams: dict[int, ToolStream] = {}  # by choice index
+            thoughts: dict[int, ReasoningStream] = {}  # by choice index
 
             def chunk(i: int, out: RequestOutput) -> list[BaseModel]:
                 pieces = []
                 for o in sample_deltas(out, n):
-                    wants_lp = top is not None and bool(o.token_ids)
+                    wants_lp = top is not None and bool(o.token_ids) and not hide_reasoning
                     text, calls, reason = o.text, [], o.finish_reason
-                    if tool_plan is not None:
+                    thought = ""
+                    if reasoner is not None:  # the reasoning first, the content after it
+                        split = thoughts.setdefault(o.index, reasoner.stream(start))
+                        thought, text = split.feed(o.text, final=reason is not None)
+                        if hide_reasoning:
+                            thought = ""
+                    if tool_plan is not None and (reasoner is None or text or reason):
                         stream = tool_streams.setdefault(o.index, tool_plan.stream())
-                        text, calls, reason = stream.feed(o.text, reason is not None, reason)
-                    if not text and not calls and not reason and not wants_lp:
+                        text, calls, reason = stream.feed(text, reason is not None, reason)
+                    if not text and not thought and not calls and not reason and not wants_lp:
                         continue  # held back (a partial UTF-8 char, a possible stop string)
-                    delta = DeltaMessage(content=text or None, tool_calls=calls or None)
+                    delta = DeltaMessage(
+                        content=text or None,
+                        reasoning=thought or None,
+                        reasoning_content=thought or None,
+                        tool_calls=calls or None,
+                    )
                     c = ChatStreamChoice(index=o.index, delta=delta, finish_reason=reason)
                     c.logprobs = chat_lp(o)
                     pieces.append(make([c]))
@@ -808,12 +850,20 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             return EventStream(events(streams, first, chunk, usage_chunk), streams, rid)
         outs = await collect(request, streams)
 
-        def finish(o: CompletionOutput) -> tuple[str | None, list, str | None]:
-            """A sample's message content, tool calls and finish reason."""
+        def finish(o: CompletionOutput) -> tuple[str | None, str | None, list, str | None]:
+            """A sample's reasoning, message content, tool calls and finish reason. The tool
+            calls are parsed from the content after the reasoning."""
+            thought, text = None, o.text
+            if reasoner is not None:
+                thought, text = reasoner.split(o.text, start)
+                if hide_reasoning:
+                    thought = None
+            if text is None:  # all reasoning: nothing answered (cut short)
+                return thought, echo_text or None, [], o.finish_reason
             if tool_plan is None:
-                return echo_text + o.text, [], o.finish_reason
-            content, calls, reason = tool_plan.finish(o.text, o.finish_reason)
-            return (echo_text + content if content is not None else None), calls, reason
+                return thought, echo_text + text, [], o.finish_reason
+            content, calls, reason = tool_plan.finish(text, o.finish_reason)
+            return thought, (echo_text + content if content is not None else None), calls, reason
 
         finished = [(o, *finish(o)) for o in outs[0].outputs]
         resp = ChatCompletionResponse(
@@ -823,12 +873,17 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             choices=[
                 ChatChoice(
                     index=o.index,
-                    message=AssistantMessage(content=content, tool_calls=tool_calls),
+                    message=AssistantMessage(
+                        content=content,
+                        tool_calls=tool_calls,
+                        reasoning=thought,
+                        reasoning_content=thought,
+                    ),
                     logprobs=chat_lp(o),
                     finish_reason=finish_reason,
                     stop_reason=o.stop_reason,
                 )
-                for o, content, tool_calls, finish_reason in finished
+                for o, thought, content, tool_calls, finish_reason in finished
             ],
             usage=usage_of(outs),
             prompt_logprobs=prompt_logprobs_json(outs[0].prompt_logprobs),

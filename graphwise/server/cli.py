@@ -57,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or llama3_json (vLLM's names); without it 'auto' is refused",
     )
     g.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="split chat replies of models that think in <think>...</think> into "
+        "reasoning_content and content, and start output constraints after the reasoning: "
+        "deepseek_r1 (the reply begins inside the reasoning) or qwen3 (it reasons only if it "
+        "begins with <think>); vLLM's names",
+    )
+    g.add_argument(
         "--enable-auto-tool-choice",
         action="store_true",
         help="accepted for vLLM compatibility: --tool-call-parser alone enables 'auto'",
@@ -96,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
         from graphwise.server.tools import make_parser
 
         make_parser(args.tool_call_parser)  # an unknown name fails here, naming the known ones
+    if args.reasoning_parser is not None:
+        from graphwise.server.reasoning import make_reasoning_parser
+
+        make_reasoning_parser(args.reasoning_parser)  # the same: fails before the model loads
     config = engine_config_from_args(args)  # bad engine options fail before anything else
     from graphwise.executor.worker import is_torchrun_worker, run_torchrun_worker
 
@@ -123,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         engine_stop_timeout_s=args.shutdown_timeout,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     app = build_app(async_engine, settings)
     host, port = sock.getsockname()[:2]

@@ -180,7 +180,6 @@ REQUEST_FIELDS: dict[str, Ignored | Refused] = {
     "guided_whitespace_pattern": Refused((None,), "xgrammar has no whitespace pattern"),
     "functions": Refused((None, [])),
     "function_call": Refused((None, "none", "auto")),
-    "include_reasoning": Refused((True, None), "no reasoning parser: reasoning stays in content"),
     "chat_template": Refused((None,), "the model's own template is used"),
     "priority": Refused((0, None), "requests are scheduled first come, first served"),
     "logits_processors": Refused((None, [])),
@@ -527,6 +526,11 @@ class ChatMessage(BaseModel):
             out["tool_call_id"] = self.tool_call_id
         if self.name is not None and role == "tool":
             out["name"] = self.name
+        if role == "assistant":  # an earlier reply's reasoning, for the template
+            extra = self.model_extra or {}
+            thought = extra.get("reasoning_content", extra.get("reasoning"))
+            if isinstance(thought, str):  # Qwen3's and DeepSeek's read reasoning_content
+                out["reasoning_content"] = out["reasoning"] = thought
         return out
 
 
@@ -547,6 +551,10 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's: false drops the reasoning (and, as vLLM does, the logprobs, whose tokens would
+    # show it) from the reply. Only a server with --reasoning-parser knows what the reasoning
+    # is; without one it changes nothing (vLLM's behaviour: reasoning stays in content).
+    include_reasoning: bool = True
 
     prompt_param: ClassVar[str] = "messages"
 
@@ -646,10 +654,27 @@ class CompletionResponse(_Response):
     usage: UsageInfo | None = None
 
 
+# The reasoning of a reasoning model's reply (server/reasoning.py), under both names clients
+# read: `reasoning` (vLLM's since v0.11, OpenAI's guidance for chat completions, OpenRouter's)
+# and `reasoning_content` (DeepSeek's API and vLLM's until it was removed in 2026; what most
+# clients still read). Absent, not null, when there is none.
+REASONING_KEYS = ("reasoning", "reasoning_content")
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_reasoning(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        for key in REASONING_KEYS:
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class ChatTopLogprob(BaseModel):
@@ -684,6 +709,8 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None  # both names, as in AssistantMessage
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
