@@ -288,3 +288,19 @@ def test_n_samples_each_follow_the_constraint(request, which):
         (ref,) = llm.generate(["Give me a record:"], lone, use_tqdm=False)
         assert c.token_ids == ref.outputs[0].token_ids
     assert len({c.text for c in out.outputs}) > 1  # the seeds differ
+
+
+def test_a_token_the_grammar_refuses_fails_its_request_alone(tiny_chat_llm):
+    """allowed_token_ids without EOS: once the regex is complete the grammar allows EOS alone,
+    the filter bans it, and some other token is sampled. That request fails with the reason;
+    its neighbour in the batch finishes as it would alone."""
+    tok = tiny_chat_llm.get_tokenizer()
+    digit = tok.encode("1", add_special_tokens=False)[0]
+    stuck = SamplingParams(max_tokens=8, structured_outputs=_so(regex="1{2}"),
+                           allowed_token_ids=[digit, digit + 1])  # fmt: skip
+    free = FREE[0]
+    (alone,) = tiny_chat_llm.generate(["Once upon"], free, use_tqdm=False)
+    bad, good = tiny_chat_llm.generate(["Count:", "Once upon"], [stuck, free], use_tqdm=False)
+    assert bad.outputs[0].finish_reason == "error"
+    assert "does not fit the structured-output grammar" in (bad.error or "")
+    assert good.outputs[0].token_ids == alone.outputs[0].token_ids
