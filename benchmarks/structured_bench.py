@@ -278,6 +278,22 @@ def fill_only(args: argparse.Namespace) -> dict:
                     r["serial_ms_per_row"] = serial_per_row
         so.shutdown()
         results.append({"vocab_size": vocab, "compile_s_first": compile_s})
+    # Why the previous fill was slow on a busy host: its torch.full (and the runner's pinned
+    # copy of the mask) run through torch's intra-op OpenMP pool once a tensor has more than
+    # 32k elements; one thread of that pool preempted stalls the whole op.
+    hazard = {}
+    threads0 = torch.get_num_threads()
+    words = so.words
+    for n_threads in sorted({threads0, 1}, reverse=True):
+        torch.set_num_threads(n_threads)
+        key = f"torch.full[64,{words}] intra_op_threads={n_threads}"
+        hazard[key] = _time(
+            lambda _rows: torch.full((64, words), -1, dtype=torch.int32),
+            list(range(64)),
+            1,
+            args.fill_repeats,
+        )
+    torch.set_num_threads(threads0)
     return {
         "what": "StructuredOutputs.fill alone (the engine's per-step mask fill), SCHEMA of "
         "benchmarks/structured_bench.py, matchers at valid mid-generation prefixes",
@@ -295,6 +311,7 @@ def fill_only(args: argparse.Namespace) -> dict:
         },
         "environment": environment("cpu"),
         "results": results,
+        "torch_intra_op_hazard": hazard,
     }
 
 

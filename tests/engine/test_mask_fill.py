@@ -144,6 +144,25 @@ def test_parallel_fill_equals_serial_fill_bit_for_bit(structured, rows, threads)
         assert torch.equal(serial[i], _reference(m, words)), i
 
 
+def test_a_fill_writes_every_word_of_its_rows(structured, rows, monkeypatch):
+    """The filler's buffer is `torch.empty`: what it held before must not show through, in
+    the rows xgrammar fills or the ones the filler sets to every token."""
+    from graphwise.engine import mask_fill
+
+    def poisoned(*shape, **kw):
+        return torch.full(*shape, 0x5A5A5A5A, dtype=kw["dtype"])
+
+    monkeypatch.setattr(mask_fill.torch, "empty", poisoned)
+    for threads in (1, 3):
+        filler = MaskFiller(structured.words, threads=threads)
+        try:
+            mask = filler.fill(rows)
+        finally:
+            filler.shutdown()
+        for i, m in enumerate(rows):
+            assert torch.equal(mask[i], _reference(m, structured.words)), (threads, i)
+
+
 def test_filling_leaves_the_matchers_as_they_were(structured, rows):
     """A fill reads the matchers: filling twice gives the same words (no state advanced)."""
     filler = MaskFiller(structured.words, threads=4)
