@@ -6,7 +6,9 @@ GPU's forward of the same step (docs/structured-output.md, "When the mask is fil
 kept cheap and parallel:
 
 - Rows are split into interleaved chunks, one per thread of a persistent pool; the calling
-  thread fills a chunk itself. A chunk is one call to xgrammar's `BatchGrammarMatcher` with
+  thread fills chunks too, and any chunk no pool thread has started by the time it is free,
+  so a pool thread that waits for a core never delays the fill beyond the serial time (on a
+  saturated machine a hand-off can wait a whole scheduler tick, 4 ms). A chunk is one call to xgrammar's `BatchGrammarMatcher` with
   `max_threads=1`: one Python call per chunk, its loop in C++. xgrammar's calls go through
   tvm-ffi, which releases the GIL, so the chunks run at once. (xgrammar's own multi-threaded
   batch fill starts and joins new OS threads on every call: tens of microseconds each, and on
@@ -99,16 +101,15 @@ class MaskFiller:
         if k == 1:
             batch[0].batch_fill_next_token_bitmask(live, mask, rows)
         else:
-            pool = self._get_pool()
             # Interleaved chunks: neighbouring rows tend to be alike (same request kind, same
             # stage of their output), so each chunk gets a share of the expensive ones.
-            futures = [
-                pool.submit(batch[j].batch_fill_next_token_bitmask, live[j::k], mask, rows[j::k])
-                for j in range(1, k)
-            ]
-            batch[0].batch_fill_next_token_bitmask(live[0::k], mask, rows[0::k])
-            for f in futures:
-                f.result()
+            chunks = [(live[j::k], rows[j::k]) for j in range(k)]
+            work = _Chunks(chunks, mask)
+            pool = self._get_pool()
+            for slot in range(1, k):
+                pool.submit(work.run, batch[slot])
+            work.run(batch[0])  # the caller fills too, and takes what no pool thread started
+            work.wait()
         empty = ~arr.any(axis=1)  # ~35 us at 64 rows x 152k ids; rows set to -1 are never empty
         if empty.any():
             arr[empty] = -1
@@ -136,3 +137,41 @@ class MaskFiller:
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
                 self._pool = None
+
+
+class _Chunks:
+    """One fill's chunks, claimed one at a time by whichever thread is free (the caller and
+    the pool threads); `wait` returns once every chunk is filled, raising a chunk's error. A
+    pool thread that starts after the caller has claimed everything finds nothing to do."""
+
+    def __init__(self, chunks: list[tuple[list[Any], list[int]]], mask: torch.Tensor) -> None:
+        self._chunks = chunks
+        self._mask = mask
+        self._next = 0
+        self._left = len(chunks)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def run(self, batch: Any) -> None:
+        while True:
+            with self._lock:
+                j = self._next
+                if j == len(self._chunks):
+                    return
+                self._next += 1
+            matchers, rows = self._chunks[j]
+            try:
+                batch.batch_fill_next_token_bitmask(matchers, self._mask, rows)
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller by wait()
+                self._error = exc
+            finally:
+                with self._lock:
+                    self._left -= 1
+                    if self._left == 0:
+                        self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error

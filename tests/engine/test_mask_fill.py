@@ -144,6 +144,30 @@ def test_parallel_fill_equals_serial_fill_bit_for_bit(structured, rows, threads)
         assert torch.equal(serial[i], _reference(m, words)), i
 
 
+def test_a_fill_does_not_wait_for_pool_threads_that_have_not_started(structured, rows):
+    """With every pool thread busy elsewhere (as when the host's cores are all taken), the
+    caller fills every chunk itself: the fill ends, with the serial fill's words."""
+    import threading
+
+    serial = MaskFiller(structured.words, threads=1).fill(rows)
+    filler = MaskFiller(structured.words, threads=4)
+    filler.fill(rows)  # starts the pool
+    release = threading.Event()
+    blockers = [filler._get_pool().submit(release.wait, 30) for _ in range(3)]
+    try:
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(filler.fill(rows)))
+        t.start()
+        t.join(timeout=20)
+        assert not t.is_alive(), "the fill waited for a pool thread that never started"
+        assert torch.equal(result[0], serial)
+    finally:
+        release.set()
+        for b in blockers:
+            b.result()
+        filler.shutdown()
+
+
 def test_a_fill_writes_every_word_of_its_rows(structured, rows, monkeypatch):
     """The filler's buffer is `torch.empty`: what it held before must not show through, in
     the rows xgrammar fills or the ones the filler sets to every token."""
