@@ -127,6 +127,10 @@ class EngineConfig:
     # "prompt_lookup_max": n, "prompt_lookup_min": m} (a dict, its JSON text or a
     # SpeculativeConfig); None (the default) runs plain decoding and pays nothing for it.
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
+    # Threads that fill a step's structured-output token masks on the host (the engine's own
+    # thread among them); None: half the CPUs this process may use, at most 8
+    # (engine/mask_fill.py). 1 fills every row in the engine's thread.
+    structured_outputs_fill_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -157,6 +161,7 @@ class EngineConfig:
             "num_gpu_blocks_override",
             "cuda_graph_max_bs",
             "cuda_graph_max_context",
+            "structured_outputs_fill_threads",
         ):
             positive(name)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -285,6 +290,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='speculative decoding as JSON (vLLM\'s flag), e.g. \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'',
+    )
+    g.add_argument(
+        "--structured-outputs-fill-threads",
+        type=int,
+        default=None,
+        help="threads filling structured-output token masks each step (default: half the "
+        "CPUs, at most 8; 1: the engine's thread alone)",
     )
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)

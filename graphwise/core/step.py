@@ -76,13 +76,14 @@ class ScheduledRow:
 @dataclass
 class GrammarBitmask:
     """The structured-output mask of a step's constrained rows: `rows` index the step's sampled
-    rows; `bitmask` is their [len(rows), ceil(vocab / 32)] int32 numpy array (bit j of word i
-    allows token 32 i + j). None while the step is launched with its sampling deferred: the mask
-    depends on a token the previous step is still sampling (async scheduling); the engine sends
-    it with `sample_deferred` once that token is known."""
+    rows; `bitmask` is their [len(rows), ceil(vocab / 32)] int32 words (bit j of word i allows
+    token 32 i + j): a CPU tensor from the engine (pinned on CUDA engines, copied to the device
+    once, asynchronously), or a numpy array. None while the step is launched with its sampling
+    deferred: the mask depends on a token the previous step is still sampling (async
+    scheduling); the engine sends it with `sample_deferred` once that token is known."""
 
     rows: list[int]
-    bitmask: Any = None  # np.ndarray; `Any` keeps core free of numpy
+    bitmask: Any = None  # torch.Tensor | np.ndarray; `Any` keeps core free of both
 
 
 @dataclass

@@ -257,7 +257,12 @@ class LLMEngine:
     def structured(self) -> StructuredOutputs:
         if self._structured is None:
             self._structured = StructuredOutputs(
-                self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
+                self.tokenizer,
+                self.model_config.vocab_size,
+                self.eos_token_ids,
+                fill_threads=self.config.structured_outputs_fill_threads,
+                # Masks filled straight into pinned memory: one asynchronous copy to the GPU.
+                pin_memory=self.device.type == "cuda",
             )
         return self._structured
 

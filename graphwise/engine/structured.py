@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
+from graphwise.engine.mask_fill import MaskFiller
 from graphwise.engine.reasoning import adjust_masks
 from graphwise.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 256  # compiled grammars kept, least recently used dropped first
-FILL_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))  # threads filling a step's masks
 
 
 def _xgrammar() -> Any:
@@ -100,7 +97,14 @@ class RequestGrammar:
 class StructuredOutputs:
     """The engine's grammar compiler: tokenizer info once, a compile pool, a cache by key."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_ids: frozenset[int],
+        fill_threads: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_ids = sorted(stop_ids)
@@ -109,10 +113,12 @@ class StructuredOutputs:
         self._pool: ThreadPoolExecutor | None = None
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self.num_compiled = 0
-        self._batch: Any = None  # xgrammar's BatchGrammarMatcher, on the first batch fill
         self.compile_s: list[float] = []  # seconds each compile took (benchmarks report them)
         self.fill_s = 0.0  # host seconds spent filling masks, and how many steps
         self.num_fills = 0
+        self.recent_fill_s: deque[float] = deque(maxlen=1024)  # the last fills' seconds
+        # fill_threads: None sizes the pool from the CPUs (engine/mask_fill.py).
+        self.filler = MaskFiller(self.words, fill_threads, pin_memory)
 
     @property
     def words(self) -> int:
@@ -186,40 +192,30 @@ class StructuredOutputs:
         self.num_compiled += 1
         return compiled
 
-    def fill(self, grammars: list[RequestGrammar | None]) -> np.ndarray:
-        """The [len(grammars), words] int32 bitmask of the next token of each row: its matcher's
-        allowed tokens, or every token for a row whose request has ended (its token will be
-        dropped) or whose matcher allows none (it cannot be sampled from nothing)."""
-        import torch
-
+    def fill(self, grammars: list[RequestGrammar | None]) -> Any:
+        """The [len(grammars), words] int32 bitmask (a CPU tensor, pinned on CUDA engines) of
+        the next token of each row: its matcher's allowed tokens, or every token for a row
+        whose request has ended (its token will be dropped) or whose matcher allows none (it
+        cannot be sampled from nothing). Rows in parallel: engine/mask_fill.py."""
         start = time.perf_counter()
-        mask = torch.full((len(grammars), self.words), -1, dtype=torch.int32)
-        live = [
-            (i, g.matcher)
-            for i, g in enumerate(grammars)
-            if g is not None
-            and g.matcher is not None
-            and g.follows_grammar
-            and not g.matcher.is_terminated()
-        ]
-        if len(live) == 1:
-            live[0][1].fill_next_token_bitmask(mask, live[0][0])
-        elif live:  # rows in parallel, in xgrammar's C++ threads (the GIL is released)
-            if self._batch is None:
-                self._batch = _xgrammar().BatchGrammarMatcher(max_threads=FILL_THREADS)
-            self._batch.batch_fill_next_token_bitmask(
-                [m for _, m in live], mask, [i for i, _ in live]
-            )
-        arr = mask.numpy()
-        adjust_masks(grammars, arr)  # rows that reason first (engine/reasoning.py)
-        empty = ~arr.any(axis=1)
-        if empty.any():
-            arr[empty] = -1
-        self.fill_s += time.perf_counter() - start
+        # Rows inside their reasoning follow no grammar yet: filled as unconstrained (all ones).
+        mask = self.filler.fill(
+            [g.matcher if g is not None and g.follows_grammar else None for g in grammars]
+        )
+        if any(g is not None and g.reasoning is not None for g in grammars):
+            arr = mask.numpy()
+            adjust_masks(grammars, arr)  # rows that reason first (engine/reasoning.py)
+            empty = ~arr.any(axis=1)
+            if empty.any():
+                arr[empty] = -1
+        took = time.perf_counter() - start
+        self.fill_s += took
         self.num_fills += 1
-        return arr
+        self.recent_fill_s.append(took)
+        return mask
 
     def shutdown(self) -> None:
+        self.filler.shutdown()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -133,14 +133,20 @@ def apply_grammar_bitmask(
     logits: torch.Tensor,
     rows: list[int],
     bitmask,
-    upload: Upload,  # bitmask: np.ndarray
+    upload: Upload,  # bitmask: an int32 CPU tensor or np.ndarray
 ) -> None:
     """Mask to -inf the tokens a structured-output constraint forbids, in place on the
     [N, V] logits: `rows` of them, by their int32 words (bit j of word i: token 32 i + j).
     Applied after the logits (outside any CUDA graph), before every other processor."""
     vocab = logits.shape[-1]
     (row_t,) = upload(torch.int64, rows)
-    (words,) = upload(torch.int32, bitmask)
+    if isinstance(bitmask, torch.Tensor):
+        # The engine's mask (engine/mask_fill.py): on a CUDA engine it was filled in pinned
+        # memory, so this is its one copy, asynchronous (torch's host allocator recycles the
+        # block only after the copy has run); from pageable memory the copy waits for itself.
+        words = bitmask.to(logits.device, non_blocking=logits.device.type == "cuda")
+    else:
+        (words,) = upload(torch.int32, bitmask)
     words = words.view(len(rows), -1)
     shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     bits = ((words[:, :, None] >> shifts) & 1).view(len(rows), -1)
