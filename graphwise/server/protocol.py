@@ -655,9 +655,10 @@ class CompletionResponse(_Response):
 
 
 # The reasoning of a reasoning model's reply (server/reasoning.py), under both names clients
-# read: `reasoning` (vLLM's since v0.11, OpenAI's guidance for chat completions, OpenRouter's)
-# and `reasoning_content` (DeepSeek's API and vLLM's until it was removed in 2026; what most
-# clients still read). Absent, not null, when there is none.
+# read: `reasoning` (vLLM's since vllm-project/vllm#27752, Oct 2025: OpenAI's guidance for chat
+# completions, OpenRouter's) and `reasoning_content` (DeepSeek's API, and vLLM's until #33402
+# removed it in Jan 2026; many clients still read only it). Absent, not null, when there is
+# none.
 REASONING_KEYS = ("reasoning", "reasoning_content")
 
 
