@@ -15,12 +15,13 @@ kept cheap and parallel:
   a busy host they queue behind whatever else is runnable.)
 - Few rows are filled in the calling thread alone: handing a chunk to a pool thread and
   waiting for it costs ~25-60 us on the 2-CPU development machine, about what 8 rows of
-  typical JSON states cost to fill there (5-10 us a row; structured-fill-cpu.json).
+  typical JSON states cost to fill there (5-11 us a row; structured-fill-cpu.json).
 - Nothing here runs a torch CPU op (`torch.full`, `fill_`, `any`): above 32k elements they
-  run in torch's intra-op OpenMP pool, where one preempted pool thread stalls the op for whole
-  scheduler ticks (on the 2-CPU development machine under load: a [64, 4752] `torch.full`
-  8 ms with 2 intra-op threads, 13 us with one; benchmarks/results/structured-fill-cpu.json).
-  The buffer comes from `torch.empty` and is written through its numpy view.
+  run in torch's intra-op OpenMP pool, whose threads sleep between steps; with no core free,
+  waking one takes whole scheduler ticks (on the 2-CPU development machine under load: a
+  [64, 4752] `torch.full` after 0.5 ms of other work, 15.5 ms with 2 intra-op threads, 14 us
+  with one; benchmarks/results/structured-fill-cpu.json). The buffer comes from
+  `torch.empty` and is written through its numpy view.
 - With `pin_memory` (the engine drives a CUDA device) the buffer is pinned, from torch's
   caching host allocator: the runner copies it to the device with one asynchronous copy, and
   the allocator recycles the block only after that copy has run.
