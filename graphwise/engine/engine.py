@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import time
+from collections import deque
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ from graphwise.tokenizer import bad_words_token_ids, encode_prompt
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (the in-flight queue's remove)
 class _Launched:
     step: SchedulerOutput
     handle: StepHandle
@@ -108,6 +109,7 @@ class LLMEngine:
             config.enable_chunked_prefill,
             self.max_model_len,
             config.speculative,
+            micro_batches=config.num_pipeline_batches,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         # Structured output (engine/structured.py): made on the first constrained request.
@@ -115,7 +117,13 @@ class LLMEngine:
         self._compiling: list[Sequence] = []  # constrained requests whose grammar is compiling
         self._ids = itertools.count()
         self.async_scheduling = config.async_scheduling
-        self._inflight: _Launched | None = None
+        # Launched steps not resolved yet, oldest first. A step resolves the oldest once more
+        # than `_resolve_above` are in flight (or when it launched nothing): 0 runs one step at
+        # a time; 1 is async scheduling (step N+1 launched before step N resolves); m - 1 with
+        # m pipeline micro-batches (engine/microbatch.py), each its own sequences.
+        self.num_micro_batches = config.num_pipeline_batches
+        self._resolve_above = max(1, self.num_micro_batches - 1) if self.async_scheduling else 0
+        self._inflight: deque[_Launched] = deque()
         self.step_log: StepSink | None = None  # set to record where each step's time goes
         self.tracer: Tracer = NULL_TRACER
         self._counts = dict.fromkeys(
@@ -268,12 +276,12 @@ class LLMEngine:
         scheduling the last step() of a batch leaves one, sampled for sequences that then
         finished). Returns its outputs (usually none)."""
         outputs: list[RequestOutput] = []
-        while self._inflight is not None and not self.scheduler.has_unfinished():
+        while self._inflight and not self.scheduler.has_unfinished():
             outputs.extend(self.step())
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return self.scheduler.has_unfinished() or bool(self._inflight)
 
     @property
     def alive(self) -> bool:
@@ -312,10 +320,12 @@ class LLMEngine:
         t1 = time.perf_counter()
         launched, failed = self._launch(step, deferred) if step.rows else (None, [])
         t2 = time.perf_counter()
-        if self.async_scheduling:
-            previous, self._inflight = self._inflight, launched
-        else:
-            previous = launched
+        inflight = self._inflight
+        if launched is not None:
+            inflight.append(launched)
+        previous = None
+        if inflight and (len(inflight) > self._resolve_above or launched is None):
+            previous = inflight.popleft()
         updates: list[RequestUpdate] = grammar_failed + failed
         wait_s = 0.0
         if previous is not None:
@@ -399,8 +409,8 @@ class LLMEngine:
         try:
             launched.handle = self.executor.sample_deferred(step.grammar)
         except Exception as exc:
-            if self._inflight is launched:
-                self._inflight = None
+            if launched in self._inflight:
+                self._inflight.remove(launched)
             return self._isolate_failure(step, exc)
         return []
 
@@ -409,7 +419,7 @@ class LLMEngine:
         build inputs for) and let the others recompute; a failure no row explains fails the
         step's requests. Either way the engine serves on, unless its workers are gone."""
         if not self.executor.alive:
-            self._inflight = None
+            self._inflight.clear()
             raise exc
         cause = f"{type(exc).__name__}: {exc}"
         culprits = self.executor.driver.find_bad_rows(step)

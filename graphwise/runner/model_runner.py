@@ -8,13 +8,18 @@ a pipeline) and samples; its handle's `result()` is the step's `ModelRunnerOutpu
 
 Under tensor/pipeline parallelism every rank runs one of these on its shard, fed the same
 `SchedulerOutput`s; rank 0 (the driver) samples and broadcasts the tokens device to device, so
-every rank has them for the next step's pending inputs (async scheduling).
+every rank has them for the next step's pending inputs (async scheduling). With pipeline
+micro-batches a step is launched (`execute_model`: every stage computes its layers and passes
+them on) and finished later (`finish_step`: stage 0 receives the rows and samples), after the
+next micro-batch was launched; no token is broadcast (no micro-batch takes a pending token).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,9 +60,20 @@ from graphwise.runner.logprobs import (
     prompt_logprobs,
     sampled_logprobs,
 )
+from graphwise.runner.pipeline import PendingRows, PendingSends, launch_stage
 from graphwise.runner.step_handle import PromptParts, StepHandle, to_pinned
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _StagedBatch:
+    """A micro-batch stage 0 launched and has not finished: what sampling it needs."""
+
+    step_id: int
+    inputs: StepInputs
+    rows: PendingRows | None  # the last stage's sampled rows, on their way (None: none)
+    grammar: GrammarBitmask | None
 
 
 def select_attention_backend(
@@ -135,6 +151,10 @@ class ModelRunner:
         self._last_tokens: torch.Tensor | None = None
         # A launched step whose sampling waits for its grammar mask (logits, inputs, ...).
         self._deferred: tuple | None = None
+        # Pipeline micro-batches (1: one batch in flight, the synchronous pipeline).
+        self.num_micro_batches = config.num_pipeline_batches if parallel.pp_size > 1 else 1
+        self._staged: deque[_StagedBatch] = deque()  # stage 0: launched, not finished
+        self._sends = PendingSends()  # this stage's hidden states (or rows) on their way
 
     # ---- start-up -----------------------------------------------------------------------
     @property
@@ -308,6 +328,8 @@ class ModelRunner:
                 self.history.record(step.rows, inputs.input_ids, self.requests, self.upload)
         finally:
             trace.pop()
+        if self.num_micro_batches > 1:
+            return self._launch_micro_batch(step, inputs)
         trace.push("forward")
         try:
             hidden, used_graph = self.forward(inputs)
@@ -339,6 +361,52 @@ class ModelRunner:
             return self._sample_and_share(logits, inputs, req_ids, used_graph, prompt, step.grammar)
         finally:
             trace.pop()
+
+    def _launch_micro_batch(self, step: SchedulerOutput, inputs: StepInputs) -> StepHandle:
+        """This stage's share of a micro-batch, passed on without waiting (runner/pipeline.py);
+        stage 0 keeps what `finish_step` needs to sample it."""
+        if step.grammar is not None and step.grammar.bitmask is None:
+            raise RuntimeError("a micro-batch's grammar mask is filled when it is scheduled")
+        self.tracer.push("forward")
+        try:
+            rows = launch_stage(self, inputs, self._sends)
+        finally:
+            self.tracer.pop()
+        if self.parallel.is_first_stage:
+            self._staged.append(_StagedBatch(step.step_id, inputs, rows, step.grammar))
+        return StepHandle([], None, False)
+
+    @torch.inference_mode()
+    def finish_step(self, step_id: int) -> StepHandle:
+        """Sample the oldest launched micro-batch: stage 0 waits for its rows from the last
+        stage, computes the logits (every TP rank of stage 0: the vocabulary gather) and rank 0
+        samples. Other stages have nothing to do."""
+        if not self.parallel.is_first_stage:
+            return StepHandle([], None, False)
+        if not self._staged or self._staged[0].step_id != step_id:
+            launched = [b.step_id for b in self._staged]
+            raise RuntimeError(
+                f"finish_step({step_id}): the micro-batches in flight are {launched}"
+            )
+        staged = self._staged.popleft()
+        inputs = staged.inputs
+        req_ids = [r.request_id for r in inputs.sampled]
+        if staged.rows is None:
+            return self._handle([], None, False, None, None)
+        self.tracer.push("finish")
+        try:
+            self.tracer.push("logits")
+            try:
+                logits = self.model.compute_logits(staged.rows.wait())  # type: ignore[operator]
+            finally:
+                self.tracer.pop()
+            self.tracer.push("sample")
+            try:
+                return self._sample_and_share(logits, inputs, req_ids, False, None, staged.grammar)
+            finally:
+                self.tracer.pop()
+        finally:
+            self.tracer.pop()
 
     def _prompt_logprobs(self, step: SchedulerOutput, hidden: torch.Tensor) -> PromptParts | None:
         """The prompt logprobs this step's rows ask for (runner/logprobs.py), on the driver."""
@@ -405,9 +473,10 @@ class ModelRunner:
                 tokens = spec[2]
         else:
             tokens = torch.empty(len(req_ids), dtype=torch.int64, device=self.device)
-        if self.parallel.world_size > 1:
+        if self.parallel.world_size > 1 and self.num_micro_batches == 1:
             # Every rank needs the tokens for the next step's pending inputs: rank 0 sends them
-            # device to device (one small collective, no host sync).
+            # device to device (one small collective, no host sync). A micro-batch never takes
+            # a pending token (its sequences wait for their batch to resolve).
             dist.broadcast(tokens, src=0)
         self._last_tokens = tokens
         if not self.is_driver:

@@ -1,13 +1,23 @@
-"""One synchronous pass through a pipeline of stages (pipeline parallelism).
+"""Passes through a pipeline of stages (pipeline parallelism).
 
 Hidden states and the residual go stage to stage by point-to-point sends; the last stage sends
-the rows to be sampled back to stage 0, which holds the LM head. One batch is in flight (see
-docs/parallel.md).
+the rows to be sampled back to stage 0, which holds the LM head.
+
+- `pipeline_forward`: one batch in flight. Stage 0 waits for the last stage's rows before its
+  step returns, so while one stage computes the others wait.
+- `launch_stage` / `PendingRows`: pipeline micro-batches (engine/microbatch.py). Each stage
+  computes its layers and passes the result on without waiting for the receiver; stage 0 posts
+  the receive of the rows and returns, and waits for them only when the batch is finished
+  (`ModelRunner.finish_step`), after it has launched the next batch. Every pair of stages sees
+  its sends and receives in the same order (stage 0: send batch i, receive batch i's rows; the
+  last stage: receive batch i, send its rows), so they pair up under NCCL's in-order streams as
+  well as under gloo.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -45,3 +55,64 @@ def pipeline_forward(runner: ModelRunner, inputs: StepInputs) -> torch.Tensor:
         dist.recv(rows, src=ctx.stage_rank(ctx.pp_size - 1))
         hidden[inputs.logits_indices] = rows
     return hidden
+
+
+@dataclass
+class PendingRows:
+    """Stage 0's receive of a micro-batch's sampled rows [N, H] from the last stage."""
+
+    rows: torch.Tensor
+    work: Any  # the irecv's torch.distributed Work
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.rows
+
+
+class PendingSends:
+    """Sends in flight: their tensors stay referenced until the peer has them (an isend's
+    buffer must not be freed or reused before it completes)."""
+
+    def __init__(self) -> None:
+        self._sends: list[tuple[Any, torch.Tensor]] = []
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+        self._sends.append((dist.isend(tensor, dst=dst), tensor))
+
+    def wait_all(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
+
+    def __len__(self) -> int:
+        return len(self._sends)
+
+
+def launch_stage(
+    runner: ModelRunner, inputs: StepInputs, sends: PendingSends
+) -> PendingRows | None:
+    """Run this stage's share of a micro-batch and pass it on without waiting for the peer.
+    Stage 0 returns the posted receive of the rows to sample (None when none samples); a later
+    stage returns None once its result is on its way."""
+    ctx = runner.parallel
+    T = inputs.input_ids.shape[0]
+    H = runner.model_config.hidden_size
+    dtype, device = runner.dtype, runner.device
+    if ctx.is_first_stage:
+        out = runner.run_model(inputs.input_ids, inputs.positions, inputs.meta)
+    else:
+        buf = torch.empty(2, T, H, dtype=dtype, device=device)
+        dist.recv(buf, src=ctx.stage_rank(ctx.pp_rank - 1))
+        out = runner.run_model(
+            inputs.input_ids, inputs.positions, inputs.meta, intermediate=(buf[0], buf[1])
+        )
+    n = inputs.logits_indices.numel()
+    if not ctx.is_last_stage:
+        sends.send(torch.stack(out), ctx.stage_rank(ctx.pp_rank + 1))
+    elif n:
+        sends.send(out[inputs.logits_indices].contiguous(), ctx.stage_rank(0))
+    if not ctx.is_first_stage or not n:
+        return None
+    rows = torch.empty(n, H, dtype=dtype, device=device)
+    return PendingRows(rows, dist.irecv(rows, src=ctx.stage_rank(ctx.pp_size - 1)))
