@@ -512,6 +512,6 @@ class LLMEngine:
 def _why_no_graphs(driver: Any) -> str:
     if driver.device.type != "cuda":
         return "no CUDA device"
-    if driver.parallel.pp_size > 1:
-        return "pipeline parallelism runs eagerly"
+    if driver.parallel.pp_size > 1 and driver.config.use_cuda_graph != "off":
+        return "pipeline stages run eagerly (GRAPHWISE_PP_CUDA_GRAPHS=1 captures their graphs)"
     return "graphs turned off (enforce_eager or cuda_graph='off')"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,13 @@ from graphwise.runner.pipeline import PendingRows, PendingSends, launch_stage
 from graphwise.runner.step_handle import PromptParts, StepHandle, to_pinned
 
 logger = logging.getLogger(__name__)
+# CUDA graphs on pipeline stages (each stage replays its own layers; the sends stay outside):
+# opt-in until a multi-GPU run has checked them (docs/parallel.md).
+PP_GRAPHS_ENV = "GRAPHWISE_PP_CUDA_GRAPHS"
+
+
+def pp_graphs_enabled() -> bool:
+    return os.environ.get(PP_GRAPHS_ENV, "0") not in ("", "0")
 
 
 @dataclass
@@ -74,6 +82,7 @@ class _StagedBatch:
     inputs: StepInputs
     rows: PendingRows | None  # the last stage's sampled rows, on their way (None: none)
     grammar: GrammarBitmask | None
+    used_graph: bool  # stage 0 replayed a graph (what the step counts report)
 
 
 def select_attention_backend(
@@ -159,11 +168,13 @@ class ModelRunner:
     # ---- start-up -----------------------------------------------------------------------
     @property
     def graphs_possible(self) -> bool:
-        """CUDA graphs can run here: CUDA, not turned off, no pipeline (which runs eagerly)."""
+        """CUDA graphs can run here: CUDA, not turned off, and no pipeline unless its stage
+        graphs were asked for (GRAPHWISE_PP_CUDA_GRAPHS=1; pipeline stages run eagerly by
+        default)."""
         return (
             self.device.type == "cuda"
             and self.config.use_cuda_graph != "off"
-            and self.parallel.pp_size == 1
+            and (self.parallel.pp_size == 1 or pp_graphs_enabled())
         )
 
     def kv_bytes_per_token(self) -> int:
@@ -250,6 +261,10 @@ class ModelRunner:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
 
+    def graph_buckets(self) -> list[int]:
+        """The batch sizes this rank replays as graphs (empty: it decodes eagerly)."""
+        return [] if self.graph_runner is None else list(self.graph_runner.buckets)
+
     def set_graphs_enabled(self, enabled: bool) -> None:
         self.graphs_enabled = enabled
 
@@ -297,11 +312,19 @@ class ModelRunner:
         if self.parallel.pp_size > 1:
             from graphwise.runner.pipeline import pipeline_forward
 
-            return pipeline_forward(self, inputs), False
+            return pipeline_forward(self, inputs)
+        return self.stage_forward(inputs)
+
+    def stage_forward(
+        self, inputs: StepInputs, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[Any, bool]:
+        """This rank's layers on the step (a graph replay where one fits, else eagerly), and
+        whether a graph ran: hidden states, or (hidden, residual) on a pipeline stage before
+        the last; `intermediate` is the previous stage's on a stage after the first."""
         graphs = self.graph_runner
         if graphs is not None and self.graphs_enabled and graphs.can_replay(inputs):
-            return graphs.replay(inputs), True
-        return self.run_model(inputs.input_ids, inputs.positions, inputs.meta), False
+            return graphs.replay(inputs, intermediate), True
+        return self.run_model(inputs.input_ids, inputs.positions, inputs.meta, intermediate), False
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> StepHandle:
@@ -369,12 +392,13 @@ class ModelRunner:
             raise RuntimeError("a micro-batch's grammar mask is filled when it is scheduled")
         self.tracer.push("forward")
         try:
-            rows = launch_stage(self, inputs, self._sends)
+            rows, used_graph = launch_stage(self, inputs, self._sends)
         finally:
             self.tracer.pop()
         if self.parallel.is_first_stage:
-            self._staged.append(_StagedBatch(step.step_id, inputs, rows, step.grammar))
-        return StepHandle([], None, False)
+            staged = _StagedBatch(step.step_id, inputs, rows, step.grammar, used_graph)
+            self._staged.append(staged)
+        return StepHandle([], None, used_graph)
 
     @torch.inference_mode()
     def finish_step(self, step_id: int) -> StepHandle:
@@ -392,7 +416,7 @@ class ModelRunner:
         inputs = staged.inputs
         req_ids = [r.request_id for r in inputs.sampled]
         if staged.rows is None:
-            return self._handle([], None, False, None, None)
+            return self._handle([], None, staged.used_graph, None, None)
         self.tracer.push("finish")
         try:
             self.tracer.push("logits")
@@ -402,7 +426,9 @@ class ModelRunner:
                 self.tracer.pop()
             self.tracer.push("sample")
             try:
-                return self._sample_and_share(logits, inputs, req_ids, False, None, staged.grammar)
+                return self._sample_and_share(
+                    logits, inputs, req_ids, staged.used_graph, None, staged.grammar
+                )
             finally:
                 self.tracer.pop()
         finally:

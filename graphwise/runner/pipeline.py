@@ -27,34 +27,37 @@ if TYPE_CHECKING:
     from graphwise.runner.model_runner import ModelRunner
 
 
-def pipeline_forward(runner: ModelRunner, inputs: StepInputs) -> torch.Tensor:
-    """Stage 0 returns [T, H] hidden states of which the sampled rows (inputs.logits_indices)
-    are filled; other stages return theirs."""
+def _stage(runner: ModelRunner, inputs: StepInputs) -> tuple[Any, bool]:
+    """This stage's layers on the step (after receiving the previous stage's output)."""
     ctx = runner.parallel
+    if ctx.is_first_stage:
+        return runner.stage_forward(inputs)
     T = inputs.input_ids.shape[0]
     H = runner.model_config.hidden_size
-    dtype, device = runner.dtype, runner.device
-    if ctx.is_first_stage:
-        out = runner.run_model(inputs.input_ids, inputs.positions, inputs.meta)
-    else:
-        buf = torch.empty(2, T, H, dtype=dtype, device=device)
-        dist.recv(buf, src=ctx.stage_rank(ctx.pp_rank - 1))
-        out = runner.run_model(
-            inputs.input_ids, inputs.positions, inputs.meta, intermediate=(buf[0], buf[1])
-        )
+    buf = torch.empty(2, T, H, dtype=runner.dtype, device=runner.device)
+    dist.recv(buf, src=ctx.stage_rank(ctx.pp_rank - 1))
+    return runner.stage_forward(inputs, (buf[0], buf[1]))
+
+
+def pipeline_forward(runner: ModelRunner, inputs: StepInputs) -> tuple[torch.Tensor, bool]:
+    """Stage 0 returns [T, H] hidden states of which the sampled rows (inputs.logits_indices)
+    are filled; other stages return theirs. With whether this stage replayed a graph."""
+    ctx = runner.parallel
+    out, used_graph = _stage(runner, inputs)
     n = inputs.logits_indices.numel()
     if not ctx.is_last_stage:
         dist.send(torch.stack(out), dst=ctx.stage_rank(ctx.pp_rank + 1))
     elif n:
         dist.send(out[inputs.logits_indices].contiguous(), dst=ctx.stage_rank(0))
     if not ctx.is_first_stage:
-        return out if ctx.is_last_stage else out[0]
-    hidden = torch.empty(T, H, dtype=dtype, device=device)
+        return (out if ctx.is_last_stage else out[0]), used_graph
+    H = runner.model_config.hidden_size
+    hidden = torch.empty(inputs.input_ids.shape[0], H, dtype=runner.dtype, device=runner.device)
     if n:
-        rows = torch.empty(n, H, dtype=dtype, device=device)
+        rows = torch.empty(n, H, dtype=runner.dtype, device=runner.device)
         dist.recv(rows, src=ctx.stage_rank(ctx.pp_size - 1))
         hidden[inputs.logits_indices] = rows
-    return hidden
+    return hidden, used_graph
 
 
 @dataclass
@@ -91,28 +94,21 @@ class PendingSends:
 
 def launch_stage(
     runner: ModelRunner, inputs: StepInputs, sends: PendingSends
-) -> PendingRows | None:
+) -> tuple[PendingRows | None, bool]:
     """Run this stage's share of a micro-batch and pass it on without waiting for the peer.
     Stage 0 returns the posted receive of the rows to sample (None when none samples); a later
-    stage returns None once its result is on its way."""
+    stage returns None once its result is on its way. With whether this stage replayed a
+    graph (the sent tensors are copies: the graph's output buffers are reused by the next)."""
     ctx = runner.parallel
-    T = inputs.input_ids.shape[0]
-    H = runner.model_config.hidden_size
-    dtype, device = runner.dtype, runner.device
-    if ctx.is_first_stage:
-        out = runner.run_model(inputs.input_ids, inputs.positions, inputs.meta)
-    else:
-        buf = torch.empty(2, T, H, dtype=dtype, device=device)
-        dist.recv(buf, src=ctx.stage_rank(ctx.pp_rank - 1))
-        out = runner.run_model(
-            inputs.input_ids, inputs.positions, inputs.meta, intermediate=(buf[0], buf[1])
-        )
+    out, used_graph = _stage(runner, inputs)
     n = inputs.logits_indices.numel()
     if not ctx.is_last_stage:
         sends.send(torch.stack(out), ctx.stage_rank(ctx.pp_rank + 1))
     elif n:
         sends.send(out[inputs.logits_indices].contiguous(), ctx.stage_rank(0))
     if not ctx.is_first_stage or not n:
-        return None
-    rows = torch.empty(n, H, dtype=dtype, device=device)
-    return PendingRows(rows, dist.irecv(rows, src=ctx.stage_rank(ctx.pp_size - 1)))
+        return None, used_graph
+    H = runner.model_config.hidden_size
+    rows = torch.empty(n, H, dtype=runner.dtype, device=runner.device)
+    work = dist.irecv(rows, src=ctx.stage_rank(ctx.pp_size - 1))
+    return PendingRows(rows, work), used_graph

@@ -1,0 +1,227 @@
+"""Pipeline-parallel decode throughput: one batch in flight against micro-batches.
+
+    python scripts/pp_microbatch_bench.py --preset llama3-8b --pp 2 --batch-size 64 \
+        --output benchmarks/results/pp-microbatch-h200x2.json          (two GPUs)
+    python scripts/pp_microbatch_bench.py --cpu-proxy --output ...     (a CPU stand-in)
+
+For each `--micro-batches` value m (default 1 and pp) an engine with pipeline_parallel_size=pp
+and pipeline_micro_batches=m decodes `--batch-size` sequences (random prompts of `--input-len`
+tokens, greedy, ignore_eos). Decode throughput is counted while every sequence decodes (after each has its
+first two tokens, until the first is two short of its end: no prefill, no drain), on a fresh
+engine per run after a warm-up, the modes alternating; the median of `--repeats` runs.
+
+`--cpu-proxy` writes a small Llama config (hidden 512, 8 layers, vocab 8192; dummy fp32
+weights) so that each stage has real matrix work on a CPU core: the stages are processes with
+one thread each, overlapping only if the machine has a core per stage to spare. It is a proxy
+for the ratio, not for GPU numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from graphwise import LLM, SamplingParams  # noqa: E402
+from graphwise.bench.offline import environment  # noqa: E402
+
+CPU_PROXY = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 8192,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+
+
+def _commit() -> str:
+    env = os.environ.get("GRAPHWISE_COMMIT")
+    if env:
+        return env
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def _decode_rate(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+    """Tokens per second while every sequence decodes: from the step after which each has its
+    first two tokens to the one after which the first reaches output_len - 2 (no prefill, no
+    drain); and the number of engine steps in that window."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    rids = [engine.add_request(None, params, prompt_token_ids=p) for p in prompts]
+    seqs = [engine.scheduler.requests[r] for r in rids]
+    t0 = n0 = None
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        done = [s.num_known_output_tokens for s in seqs]
+        if t0 is None:
+            if min(done) >= 2:
+                t0, n0 = time.perf_counter(), sum(done)
+            continue
+        steps += 1
+        if max(done) >= output_len - 2:
+            rate = (sum(done) - n0) / (time.perf_counter() - t0)
+            while engine.has_unfinished_requests():
+                engine.step()
+            return rate, steps
+    raise RuntimeError("the decode window never opened: raise --output-len")
+
+
+def _measure(options: dict, args: argparse.Namespace, vocab: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    bs = args.batch_size
+    llm = LLM(**options)
+    try:
+        engine = llm.llm_engine
+        warm = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
+        _decode_rate(llm, warm, 8)
+        prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
+        rate, steps = _decode_rate(llm, prompts, args.output_len)
+        return {
+            "pp": options.get("pipeline_parallel_size", 1),
+            "micro_batches": engine.num_micro_batches,
+            "batch_size": bs,
+            "decode_tokens_per_s": round(rate, 2),
+            # wall time per decode step of the whole batch (every sequence's next token)
+            "decode_ms_per_batch_step": round(bs / rate * 1e3, 3),
+            "engine_steps": steps,
+            "load_average_1m": os.getloadavg()[0],
+        }
+    finally:
+        llm.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--cpu-proxy", action="store_true", help="the small CPU stand-in model")
+    parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--micro-batches", default=None, help="comma list (default: 1,pp)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--single", action="store_true", help="also time pp=1 (one process)")
+    parser.add_argument("--label", default=None)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+
+    tmp = None
+    model_desc: dict = {}
+    if args.cpu_proxy:
+        tmp = tempfile.TemporaryDirectory()
+        (Path(tmp.name) / "config.json").write_text(json.dumps(CPU_PROXY))
+        common = {"model": tmp.name, "load_format": "dummy", "dtype": "float32", "device": "cpu"}
+        model_desc = {"config": CPU_PROXY, "weights": "dummy"}
+        vocab = CPU_PROXY["vocab_size"]
+    else:
+        common = {"dtype": args.dtype, "device": args.device, "load_format": "dummy"}
+        if args.preset:
+            common["preset"] = args.preset
+        elif args.model:
+            common = {"model": args.model, "dtype": args.dtype, "device": args.device}
+        else:
+            parser.error("one of --preset, --model, --cpu-proxy")
+        if args.num_layers:
+            common["num_layers"] = args.num_layers
+        model_desc = {"preset": args.preset, "model": args.model, "num_layers": args.num_layers}
+        vocab = 32000
+    common.update(
+        max_num_seqs=args.batch_size,
+        max_model_len=args.input_len + args.output_len + 16,
+        enable_prefix_caching=False,
+    )
+    micro = [int(m) for m in (args.micro_batches or f"1,{args.pp}").split(",")]
+    runs = []
+    for rep in range(args.repeats):  # the modes alternate: drift in the machine's load is shared
+        if args.single:
+            runs.append(_measure(dict(common), args, vocab, seed=rep))
+            print(json.dumps(runs[-1]), flush=True)
+        for m in micro:
+            options = dict(common, pipeline_parallel_size=args.pp, pipeline_micro_batches=m)
+            runs.append(_measure(options, args, vocab, seed=rep))
+            print(json.dumps(runs[-1]), flush=True)
+    rows = []
+    for key in dict.fromkeys((r["pp"], r["micro_batches"]) for r in runs):
+        same = [r for r in runs if (r["pp"], r["micro_batches"]) == key]
+        rates = [r["decode_tokens_per_s"] for r in same]
+        rate = statistics.median(rates)
+        rows.append(
+            {
+                "pp": key[0],
+                "micro_batches": key[1],
+                "batch_size": args.batch_size,
+                "decode_tokens_per_s": round(rate, 2),
+                "decode_ms_per_batch_step": round(args.batch_size / rate * 1e3, 3),
+                "decode_tokens_per_s_runs": rates,
+            }
+        )
+    by_m = {r["micro_batches"]: r for r in rows if r["pp"] == args.pp}
+    ratio = None
+    if 1 in by_m and len(by_m) > 1:
+        best = max(m for m in by_m if m > 1)
+        ratio = round(by_m[best]["decode_tokens_per_s"] / by_m[1]["decode_tokens_per_s"], 3)
+    device, versions = environment()
+    report = {
+        "label": args.label,
+        "what": (
+            f"PP={args.pp} decode throughput at batch {args.batch_size}: one batch in flight "
+            "(pipeline_micro_batches=1) against micro-batches"
+        ),
+        "method": (
+            f"{args.batch_size} random {args.input_len}-token prompts decoding {args.output_len} "
+            "tokens (greedy, ignore_eos) through engine.step(); tokens per second from when "
+            "every sequence has 2 tokens until the first has output_len - 2 (no prefill, no "
+            f"drain); a fresh engine per run after a warm-up generation, modes alternating, "
+            f"median of {args.repeats} runs"
+        ),
+        "target": "H200 x2: PP=2 decode throughput at bs64 >= 1.6x one batch in flight",
+        "model": model_desc,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "rows": rows,
+        "runs": runs,
+        "micro_over_one_batch": ratio,
+        "device": device,
+        "versions": versions,
+        "commit": _commit(),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+    }
+    print(json.dumps({"micro_over_one_batch": ratio}))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
