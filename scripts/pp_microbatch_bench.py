@@ -90,28 +90,38 @@ def _decode_rate(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[f
     raise RuntimeError("the decode window never opened: raise --output-len")
 
 
-def _measure(options: dict, args: argparse.Namespace, vocab: int, seed: int) -> dict:
-    rng = random.Random(seed)
+def _measure(options: dict, args: argparse.Namespace, vocab: int, seeds: list[int]) -> list[dict]:
+    """One engine: a warm-up generation, then one timed run per seed."""
     bs = args.batch_size
     llm = LLM(**options)
+    runs = []
     try:
         engine = llm.llm_engine
+        rng = random.Random(1000 + seeds[0])
         warm = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
         _decode_rate(llm, warm, 8)
-        prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
-        rate, steps = _decode_rate(llm, prompts, args.output_len)
-        return {
-            "pp": options.get("pipeline_parallel_size", 1),
-            "micro_batches": engine.num_micro_batches,
-            "batch_size": bs,
-            "decode_tokens_per_s": round(rate, 2),
-            # wall time per decode step of the whole batch (every sequence's next token)
-            "decode_ms_per_batch_step": round(bs / rate * 1e3, 3),
-            "engine_steps": steps,
-            "load_average_1m": os.getloadavg()[0],
-        }
+        for seed in seeds:
+            # fresh prompts each run: no prefix-cache hit makes a run's prefill cheaper
+            rng = random.Random(seed)
+            prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(bs)]
+            rate, steps = _decode_rate(llm, prompts, args.output_len)
+            runs.append(
+                {
+                    "pp": options.get("pipeline_parallel_size", 1),
+                    "micro_batches": engine.num_micro_batches,
+                    "batch_size": bs,
+                    "decode_tokens_per_s": round(rate, 2),
+                    # wall time per decode step of the whole batch (each sequence's next token)
+                    "decode_ms_per_batch_step": round(bs / rate * 1e3, 3),
+                    "engine_steps": steps,
+                    "graph_steps": engine.get_stats().steps_graph,
+                    "load_average_1m": os.getloadavg()[0],
+                }
+            )
+            print(json.dumps(runs[-1]), flush=True)
     finally:
         llm.shutdown()
+    return runs
 
 
 def main() -> None:
@@ -129,7 +139,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--single", action="store_true", help="also time pp=1 (one process)")
+    parser.add_argument(
+        "--engine-per-run",
+        action="store_true",
+        help="a fresh engine for every run, the modes alternating (a machine whose load drifts; "
+        "default with --cpu-proxy); else one engine per mode for all its runs",
+    )
     parser.add_argument("--label", default=None)
+    parser.add_argument("--note", default=None, help="free text recorded with the results")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
 
@@ -159,15 +176,17 @@ def main() -> None:
         enable_prefix_caching=False,
     )
     micro = [int(m) for m in (args.micro_batches or f"1,{args.pp}").split(",")]
-    runs = []
-    for rep in range(args.repeats):  # the modes alternate: drift in the machine's load is shared
-        if args.single:
-            runs.append(_measure(dict(common), args, vocab, seed=rep))
-            print(json.dumps(runs[-1]), flush=True)
-        for m in micro:
-            options = dict(common, pipeline_parallel_size=args.pp, pipeline_micro_batches=m)
-            runs.append(_measure(options, args, vocab, seed=rep))
-            print(json.dumps(runs[-1]), flush=True)
+    modes = [dict(common)] if args.single else []
+    modes += [dict(common, pipeline_parallel_size=args.pp, pipeline_micro_batches=m) for m in micro]
+    runs: list[dict] = []
+    per_run = args.engine_per_run or args.cpu_proxy
+    if per_run:
+        for rep in range(args.repeats):  # modes alternate: the machine's load drift is shared
+            for options in modes:
+                runs += _measure(options, args, vocab, [rep])
+    else:
+        for options in modes:
+            runs += _measure(options, args, vocab, list(range(args.repeats)))
     rows = []
     for key in dict.fromkeys((r["pp"], r["micro_batches"]) for r in runs):
         same = [r for r in runs if (r["pp"], r["micro_batches"]) == key]
@@ -191,6 +210,7 @@ def main() -> None:
     device, versions = environment()
     report = {
         "label": args.label,
+        "note": args.note,
         "what": (
             f"PP={args.pp} decode throughput at batch {args.batch_size}: one batch in flight "
             "(pipeline_micro_batches=1) against micro-batches"
@@ -199,8 +219,13 @@ def main() -> None:
             f"{args.batch_size} random {args.input_len}-token prompts decoding {args.output_len} "
             "tokens (greedy, ignore_eos) through engine.step(); tokens per second from when "
             "every sequence has 2 tokens until the first has output_len - 2 (no prefill, no "
-            f"drain); a fresh engine per run after a warm-up generation, modes alternating, "
-            f"median of {args.repeats} runs"
+            "drain), after a warm-up generation; "
+            + (
+                "a fresh engine per run, the modes alternating; "
+                if per_run
+                else "one engine per mode; "
+            )
+            + f"median of {args.repeats} runs"
         ),
         "target": "H200 x2: PP=2 decode throughput at bs64 >= 1.6x one batch in flight",
         "model": model_desc,
@@ -208,6 +233,7 @@ def main() -> None:
         "output_len": args.output_len,
         "rows": rows,
         "runs": runs,
+        "pp_cuda_graphs": os.environ.get("GRAPHWISE_PP_CUDA_GRAPHS", "0"),
         "micro_over_one_batch": ratio,
         "device": device,
         "versions": versions,

@@ -4,6 +4,8 @@ preemption, chunked prefill, prefix caching, aborts, n > 1, penalties and logpro
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from graphwise import SamplingParams
@@ -129,3 +131,21 @@ def test_failing_stage_under_micro_batches_is_an_error(tiny_model_dir, make_llm,
     with pytest.raises(RuntimeError, match="(?s)rank 1 raised:.*injected failure"):
         generate(llm, prompts()[:3])
     assert not llm.llm_engine.alive
+
+
+def test_shutdown_with_micro_batches_in_flight_leaves_no_workers(tiny_model_dir, make_llm):
+    from tests.distributed.conftest import alive, worker_pids
+
+    llm = make_llm(tiny_model_dir("llama"), pipeline_parallel_size=2)
+    engine = llm.llm_engine
+    for p in prompts()[:4]:
+        engine.add_request(None, GREEDY, prompt_token_ids=p)
+    while len(engine._inflight) < 1 or not engine.executor.driver._staged:
+        engine.step()
+    assert engine.executor.driver._staged  # a launched batch stage 0 has not finished
+    pids = worker_pids(llm)
+    llm.shutdown()
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
