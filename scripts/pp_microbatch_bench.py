@@ -28,12 +28,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from graphwise import LLM, SamplingParams  # noqa: E402
 from graphwise.bench.offline import environment  # noqa: E402
 
+PAIRED_METHOD = (
+    "{bs} random {input_len}-token prompts decoding (greedy, ignore_eos) as one standing batch "
+    "per mode, each mode's engine in its own process (idle while another runs); {windows} "
+    "alternating windows of {window} tokens per sequence per mode (the order flips every "
+    "window); tokens per second per window; the ratio is the median over windows of micro / "
+    "one-batch in the same pair of neighbouring windows"
+)
 CPU_PROXY = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -124,6 +132,99 @@ def _measure(options: dict, args: argparse.Namespace, vocab: int, seeds: list[in
     return runs
 
 
+# ---- paired windows: a machine shared with other work --------------------------------------
+def _paired_child(options: dict, args_dict: dict, vocab: int, conn: Any) -> None:
+    """One engine decoding a standing batch; each "window" request decodes `window` more tokens
+    per sequence and answers with tokens per second."""
+    try:
+        bs, window = args_dict["batch_size"], args_dict["window"]
+        llm = LLM(**options)
+        engine = llm.llm_engine
+        rng = random.Random(0)
+        params = SamplingParams(temperature=0, max_tokens=args_dict["max_tokens"], ignore_eos=True)
+        seqs = []
+        for _ in range(bs):
+            ids = [rng.randrange(vocab) for _ in range(args_dict["input_len"])]
+            rid = engine.add_request(None, params, prompt_token_ids=ids)
+            seqs.append(engine.scheduler.requests[rid])
+        while min(s.num_known_output_tokens for s in seqs) < 2:  # past the prefill
+            engine.step()
+        conn.send(("ready", engine.num_micro_batches))
+        while conn.recv() == "window":
+            start = sum(s.num_known_output_tokens for s in seqs)
+            goal = min(s.num_known_output_tokens for s in seqs) + window
+            t = time.perf_counter()
+            while min(s.num_known_output_tokens for s in seqs) < goal:
+                engine.step()
+            elapsed = time.perf_counter() - t
+            done = sum(s.num_known_output_tokens for s in seqs) - start
+            conn.send((done / elapsed, os.getloadavg()[0]))
+        llm.shutdown()
+    except BaseException as exc:  # report, then exit
+        conn.send(("error", repr(exc)))
+        raise
+
+
+def _paired(modes: list[dict], args: argparse.Namespace, vocab: int) -> list[dict]:
+    """Every mode's engine is built first (each in its own process, idle while another runs);
+    then windows alternate between them, so neighbouring windows share the machine's load of
+    the moment."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    args_dict = {
+        "batch_size": args.batch_size,
+        "window": args.window,
+        "input_len": args.input_len,
+        "max_tokens": args.output_len,
+    }
+    children: list[tuple[dict, Any, Any]] = []
+    try:
+        for options in modes:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_paired_child, args=(options, args_dict, vocab, child))
+            proc.start()
+            reply = parent.recv()
+            if reply[0] != "ready":
+                raise RuntimeError(f"engine failed: {reply}")
+            children.append((dict(options, micro=reply[1]), proc, parent))
+        for _, _, conn in children:  # one untimed window each: first-step costs are not timed
+            conn.send("window")
+            if conn.recv()[0] == "error":
+                raise RuntimeError("engine failed in its warm-up window")
+        runs = []
+        for rep in range(args.repeats):
+            order = children if rep % 2 == 0 else children[::-1]  # neither always goes first
+            for options, _, conn in order:
+                conn.send("window")
+                reply = conn.recv()
+                if reply[0] == "error":
+                    raise RuntimeError(f"engine failed: {reply}")
+                rate, load = reply
+                runs.append(
+                    {
+                        "pp": options.get("pipeline_parallel_size", 1),
+                        "micro_batches": options["micro"],
+                        "batch_size": args.batch_size,
+                        "window": rep,
+                        "decode_tokens_per_s": round(rate, 2),
+                        "decode_ms_per_batch_step": round(args.batch_size / rate * 1e3, 3),
+                        "load_average_1m": load,
+                    }
+                )
+                print(json.dumps(runs[-1]), flush=True)
+        return runs
+    finally:
+        for _, proc, conn in children:
+            try:
+                conn.send("stop")
+            except OSError:
+                pass
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default=None)
@@ -139,6 +240,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--single", action="store_true", help="also time pp=1 (one process)")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="every mode's engine standing at once (each in its own process, one running at a "
+        "time), timed in alternating windows of --window tokens per sequence, --repeats "
+        "windows each: for a machine shared with other work (default with --cpu-proxy)",
+    )
+    parser.add_argument("--window", type=int, default=8, help="tokens per sequence per window")
     parser.add_argument(
         "--engine-per-run",
         action="store_true",
@@ -170,6 +279,9 @@ def main() -> None:
             common["num_layers"] = args.num_layers
         model_desc = {"preset": args.preset, "model": args.model, "num_layers": args.num_layers}
         vocab = 32000
+    paired = args.paired or (args.cpu_proxy and not args.engine_per_run)
+    if paired:  # one standing batch decodes every window: room for all of them
+        args.output_len = max(args.output_len, args.repeats * args.window + 8)
     common.update(
         max_num_seqs=args.batch_size,
         max_model_len=args.input_len + args.output_len + 16,
@@ -179,8 +291,10 @@ def main() -> None:
     modes = [dict(common)] if args.single else []
     modes += [dict(common, pipeline_parallel_size=args.pp, pipeline_micro_batches=m) for m in micro]
     runs: list[dict] = []
-    per_run = args.engine_per_run or args.cpu_proxy
-    if per_run:
+    per_run = args.engine_per_run
+    if paired:
+        runs = _paired(modes, args, vocab)
+    elif per_run:
         for rep in range(args.repeats):  # modes alternate: the machine's load drift is shared
             for options in modes:
                 runs += _measure(options, args, vocab, [rep])
@@ -204,9 +318,18 @@ def main() -> None:
         )
     by_m = {r["micro_batches"]: r for r in rows if r["pp"] == args.pp}
     ratio = None
+    pair_ratios: list[float] = []
     if 1 in by_m and len(by_m) > 1:
         best = max(m for m in by_m if m > 1)
         ratio = round(by_m[best]["decode_tokens_per_s"] / by_m[1]["decode_tokens_per_s"], 3)
+        if paired:  # neighbouring windows share the machine's load: compare them pairwise
+            one = [r for r in runs if r["pp"] == args.pp and r["micro_batches"] == 1]
+            many = [r for r in runs if r["pp"] == args.pp and r["micro_batches"] == best]
+            pair_ratios = [
+                round(b["decode_tokens_per_s"] / a["decode_tokens_per_s"], 3)
+                for a, b in zip(one, many, strict=True)
+            ]
+            ratio = round(statistics.median(pair_ratios), 3)
     device, versions = environment()
     report = {
         "label": args.label,
@@ -215,7 +338,11 @@ def main() -> None:
             f"PP={args.pp} decode throughput at batch {args.batch_size}: one batch in flight "
             "(pipeline_micro_batches=1) against micro-batches"
         ),
-        "method": (
+        "method": PAIRED_METHOD.format(
+            bs=args.batch_size, input_len=args.input_len, windows=args.repeats, window=args.window
+        )
+        if paired
+        else (
             f"{args.batch_size} random {args.input_len}-token prompts decoding {args.output_len} "
             "tokens (greedy, ignore_eos) through engine.step(); tokens per second from when "
             "every sequence has 2 tokens until the first has output_len - 2 (no prefill, no "
@@ -235,6 +362,7 @@ def main() -> None:
         "runs": runs,
         "pp_cuda_graphs": os.environ.get("GRAPHWISE_PP_CUDA_GRAPHS", "0"),
         "micro_over_one_batch": ratio,
+        "micro_over_one_batch_by_window": pair_ratios,
         "device": device,
         "versions": versions,
         "commit": _commit(),

@@ -117,12 +117,8 @@ class LLMEngine:
         self._compiling: list[Sequence] = []  # constrained requests whose grammar is compiling
         self._ids = itertools.count()
         self.async_scheduling = config.async_scheduling
-        # Launched steps not resolved yet, oldest first. A step resolves the oldest once more
-        # than `_resolve_above` are in flight (or when it launched nothing): 0 runs one step at
-        # a time; 1 is async scheduling (step N+1 launched before step N resolves); m - 1 with
-        # m pipeline micro-batches (engine/microbatch.py), each its own sequences.
+        # Launched steps not resolved yet, oldest first (see _resolve_above).
         self.num_micro_batches = config.num_pipeline_batches
-        self._resolve_above = max(1, self.num_micro_batches - 1) if self.async_scheduling else 0
         self._inflight: deque[_Launched] = deque()
         self.step_log: StepSink | None = None  # set to record where each step's time goes
         self.tracer: Tracer = NULL_TRACER
@@ -324,7 +320,7 @@ class LLMEngine:
         if launched is not None:
             inflight.append(launched)
         previous = None
-        if inflight and (len(inflight) > self._resolve_above or launched is None):
+        if inflight and (len(inflight) > self._resolve_above() or launched is None):
             previous = inflight.popleft()
         updates: list[RequestUpdate] = grammar_failed + failed
         wait_s = 0.0
@@ -362,6 +358,15 @@ class LLMEngine:
                 )
             )
         return outputs
+
+    def _resolve_above(self) -> int:
+        """A step resolves the oldest step in flight once more than this many are (or when it
+        launched nothing): 0 runs one step at a time; 1 is async scheduling (step N+1 launched
+        before step N resolves); m - 1 with m pipeline micro-batches (engine/microbatch.py),
+        each its own sequences. Read each step: benchmarks switch async scheduling."""
+        if not self.async_scheduling:
+            return 0
+        return max(1, self.num_micro_batches - 1)
 
     def _launch(
         self, step: SchedulerOutput, deferred: bool = False
