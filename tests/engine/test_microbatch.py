@@ -160,3 +160,16 @@ def test_engine_config_refuses_micro_batches_it_cannot_run():
         EngineConfig(pipeline_parallel_size=2, pipeline_micro_batches=2, async_scheduling=False)
     with pytest.raises(ValueError, match="pipeline_micro_batches must be a positive integer"):
         EngineConfig(pipeline_parallel_size=2, pipeline_micro_batches=0)
+
+
+def test_the_cli_flag_sets_the_option():
+    import argparse
+
+    from graphwise.config import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--pp", "4", "--pipeline-micro-batches", "2"])
+    config = engine_config_from_args(args)
+    assert config.pipeline_micro_batches == 2 and config.num_pipeline_batches == 2
+    assert engine_config_from_args(parser.parse_args(["--pp", "2"])).num_pipeline_batches == 2
