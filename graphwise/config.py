@@ -122,6 +122,12 @@ class EngineConfig:
     max_logprobs: int = 20  # the most logprobs (and prompt logprobs) a request may ask for
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Batches in flight at once under pipeline parallelism (micro-batches, each with its own
+    # sequences) so that the stages overlap: None is pipeline_parallel_size with async
+    # scheduling, 1 without; 1 runs one batch at a time (the stages take turns). See
+    # docs/parallel.md and engine/microbatch.py. (graphwise's option: vLLM sizes its batch
+    # queue by pipeline_parallel_size and has no flag for it.)
+    pipeline_micro_batches: int | None = None
     data_parallel_size: int = 1
     # Speculative decoding, vLLM's shape: {"method": "ngram", "num_speculative_tokens": k,
     # "prompt_lookup_max": n, "prompt_lookup_min": m} (a dict, its JSON text or a
@@ -157,6 +163,7 @@ class EngineConfig:
         for name in (
             "max_model_len",
             "max_num_batched_tokens",
+            "pipeline_micro_batches",
             "num_layers",
             "num_gpu_blocks_override",
             "cuda_graph_max_bs",
@@ -190,6 +197,17 @@ class EngineConfig:
             raise ValueError(f"quantization must be a format name, got {self.quantization!r}")
         if self.cuda_graph_min_speedup <= 0:
             raise ValueError("cuda_graph_min_speedup must be positive")
+        if self.pipeline_micro_batches is not None and self.pipeline_micro_batches > 1:
+            if self.pipeline_parallel_size == 1:
+                raise ValueError(
+                    "pipeline_micro_batches > 1 needs pipeline_parallel_size > 1 (micro-batches "
+                    "overlap pipeline stages)"
+                )
+            if not self.async_scheduling:
+                raise ValueError(
+                    "pipeline_micro_batches > 1 needs async_scheduling (a batch is launched "
+                    "before the ones ahead of it resolve)"
+                )
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.speculative_config is not None:
             parallel = {
@@ -210,6 +228,14 @@ class EngineConfig:
         spec = self.speculative_config
         assert spec is None or isinstance(spec, SpeculativeConfig)
         return spec
+
+    @property
+    def num_pipeline_batches(self) -> int:
+        """Batches in flight at once: 1 without pipeline parallelism or async scheduling,
+        else pipeline_micro_batches (default: one per stage)."""
+        if self.pipeline_parallel_size == 1 or not self.async_scheduling:
+            return 1
+        return self.pipeline_micro_batches or self.pipeline_parallel_size
 
     @property
     def use_cuda_graph(self) -> CudaGraphMode:
@@ -300,6 +326,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1)
+    g.add_argument(
+        "--pipeline-micro-batches",
+        type=int,
+        default=None,
+        help="batches in flight under pipeline parallelism, so stages overlap (default: one "
+        "per stage with async scheduling; 1: one batch at a time)",
+    )
     g.add_argument("--data-parallel-size", "--dp", type=int, default=1)
 
 

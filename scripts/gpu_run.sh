@@ -4,7 +4,7 @@
 # travel in .whl/). Logs and JSON go to $OUT (default ./out).
 #   scripts/gpu_run.sh [tests] [latency] [throughput] [roofline] [explain] [sweep] [offline]
 #                      [capture] [moe] [kernels] [tp2] [models-tests] [models] [sampling]
-#                      [quant-kernels] [quant-int4] [moe-small] [spec] [kv-fp8]
+#                      [quant-kernels] [quant-int4] [moe-small] [spec] [kv-fp8] [pp-micro]
 #   Result files are named after the GPU: GPU_TAG (default h200; older runs wrote -h100).
 #   (default: tests latency). Everything under $OUT is packed into results.tgz at the end.
 #   models-tests: the GPU tests of issue 16's families (tiny models vs HF on Triton, graphs vs
@@ -36,6 +36,14 @@
 #   spec: tests/gpu/test_spec_decode_gpu.py, then scripts/spec_bench.py (plain vs n-gram
 #   speculation, k = SPEC_K, batch SPEC_BATCH, on SPEC_MODEL or the dummy SPEC_PRESET) into
 #   spec-decode-${GPU_TAG:-h200}.json: ms per output token, acceptance, verify vs decode step.
+#   pp-micro (two GPUs, nvidia-h200-x2): issue 19 items 4-5. tests/gpu/test_pp_microbatch_gpu.py
+#   (PP=2 micro-batches vs one GPU under NCCL, eager and with stage graphs, `auto` under PP;
+#   PP_TESTS=0 skips), then scripts/pp_microbatch_bench.py: PP=2 decode throughput at batch
+#   PP_BATCH (64) on PP_PRESET (llama3-8b, dummy bf16), one batch in flight against two
+#   micro-batches (target >= 1.6x), for each PP_GRAPHS value (default "0 1": eager stages, then
+#   each stage replaying its CUDA graphs, GRAPHWISE_PP_CUDA_GRAPHS=1 with cuda_graph=auto) into
+#   pp-microbatch-graphs<0|1>-${GPU_TAG:-h200}x2.json. If it does not fit one 10-minute call,
+#   split: PP_GRAPHS=0, then PP_TESTS=0 PP_GRAPHS=1.
 #   Through the device tool: carry .whl (server/test wheels for Python 3.12) and, for `sweep`,
 #   .gpudata (ShareGPT subset + SmolLM2 tokenizer: see benchmarks/sweep-h100-device.yaml);
 #   pass GRAPHWISE_COMMIT=$(git rev-parse HEAD) so the results record the commit.
@@ -105,8 +113,8 @@ for step in "${steps[@]}"; do
       timeout 200 python3 benchmarks/kernels_bench.py 2>&1 | tee "$OUT/kernels.log" | tail -20 || status=1 ;;
     tp2)
       # two GPUs: Llama-3-8B shape decode at TP=2, graph vs eager in one engine (every rank
-      # switches), then the auto graph decision made under TP (the ranks agree on rank 0's
-      # timings) and a short generate through it.
+      # switches), then the auto graph decision made under TP (every rank adopts the slowest
+      # rank's timings) and a short generate through it.
       timeout 300 python3 -m graphwise.cli bench latency --preset llama3-8b --tp 2 \
         --batch-sizes "${TP_LAT_BATCH:-1,8,64}" --input-len 32 --output-len "${LAT_OUT:-256}" \
         --compare graph,eager --output "$OUT/latency-tp2-${TAG}x2.json" \
@@ -214,6 +222,20 @@ for step in "${steps[@]}"; do
       done
       python3 benchmarks/kv_fp8_report.py "$OUT" --output "$OUT/kv-fp8-$TAG.json" \
         2>&1 | tee -a "$OUT/kv-fp8.log" || status=1 ;;
+    pp-micro)
+      # issue 19 items 4-5 (two GPUs): see the header.
+      if [ "${PP_TESTS:-1}" != 0 ]; then
+        timeout 300 python3 -m pytest tests/gpu/test_pp_microbatch_gpu.py -m gpu -q -p no:cacheprovider \
+          2>&1 | tee "$OUT/pp-micro-tests.log" | tail -8 || status=1
+      fi
+      for graphs in ${PP_GRAPHS:-0 1}; do
+        GRAPHWISE_PP_CUDA_GRAPHS=$graphs timeout 420 python3 scripts/pp_microbatch_bench.py \
+          --preset "${PP_PRESET:-llama3-8b}" --pp 2 --batch-size "${PP_BATCH:-64}" --dtype bfloat16 \
+          --device cuda --output-len "${PP_OUT:-64}" --repeats "${PP_REPEATS:-3}" \
+          --label "${TAG}x2, PP=2, stage graphs=$graphs" \
+          --output "$OUT/pp-microbatch-graphs$graphs-${TAG}x2.json" \
+          2>&1 | tee "$OUT/pp-microbatch-graphs$graphs.log" | grep "^{" || status=1
+      done ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

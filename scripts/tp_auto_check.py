@@ -1,8 +1,9 @@
 """The measured CUDA-graph decision under tensor parallelism, on two GPUs (scripts/gpu_run.sh tp2).
 
-Builds a TP=2 engine with cuda_graph="auto" (every rank times the same steps and adopts rank 0's
-numbers), prints the decision and the memory plan, then checks that greedy tokens with the kept
-graphs equal eager ones and that decode really replayed graphs. Writes a JSON result.
+Builds a TP=2 engine with cuda_graph="auto" (every rank times the same steps and adopts the
+slowest rank's numbers), prints the decision and the memory plan, then checks that greedy
+tokens with the kept graphs equal eager ones and that decode really replayed graphs. Writes a
+JSON result.
 """
 
 from __future__ import annotations

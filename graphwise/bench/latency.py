@@ -144,6 +144,11 @@ def measure_graphwise(
         engine.set_cuda_graphs_enabled(True)
         used_async = engine.async_scheduling
         engine.async_scheduling = saved_async
+    m = getattr(engine, "num_micro_batches", 1)
+    if m > 1:
+        # Pipeline micro-batches: each step() runs one of m batches, so every sequence gets its
+        # next token once per m steps: that is the decode period (one token of the batch).
+        steps = [sum(steps[i : i + m]) for i in range(0, len(steps) - m + 1, m)]
     return {
         "prefill_s": prefill_s,
         "steps": steps,

@@ -8,6 +8,11 @@ consecutive ranks (on one host: the GPUs that share NVLink). Three kinds of proc
 - one TP group per pipeline stage, on the device backend: the all-reduces inside the forward;
 - one control group over every rank, always gloo, with a long timeout: rank 0 broadcasts each
   step's description through it, and idle workers wait on it for as long as the engine idles.
+  A worker receives on it in a thread of its own (executor/worker.py), so that rank 0's next
+  step reaches a pipeline stage that is still computing the previous one (micro-batches);
+- one sync group over every rank, gloo: what the ranks' runners exchange inside a call (rank 0's
+  measurements, `agree`; every rank's result, gathered to rank 0). Apart from the control
+  group, since a worker's receiving thread may wait on that one meanwhile.
 
 Layers learn their shard when they are built: they read `current()`, which is the single-device
 context (rank 0 of 1) unless a model is being built inside `building(ctx)`. So a model built
@@ -101,6 +106,7 @@ class _Groups:
     ctx: ParallelContext
     tp_group: Any
     control_group: Any
+    sync_group: Any
     tp_ranks: list[int]
 
 
@@ -144,8 +150,10 @@ def initialize(
         group = dist.new_group(ranks, timeout=timeout) if ctx.tp_size > 1 else None
         if pp == ctx.pp_rank:
             tp_group, tp_ranks = group, ranks
-    control = dist.new_group(list(range(ctx.world_size)), backend="gloo", timeout=CONTROL_TIMEOUT)
-    _groups = _Groups(ctx, tp_group, control, tp_ranks)
+    everyone = list(range(ctx.world_size))
+    control = dist.new_group(everyone, backend="gloo", timeout=CONTROL_TIMEOUT)
+    sync = dist.new_group(everyone, backend="gloo", timeout=CONTROL_TIMEOUT)
+    _groups = _Groups(ctx, tp_group, control, sync, tp_ranks)
 
 
 def destroy() -> None:
@@ -161,13 +169,18 @@ def control_group() -> Any:
     return _groups.control_group
 
 
+def sync_group() -> Any:
+    assert _groups is not None, "parallel state is not initialized"
+    return _groups.sync_group
+
+
 def agree(value: Any) -> Any:
     """Rank 0's `value` on every rank (itself outside a parallel group). Start-up code that
     branches on a measurement calls this so that every rank takes the same branch."""
     if _groups is None or _groups.ctx.world_size == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0, group=_groups.control_group)
+    dist.broadcast_object_list(box, src=0, group=_groups.sync_group)
     return box[0]
 
 
@@ -176,7 +189,7 @@ def agree_all(value: Any) -> list[Any]:
     if _groups is None or _groups.ctx.world_size == 1:
         return [value]
     out: list[Any] = [None] * _groups.ctx.world_size
-    dist.all_gather_object(out, value, group=_groups.control_group)
+    dist.all_gather_object(out, value, group=_groups.sync_group)
     return out
 
 

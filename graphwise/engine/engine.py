@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import time
+from collections import deque
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from graphwise.tokenizer import bad_words_token_ids, encode_prompt
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (the in-flight queue's remove)
 class _Launched:
     step: SchedulerOutput
     handle: StepHandle
@@ -109,6 +110,7 @@ class LLMEngine:
             config.enable_chunked_prefill,
             self.max_model_len,
             config.speculative,
+            micro_batches=config.num_pipeline_batches,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         # Structured output (engine/structured.py): made on the first constrained request.
@@ -116,7 +118,9 @@ class LLMEngine:
         self._compiling: list[Sequence] = []  # constrained requests whose grammar is compiling
         self._ids = itertools.count()
         self.async_scheduling = config.async_scheduling
-        self._inflight: _Launched | None = None
+        # Launched steps not resolved yet, oldest first (see _resolve_above).
+        self.num_micro_batches = config.num_pipeline_batches
+        self._inflight: deque[_Launched] = deque()
         self.step_log: StepSink | None = None  # set to record where each step's time goes
         self.tracer: Tracer = NULL_TRACER
         self._counts = dict.fromkeys(
@@ -277,12 +281,12 @@ class LLMEngine:
         scheduling the last step() of a batch leaves one, sampled for sequences that then
         finished). Returns its outputs (usually none)."""
         outputs: list[RequestOutput] = []
-        while self._inflight is not None and not self.scheduler.has_unfinished():
+        while self._inflight and not self.scheduler.has_unfinished():
             outputs.extend(self.step())
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return self.scheduler.has_unfinished() or bool(self._inflight)
 
     @property
     def alive(self) -> bool:
@@ -321,10 +325,12 @@ class LLMEngine:
         t1 = time.perf_counter()
         launched, failed = self._launch(step, deferred) if step.rows else (None, [])
         t2 = time.perf_counter()
-        if self.async_scheduling:
-            previous, self._inflight = self._inflight, launched
-        else:
-            previous = launched
+        inflight = self._inflight
+        if launched is not None:
+            inflight.append(launched)
+        previous = None
+        if inflight and (len(inflight) > self._resolve_above() or launched is None):
+            previous = inflight.popleft()
         updates: list[RequestUpdate] = grammar_failed + failed
         wait_s = 0.0
         if previous is not None:
@@ -361,6 +367,15 @@ class LLMEngine:
                 )
             )
         return outputs
+
+    def _resolve_above(self) -> int:
+        """A step resolves the oldest step in flight once more than this many are (or when it
+        launched nothing): 0 runs one step at a time; 1 is async scheduling (step N+1 launched
+        before step N resolves); m - 1 with m pipeline micro-batches (engine/microbatch.py),
+        each its own sequences. Read each step: benchmarks switch async scheduling."""
+        if not self.async_scheduling:
+            return 0
+        return max(1, self.num_micro_batches - 1)
 
     def _launch(
         self, step: SchedulerOutput, deferred: bool = False
@@ -408,8 +423,8 @@ class LLMEngine:
         try:
             launched.handle = self.executor.sample_deferred(step.grammar)
         except Exception as exc:
-            if self._inflight is launched:
-                self._inflight = None
+            if launched in self._inflight:
+                self._inflight.remove(launched)
             return self._isolate_failure(step, exc)
         return []
 
@@ -418,7 +433,7 @@ class LLMEngine:
         build inputs for) and let the others recompute; a failure no row explains fails the
         step's requests. Either way the engine serves on, unless its workers are gone."""
         if not self.executor.alive:
-            self._inflight = None
+            self._inflight.clear()
             raise exc
         cause = f"{type(exc).__name__}: {exc}"
         culprits = self.executor.driver.find_bad_rows(step)
@@ -511,6 +526,6 @@ class LLMEngine:
 def _why_no_graphs(driver: Any) -> str:
     if driver.device.type != "cuda":
         return "no CUDA device"
-    if driver.parallel.pp_size > 1:
-        return "pipeline parallelism runs eagerly"
+    if driver.parallel.pp_size > 1 and driver.config.use_cuda_graph != "off":
+        return "pipeline stages run eagerly (GRAPHWISE_PP_CUDA_GRAPHS=1 captures their graphs)"
     return "graphs turned off (enforce_eager or cuda_graph='off')"

@@ -43,6 +43,7 @@ from graphwise.core.step import (
     SchedulerOutput,
 )
 from graphwise.engine.block_manager import BlockManager
+from graphwise.engine.microbatch import MicroBatchPolicy
 from graphwise.engine.ngram import TokenArray, propose_ngram
 from graphwise.engine.sequence import Sequence, SequenceStatus
 
@@ -107,6 +108,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         max_model_len: int = sys.maxsize,
         speculative: SpeculativeConfig | None = None,
+        micro_batches: int = 1,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -130,6 +132,8 @@ class Scheduler:
         self.spec_stats = SpecDecodeStats(
             speculative.num_speculative_tokens if speculative is not None else 0
         )
+        # Pipeline micro-batches (engine/microbatch.py): None with one batch in flight.
+        self.micro = MicroBatchPolicy(micro_batches, max_num_seqs) if micro_batches > 1 else None
 
     # ---- requests ---------------------------------------------------------------------
     def add(self, seq: Sequence, forks: list[Sequence] | tuple[Sequence, ...] = ()) -> None:
@@ -139,7 +143,7 @@ class Scheduler:
         if len({s.request_id for s in every}) != len(every):
             raise ValueError("the samples of a request need distinct request ids")
         for s in every:
-            if s.request_id in self.requests:
+            if s.request_id in self.requests or s.request_id in self.held_ids():
                 raise ValueError(f"request_id {s.request_id!r} is already in use")
             if s.prompt_token_ids != seq.prompt_token_ids:
                 raise ValueError("the samples of a request share one prompt")
@@ -155,6 +159,16 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def held_ids(self) -> set[str]:
+        """Ids of ended requests that a micro-batch in flight still samples: the runner
+        forgets them once it resolved, and they are not reused until then."""
+        if self.micro is None or not self._finished_ids:
+            return set()
+        return set(self._finished_ids) & self._ids_in_flight()
+
+    def _ids_in_flight(self) -> set[str]:
+        return {s.request_id for seqs, _ in self._in_flight.values() for s in seqs}
 
     def finish_request(
         self, request_id: str, reason: str, stop_reason: int | str | None = None
@@ -225,11 +239,18 @@ class Scheduler:
         preempted: list[Sequence] = []
         budget = self.max_num_batched_tokens
         bm = self.block_manager
+        micro = self.micro
+        cap = sys.maxsize  # sequences in this batch (micro-batches: a share of the active)
+        if micro is not None:
+            cap = micro.seq_cap(len(self.running) + self._reserved_seats + len(self.waiting))
 
         # 1. Running sequences, oldest first; the newest is the first to give way.
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(picked) < cap:
             seq = self.running[i]
+            if micro is not None and micro.locked(seq):
+                i += 1  # its next input is a token another micro-batch is still computing
+                continue
             if seq.num_tokens >= seq.max_total_tokens:
                 # Its pending token is its last (length limit): it finishes when that resolves.
                 i += 1
@@ -266,10 +287,16 @@ class Scheduler:
             and not preempted
             and budget > 0
             and len(self.running) + self._reserved_seats < self.max_num_seqs
+            and len(picked) < cap
         ):
             seq = self.waiting[w]
-            if (seq.grammar is not None and not seq.grammar.ready) or seq.num_drafts_in_flight:
-                # (preempted while a step verifies its drafts: it waits for that step)
+            if (
+                (seq.grammar is not None and not seq.grammar.ready)
+                or seq.num_drafts_in_flight
+                or (micro is not None and micro.locked(seq))
+            ):
+                # (preempted while a step verifies its drafts, or with a token in another
+                # micro-batch: it waits for that step)
                 w += 1
                 continue
             seats = min(len(seq.forks), self.max_num_seqs - 1)  # for its samples (n > 1)
@@ -334,6 +361,10 @@ class Scheduler:
         if not picked:  # nothing runs: the runner hears of finished requests with the next step
             return out
         out.finished_request_ids, self._finished_ids = self._finished_ids, []
+        if self.micro is not None and out.finished_request_ids:
+            out.finished_request_ids, self._finished_ids = self.micro.split_finished(
+                out.finished_request_ids, self._ids_in_flight()
+            )
         if self.block_manager.copies:
             out.block_copies = self.block_manager.take_copies()
         sampled: list[Sequence] = []

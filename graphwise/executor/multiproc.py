@@ -5,6 +5,12 @@ call it broadcasts `(method, args, want_result)` over the control group (gloo), 
 worker (executor/worker.py) makes the same call on its shard; the runners' collectives then pair
 up. Steps are `SchedulerOutput`s, pickled as they are: every rank builds identical inputs.
 
+With pipeline micro-batches (`EngineConfig.num_pipeline_batches` > 1) a step is two calls:
+`execute_model` launches it (each stage computes its layers and passes the hidden states on;
+stage 0 returns at once) and the handle's `result()` broadcasts `finish_step`, where stage 0
+receives the last stage's rows, computes the logits and samples. Between the two, rank 0
+launches the next batch, which stage 0 computes while the later stages compute this one.
+
 Ranks come from one of two places (distributed/launcher.py): spawned here on one machine, or
 joined through torchrun's variables (then every process of the job is started by torchrun, rank 0
 builds the engine and the others call `run_torchrun_worker`).
@@ -44,7 +50,7 @@ from graphwise.executor.worker import SHUTDOWN, build_shard, worker_main
 from graphwise.models.loader import ModelSource, model_config_of, resolve_source
 from graphwise.models.model_config import check_parallel_config
 from graphwise.runner.model_runner import ModelRunner
-from graphwise.runner.step_handle import StepHandle
+from graphwise.runner.step_handle import FinishOnResult, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -169,14 +175,21 @@ class MultiProcExecutor(Executor):
         self._broadcast((method, args, True))
         result = self._guard(getattr(self.driver, method), *args)
         everyone: list[Any] = [None] * self.world_size
-        self._guard(
-            dist.gather_object, result, everyone, dst=0, group=parallel_state.control_group()
-        )
+        self._guard(dist.gather_object, result, everyone, dst=0, group=parallel_state.sync_group())
         return everyone
 
     def execute_model(self, step: SchedulerOutput) -> StepHandle:
         self._broadcast(("execute_model", (step,), False))
-        return self._guard(self.driver.execute_model, step)
+        handle = self._guard(self.driver.execute_model, step)
+        if self.driver.num_micro_batches > 1:
+            step_id = step.step_id
+            return FinishOnResult(lambda: self.finish_step(step_id))
+        return handle
+
+    def finish_step(self, step_id: int) -> StepHandle:
+        """Sample a launched micro-batch (every rank joins; stage 0 does the work)."""
+        self._broadcast(("finish_step", (step_id,), False))
+        return self._guard(self.driver.finish_step, step_id)
 
     def sample_deferred(self, grammar: GrammarBitmask) -> StepHandle:
         self._broadcast(("sample_deferred", (grammar,), False))

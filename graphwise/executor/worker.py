@@ -3,7 +3,12 @@
 A worker runs the same `ModelRunner` as rank 0 on its own shard and does what rank 0's executor
 broadcasts over the control group: `(method, args, want_result)` calls a runner method (a step,
 an allocation, a capture, a profile...), `("shutdown", ...)` ends the loop. Results that are
-wanted go back to rank 0 by a gather on the same group.
+wanted go back to rank 0 by a gather on the sync group.
+
+A thread receives the messages and queues them; the main thread makes the calls in order. So
+rank 0's broadcast of its next step returns at once even while this rank still computes the
+previous one (a gloo broadcast waits for every receiver): with pipeline micro-batches stage 0
+goes on with batch B while stage 1 computes batch A.
 
 A spawned worker never outlives the engine: a watcher thread exits the process when the pipe to
 the parent reaches end-of-file (the parent died, even by SIGKILL) or the parent pid changes.
@@ -18,6 +23,7 @@ import datetime
 import importlib
 import logging
 import os
+import queue
 import sys
 import threading
 import traceback
@@ -60,13 +66,18 @@ def build_shard(
 
 
 def serve(runner: ModelRunner) -> None:
-    """A worker's loop: do what rank 0 broadcasts until it says shutdown."""
-    group = parallel_state.control_group()
+    """A worker's loop: do what rank 0 broadcasts, in order, until it says shutdown."""
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    threading.Thread(
+        target=_receive, args=(parallel_state.control_group(), inbox), name="control", daemon=True
+    ).start()
+    results = parallel_state.sync_group()
     rank = runner.parallel.rank
     while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=group)
-        method, args, want_result = box[0]
+        message = inbox.get()
+        if isinstance(message, BaseException):
+            raise RuntimeError("the control group failed") from message
+        method, args, want_result = message
         if method == SHUTDOWN:
             runner.release_graphs()  # before the caller destroys the group
             return
@@ -74,7 +85,21 @@ def serve(runner: ModelRunner) -> None:
             call_hook(rank, "step")
         result = getattr(runner, method)(*args)
         if want_result:
-            dist.gather_object(result, None, dst=0, group=group)
+            dist.gather_object(result, None, dst=0, group=results)
+
+
+def _receive(group: Any, inbox: queue.SimpleQueue[Any]) -> None:
+    """Queue rank 0's messages as they come (a thread: see the module's docstring)."""
+    while True:
+        box: list[Any] = [None]
+        try:
+            dist.broadcast_object_list(box, src=0, group=group)
+        except BaseException as exc:  # rank 0 is gone or the group was destroyed
+            inbox.put(exc)
+            return
+        inbox.put(box[0])
+        if box[0][0] == SHUTDOWN:
+            return
 
 
 # ---- a spawned worker process ------------------------------------------------------------

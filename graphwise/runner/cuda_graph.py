@@ -8,6 +8,11 @@ replay path allocates nothing.
 
 Buckets listed in `eager_buckets` (released by the auto policy, or whose capture failed) run
 eagerly: a batch whose own bucket is one of them is not padded up into a larger graph.
+
+A pipeline stage (opt-in: `GRAPHWISE_PP_CUDA_GRAPHS=1`, see runner/model_runner.py) captures its
+own layers: a stage after the first also takes the previous stage's hidden states and residual
+through static buffers, and a stage before the last returns its (hidden, residual). The sends
+between stages stay outside the graphs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -75,6 +80,12 @@ class CudaGraphRunner:
         hidden = runner.model_config.hidden_size
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
         self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
+        # A pipeline stage after the first: the previous stage's (hidden, residual).
+        self.intermediate: torch.Tensor | None = None
+        if not runner.parallel.is_first_stage:
+            self.intermediate = torch.zeros(
+                2, self.max_bs, hidden, dtype=runner.dtype, device=device
+            )
         backend = runner.backend
         backend.init_graph_buffers(self.max_bs, self.max_blocks, device)
         if hasattr(backend, "init_workspace"):
@@ -88,7 +99,8 @@ class CudaGraphRunner:
                 device,
             )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # hidden states, or (hidden, residual) on a pipeline stage before the last
+        self.outputs: dict[int, Any] = {}
         self.pool: object | None = None
         self._stream: torch.cuda.Stream | None = None
         self.stats = CaptureStats()
@@ -100,6 +112,11 @@ class CudaGraphRunner:
         runner = self.runner
         meta = runner.backend.capture_metadata(bs)
         ids, pos = self.input_ids[:bs], self.positions[:bs]
+        inter = (
+            None
+            if self.intermediate is None
+            else (self.intermediate[0, :bs], self.intermediate[1, :bs])
+        )
         if self._stream is None:  # one side stream for every capture (one cuBLAS workspace)
             if runner.device not in _CAPTURE_STREAMS:
                 _CAPTURE_STREAMS[runner.device] = torch.cuda.Stream(runner.device)
@@ -108,11 +125,11 @@ class CudaGraphRunner:
         stream.wait_stream(torch.cuda.current_stream(runner.device))
         with torch.cuda.stream(stream):
             for _ in range(warmup):  # autotuning and lazy init happen outside the graph
-                runner.run_model(ids, pos, meta)
+                runner.run_model(ids, pos, meta, inter)
         torch.cuda.current_stream(runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = runner.run_model(ids, pos, meta)
+            out = runner.run_model(ids, pos, meta, inter)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[bs] = graph
@@ -197,7 +214,12 @@ class CudaGraphRunner:
             and meta.block_tables.shape[1] <= self.max_blocks
         )
 
-    def replay(self, inputs: StepInputs) -> torch.Tensor:
+    def replay(
+        self, inputs: StepInputs, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> Any:
+        """The step's hidden states [n, H] (a view of the graph's output: valid until the next
+        replay), or (hidden, residual) on a pipeline stage before the last; `intermediate`
+        is the previous stage's (hidden, residual) on a stage after the first."""
         n = inputs.meta.batch_size
         bs = self.bucket_for(n)
         assert bs is not None
@@ -206,6 +228,16 @@ class CudaGraphRunner:
         if bs > n:
             self.input_ids[n:bs].zero_()
             self.positions[n:bs].zero_()
+        if self.intermediate is not None:
+            if intermediate is None:
+                raise ValueError("a pipeline stage after the first replays with intermediate")
+            self.intermediate[0, :n].copy_(intermediate[0], non_blocking=True)
+            self.intermediate[1, :n].copy_(intermediate[1], non_blocking=True)
+            if bs > n:
+                self.intermediate[:, n:bs].zero_()
         self.runner.backend.fill_replay_metadata(bs, inputs.meta)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        out = self.outputs[bs]
+        if isinstance(out, tuple):
+            return out[0][:n], out[1][:n]
+        return out[:n]

@@ -42,6 +42,27 @@ class BucketDecision:
     reason: str
 
 
+def slowest_rank(timings: Sequence[BucketTiming]) -> BucketTiming:
+    """One bucket's timing for a group of ranks, from each rank's own: the largest eager and
+    the largest graph time (a tensor-parallel step waits for its slowest rank at every
+    all-reduce; a pipeline runs at the pace of its slowest stage), or the first rank's error
+    when any failed. Every rank computes it from the same gathered list, so every rank takes
+    the same decision."""
+    if not timings:
+        raise ValueError("no timing to combine")
+    bs = timings[0].batch_size
+    if any(t.batch_size != bs for t in timings):
+        raise ValueError(f"ranks timed different buckets: {[t.batch_size for t in timings]}")
+    for rank, t in enumerate(timings):
+        if t.error is not None:
+            return BucketTiming(bs, error=t.error if rank == 0 else f"rank {rank}: {t.error}")
+    if not all(t.valid for t in timings):
+        return BucketTiming(bs, error="a rank measured no valid time")
+    eager = max(float(t.eager_ms) for t in timings)  # type: ignore[arg-type]
+    graph = max(float(t.graph_ms) for t in timings)  # type: ignore[arg-type]
+    return BucketTiming(bs, eager, graph)
+
+
 def _positive(x: float | None) -> bool:
     return x is not None and math.isfinite(x) and x > 0
 

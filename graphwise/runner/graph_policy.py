@@ -22,8 +22,12 @@ The decision logic itself (`initial_probes`, `decide_buckets`, `next_refinement`
 unit-tested (runner/graph_decision.py); the rest needs a GPU.
 
 Under tensor parallelism every rank runs this at once (the timed steps' all-reduces pair up)
-and agrees with rank 0 at each branch: its timings, its time budget, and any rank's failed
-capture (`parallel_state.agree` / `agree_all`); so every rank keeps the same buckets.
+and the ranks agree at each branch: a bucket's timing is the slowest rank's (every rank's
+timing is gathered and combined the same way everywhere, `graph_decision.slowest_rank`), the
+time budget and the scratch context are rank 0's, and any rank's failed capture fails the
+bucket (`parallel_state.agree` / `agree_all`); so every rank keeps the same buckets. Under
+pipeline parallelism (graphs there are opt-in: `GRAPHWISE_PP_CUDA_GRAPHS=1`) each stage times
+its own layers alone, and the slowest stage decides for all.
 """
 
 from __future__ import annotations
@@ -45,8 +49,14 @@ from graphwise.runner.graph_decision import (
     format_decision_table,
     initial_probes,
     run_policy,
+    slowest_rank,
 )
-from graphwise.runner.step_timing import decode_step, synthetic_decode_inputs, time_steps
+from graphwise.runner.step_timing import (
+    decode_step,
+    synthetic_decode_inputs,
+    synthetic_intermediate,
+    time_steps,
+)
 
 if TYPE_CHECKING:
     from graphwise.config import EngineConfig, RunnerLimits
@@ -102,12 +112,12 @@ def candidate_buckets(config: EngineConfig) -> list[int]:
 # ---- on the GPU: the runner's start-up ------------------------------------------------------
 def plan_cuda_graphs(runner: ModelRunner, limits: RunnerLimits) -> GraphPlan | None:
     """Decide which buckets keep a graph ("auto") and measure their pool before the KV pool is
-    sized. None where nothing needs planning: no CUDA, graphs off, pipeline parallel (decode
-    runs eagerly there), or "on" with the KV size fixed by the user (then every bucket is
-    captured after allocation)."""
+    sized. None where nothing needs planning: no CUDA, graphs off, pipeline parallel without
+    its opt-in (decode runs eagerly there), or "on" with the KV size fixed by the user (then
+    every bucket is captured after allocation)."""
     cfg = runner.config
     mode = cfg.use_cuda_graph
-    if runner.device.type != "cuda" or mode == "off" or runner.parallel.pp_size > 1:
+    if not runner.graphs_possible:
         return None
     kv_fixed = cfg.kv_cache_memory is not None or cfg.num_gpu_blocks_override is not None
     if mode == "on" and kv_fixed:
@@ -210,8 +220,9 @@ def _decide(runner: ModelRunner, limits: RunnerLimits, plan: GraphPlan) -> None:
             error = graphs.try_capture(bs)
             if error is not None:
                 return BucketTiming(bs, error=error)
-        # Rank 0's numbers decide for everyone: the ranks' own clocks differ a little.
-        return parallel_state.agree(_time_bucket(runner, graphs, bs, plan.context_len, per_bucket))
+        # The slowest rank's numbers decide for everyone (each rank computes the same max
+        # from the same gathered list): the ranks' clocks and shards differ.
+        return agreed_timing(_time_bucket(runner, graphs, bs, plan.context_len, per_bucket))
 
     started = time.perf_counter()
     deadline = started + TIMING_BUDGET_S
@@ -228,6 +239,12 @@ def _decide(runner: ModelRunner, limits: RunnerLimits, plan: GraphPlan) -> None:
     graphs.release(set())  # free the decision's graphs (and their pool) before measuring
 
 
+def agreed_timing(mine: BucketTiming) -> BucketTiming:
+    """This rank's timing of a bucket combined with every other rank's: the slowest rank's
+    (the same value on every rank; this rank's own outside a parallel group)."""
+    return slowest_rank(parallel_state.agree_all(mine))
+
+
 def _time_bucket(
     runner: ModelRunner,
     graphs: CudaGraphRunner,
@@ -237,10 +254,11 @@ def _time_bucket(
 ) -> BucketTiming:
     try:
         inputs = synthetic_decode_inputs(runner, bs, context_len)
+        inter = synthetic_intermediate(runner, bs)  # a pipeline stage after the first
         ms = time_steps(
             {
-                "eager": lambda: decode_step(runner, inputs),
-                "graph": lambda: decode_step(runner, inputs, graphs),
+                "eager": lambda: decode_step(runner, inputs, None, inter),
+                "graph": lambda: decode_step(runner, inputs, graphs, inter),
             },
             runner.device,
             budget_s=budget_s,

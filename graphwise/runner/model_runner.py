@@ -8,13 +8,19 @@ a pipeline) and samples; its handle's `result()` is the step's `ModelRunnerOutpu
 
 Under tensor/pipeline parallelism every rank runs one of these on its shard, fed the same
 `SchedulerOutput`s; rank 0 (the driver) samples and broadcasts the tokens device to device, so
-every rank has them for the next step's pending inputs (async scheduling).
+every rank has them for the next step's pending inputs (async scheduling). With pipeline
+micro-batches a step is launched (`execute_model`: every stage computes its layers and passes
+them on) and finished later (`finish_step`: stage 0 receives the rows and samples), after the
+next micro-batch was launched; no token is broadcast (no micro-batch takes a pending token).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,9 +61,28 @@ from graphwise.runner.logprobs import (
     prompt_logprobs,
     sampled_logprobs,
 )
+from graphwise.runner.pipeline import PendingRows, PendingSends, launch_stage
 from graphwise.runner.step_handle import PromptParts, StepHandle, to_pinned
 
 logger = logging.getLogger(__name__)
+# CUDA graphs on pipeline stages (each stage replays its own layers; the sends stay outside):
+# opt-in until a multi-GPU run has checked them (docs/parallel.md).
+PP_GRAPHS_ENV = "GRAPHWISE_PP_CUDA_GRAPHS"
+
+
+def pp_graphs_enabled() -> bool:
+    return os.environ.get(PP_GRAPHS_ENV, "0") not in ("", "0")
+
+
+@dataclass
+class _StagedBatch:
+    """A micro-batch stage 0 launched and has not finished: what sampling it needs."""
+
+    step_id: int
+    inputs: StepInputs
+    rows: PendingRows | None  # the last stage's sampled rows, on their way (None: none)
+    grammar: GrammarBitmask | None
+    used_graph: bool  # stage 0 replayed a graph (what the step counts report)
 
 
 def select_attention_backend(
@@ -135,15 +160,21 @@ class ModelRunner:
         self._last_tokens: torch.Tensor | None = None
         # A launched step whose sampling waits for its grammar mask (logits, inputs, ...).
         self._deferred: tuple | None = None
+        # Pipeline micro-batches (1: one batch in flight, the synchronous pipeline).
+        self.num_micro_batches = config.num_pipeline_batches if parallel.pp_size > 1 else 1
+        self._staged: deque[_StagedBatch] = deque()  # stage 0: launched, not finished
+        self._sends = PendingSends()  # this stage's hidden states (or rows) on their way
 
     # ---- start-up -----------------------------------------------------------------------
     @property
     def graphs_possible(self) -> bool:
-        """CUDA graphs can run here: CUDA, not turned off, no pipeline (which runs eagerly)."""
+        """CUDA graphs can run here: CUDA, not turned off, and no pipeline unless its stage
+        graphs were asked for (GRAPHWISE_PP_CUDA_GRAPHS=1; pipeline stages run eagerly by
+        default)."""
         return (
             self.device.type == "cuda"
             and self.config.use_cuda_graph != "off"
-            and self.parallel.pp_size == 1
+            and (self.parallel.pp_size == 1 or pp_graphs_enabled())
         )
 
     def kv_bytes_per_token(self) -> int:
@@ -230,6 +261,10 @@ class ModelRunner:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
 
+    def graph_buckets(self) -> list[int]:
+        """The batch sizes this rank replays as graphs (empty: it decodes eagerly)."""
+        return [] if self.graph_runner is None else list(self.graph_runner.buckets)
+
     def set_graphs_enabled(self, enabled: bool) -> None:
         self.graphs_enabled = enabled
 
@@ -277,11 +312,19 @@ class ModelRunner:
         if self.parallel.pp_size > 1:
             from graphwise.runner.pipeline import pipeline_forward
 
-            return pipeline_forward(self, inputs), False
+            return pipeline_forward(self, inputs)
+        return self.stage_forward(inputs)
+
+    def stage_forward(
+        self, inputs: StepInputs, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[Any, bool]:
+        """This rank's layers on the step (a graph replay where one fits, else eagerly), and
+        whether a graph ran: hidden states, or (hidden, residual) on a pipeline stage before
+        the last; `intermediate` is the previous stage's on a stage after the first."""
         graphs = self.graph_runner
         if graphs is not None and self.graphs_enabled and graphs.can_replay(inputs):
-            return graphs.replay(inputs), True
-        return self.run_model(inputs.input_ids, inputs.positions, inputs.meta), False
+            return graphs.replay(inputs, intermediate), True
+        return self.run_model(inputs.input_ids, inputs.positions, inputs.meta, intermediate), False
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> StepHandle:
@@ -308,6 +351,8 @@ class ModelRunner:
                 self.history.record(step.rows, inputs.input_ids, self.requests, self.upload)
         finally:
             trace.pop()
+        if self.num_micro_batches > 1:
+            return self._launch_micro_batch(step, inputs)
         trace.push("forward")
         try:
             hidden, used_graph = self.forward(inputs)
@@ -339,6 +384,55 @@ class ModelRunner:
             return self._sample_and_share(logits, inputs, req_ids, used_graph, prompt, step.grammar)
         finally:
             trace.pop()
+
+    def _launch_micro_batch(self, step: SchedulerOutput, inputs: StepInputs) -> StepHandle:
+        """This stage's share of a micro-batch, passed on without waiting (runner/pipeline.py);
+        stage 0 keeps what `finish_step` needs to sample it."""
+        if step.grammar is not None and step.grammar.bitmask is None:
+            raise RuntimeError("a micro-batch's grammar mask is filled when it is scheduled")
+        self.tracer.push("forward")
+        try:
+            rows, used_graph = launch_stage(self, inputs, self._sends)
+        finally:
+            self.tracer.pop()
+        if self.parallel.is_first_stage:
+            staged = _StagedBatch(step.step_id, inputs, rows, step.grammar, used_graph)
+            self._staged.append(staged)
+        return StepHandle([], None, used_graph)
+
+    @torch.inference_mode()
+    def finish_step(self, step_id: int) -> StepHandle:
+        """Sample the oldest launched micro-batch: stage 0 waits for its rows from the last
+        stage, computes the logits (every TP rank of stage 0: the vocabulary gather) and rank 0
+        samples. Other stages have nothing to do."""
+        if not self.parallel.is_first_stage:
+            return StepHandle([], None, False)
+        if not self._staged or self._staged[0].step_id != step_id:
+            launched = [b.step_id for b in self._staged]
+            raise RuntimeError(
+                f"finish_step({step_id}): the micro-batches in flight are {launched}"
+            )
+        staged = self._staged.popleft()
+        inputs = staged.inputs
+        req_ids = [r.request_id for r in inputs.sampled]
+        if staged.rows is None:
+            return self._handle([], None, staged.used_graph, None, None)
+        self.tracer.push("finish")
+        try:
+            self.tracer.push("logits")
+            try:
+                logits = self.model.compute_logits(staged.rows.wait())  # type: ignore[operator]
+            finally:
+                self.tracer.pop()
+            self.tracer.push("sample")
+            try:
+                return self._sample_and_share(
+                    logits, inputs, req_ids, staged.used_graph, None, staged.grammar
+                )
+            finally:
+                self.tracer.pop()
+        finally:
+            self.tracer.pop()
 
     def _prompt_logprobs(self, step: SchedulerOutput, hidden: torch.Tensor) -> PromptParts | None:
         """The prompt logprobs this step's rows ask for (runner/logprobs.py), on the driver."""
@@ -405,9 +499,10 @@ class ModelRunner:
                 tokens = spec[2]
         else:
             tokens = torch.empty(len(req_ids), dtype=torch.int64, device=self.device)
-        if self.parallel.world_size > 1:
+        if self.parallel.world_size > 1 and self.num_micro_batches == 1:
             # Every rank needs the tokens for the next step's pending inputs: rank 0 sends them
-            # device to device (one small collective, no host sync).
+            # device to device (one small collective, no host sync). A micro-batch never takes
+            # a pending token (its sequences wait for their batch to resolve).
             dist.broadcast(tokens, src=0)
         self._last_tokens = tokens
         if not self.is_driver:

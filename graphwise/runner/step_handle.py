@@ -3,6 +3,8 @@ copies behind the step and one event, so `result()` waits for that step alone.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from graphwise.core.step import ModelRunnerOutput, PromptLogprobs, SampleLogprobs
@@ -64,6 +66,17 @@ class StepHandle:
             for row, values in zip(rows, emitted.tolist(), strict=True):
                 out.spec_token_ids[row] = [t for t in values if t >= 0]
         return out
+
+
+class FinishOnResult(StepHandle):
+    """The handle of a launched pipeline micro-batch: it is sampled when its result is asked
+    for (`finish` makes the sampled step's own handle), after the next batch was launched."""
+
+    def __init__(self, finish: Callable[[], StepHandle]) -> None:  # noqa: D107
+        self._finish = finish
+
+    def result(self) -> ModelRunnerOutput:
+        return self._finish().result()
 
 
 def _prompt_entries(

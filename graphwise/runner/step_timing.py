@@ -62,16 +62,36 @@ def synthetic_decode_inputs(runner: ModelRunner, batch_size: int, context_len: i
     )
 
 
+def synthetic_intermediate(
+    runner: ModelRunner, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What a pipeline stage after the first takes from the one before: (hidden, residual) of
+    modest values (None on the first stage)."""
+    if runner.parallel.is_first_stage:
+        return None
+    H = runner.model_config.hidden_size
+    gen = torch.Generator(device=runner.device).manual_seed(0)
+    x = torch.randn(2, batch_size, H, generator=gen, device=runner.device).to(runner.dtype)
+    return x[0], x[1]
+
+
 def decode_step(
-    runner: ModelRunner, inputs: StepInputs, graphs: CudaGraphRunner | None = None
+    runner: ModelRunner,
+    inputs: StepInputs,
+    graphs: CudaGraphRunner | None = None,
+    intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """One decode step without the host-side parts both modes share (scheduling, input upload,
     detokenizing): forward (eager, or graph replay when `graphs` is given), LM head, argmax.
-    Call under torch.inference_mode()."""
+    On a pipeline stage: its own layers (`intermediate` feeds a stage after the first), and
+    the LM head on stage 0 only. Call under torch.inference_mode()."""
     if graphs is not None:
-        hidden = graphs.replay(inputs)
+        out = graphs.replay(inputs, intermediate)
     else:
-        hidden = runner.run_model(inputs.input_ids, inputs.positions, inputs.meta)
+        out = runner.run_model(inputs.input_ids, inputs.positions, inputs.meta, intermediate)
+    if not runner.parallel.is_first_stage:
+        return None
+    hidden = out[0] if isinstance(out, tuple) else out
     logits = runner.model.compute_logits(hidden[inputs.logits_indices])  # type: ignore[operator]
     return None if logits is None else logits.argmax(dim=-1)  # None: a TP rank other than 0
 

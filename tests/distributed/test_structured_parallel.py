@@ -1,7 +1,8 @@
-"""Structured output under tensor and data parallelism (issue 20): with TP=2 the deferred
-sampling of constrained rows (async scheduling) is a call every rank joins
-(`sample_deferred`); with DP=2 each replica compiles its own grammars and a bad constraint is
-refused by the front. Same tokens as one engine."""
+"""Structured output under tensor, pipeline and data parallelism (issue 20): with TP=2 the
+deferred sampling of constrained rows (async scheduling) is a call every rank joins
+(`sample_deferred`); with PP=2 micro-batches fill every mask at schedule time (a batch never
+takes a token in flight); with DP=2 each replica compiles its own grammars and a bad
+constraint is refused by the front. Same tokens as one engine."""
 
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ def _tokens(llm) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("options", [dict(tensor_parallel_size=2), dict(data_parallel_size=2)])
+@pytest.mark.parametrize(
+    "options",
+    [dict(tensor_parallel_size=2), dict(data_parallel_size=2), dict(pipeline_parallel_size=2)],
+)
 def test_constrained_outputs_match_one_engine(make_llm, tiny_chat_dir, options):
     ref = _tokens(make_llm(tiny_chat_dir))
     llm = make_llm(tiny_chat_dir, **options)

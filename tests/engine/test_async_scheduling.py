@@ -58,7 +58,7 @@ def _run(model_dir, async_scheduling: bool, **kw):
         [{"prompt_token_ids": p} for p in prompts], _mixed_params(len(prompts)), use_tqdm=False
     )
     engine = llm.llm_engine
-    assert engine._inflight is None and not engine.has_unfinished_requests()  # generate drained
+    assert not engine._inflight and not engine.has_unfinished_requests()  # generate drained
     return engine, [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
 
 
@@ -91,7 +91,7 @@ def test_async_and_sync_scheduling_give_identical_outputs(tiny_model_dir, engine
 def _drain(engine: LLMEngine) -> None:
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine._inflight is None
+    assert not engine._inflight
 
 
 def test_async_engine_launches_before_it_resolves(tiny_model_dir):

@@ -229,15 +229,18 @@ def test_run_policy_survives_failures():
 
 
 # ---- the graph runner honours released buckets (no GPU needed to build one) ------------------
-def _fake_runner():
+def _fake_runner(parallel=None):
+    from graphwise.distributed.parallel_state import SINGLE
     from graphwise.layers.attention.torch_backend import TorchAttentionBackend
 
     mc = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     return SimpleNamespace(
         block_size=16,
         device=torch.device("cpu"),
+        dtype=torch.float32,
         model_config=mc,
         backend=TorchAttentionBackend(scratch_slot=0),
+        parallel=parallel or SINGLE,
     )
 
 
@@ -340,3 +343,29 @@ def test_a_bucket_another_rank_failed_to_capture_is_dropped_here_too(monkeypatch
     monkeypatch.setattr(parallel_state, "agree_all", lambda v: [v, "capture failed: out of memory"])
     assert graphs.try_capture(2) == "capture failed: out of memory"
     assert 2 not in graphs.graphs and 2 in graphs.eager_buckets and 1 in graphs.graphs
+
+
+def test_slowest_rank_combines_each_ranks_timing():
+    from graphwise.runner.graph_decision import slowest_rank
+
+    assert slowest_rank([T(8, 3.0, 1.0), T(8, 2.0, 1.5)]) == T(8, 3.0, 1.5)
+    assert slowest_rank([T(8, 3.0, 1.0)]) == T(8, 3.0, 1.0)
+    failed = slowest_rank([T(8, 3.0, 1.0), T(8, error="capture failed: OOM")])
+    assert not failed.valid and failed.error == "rank 1: capture failed: OOM"
+    assert slowest_rank([T(8, error="timing failed"), T(8, 1.0, 1.0)]).error == "timing failed"
+    assert not slowest_rank([T(8, 3.0, 1.0), T(8, 3.0, None)]).valid
+    with pytest.raises(ValueError, match="different buckets"):
+        slowest_rank([T(8, 3.0, 1.0), T(16, 3.0, 1.0)])
+
+
+def test_a_later_pipeline_stage_graph_takes_the_previous_stages_output():
+    """Its graphs read the previous stage's (hidden, residual) from static buffers; stage 0's
+    take token ids (the capture and replay themselves need a GPU: tests/gpu)."""
+    from graphwise.config import EngineConfig
+    from graphwise.distributed.parallel_state import ParallelContext
+
+    cfg = EngineConfig(max_num_seqs=8)
+    first = CudaGraphRunner(_fake_runner(ParallelContext(pp_rank=0, pp_size=2)), cfg, 256)
+    later = CudaGraphRunner(_fake_runner(ParallelContext(pp_rank=1, pp_size=2)), cfg, 256)
+    assert first.intermediate is None
+    assert later.intermediate is not None and later.intermediate.shape == (2, 8, 8)
