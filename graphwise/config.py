@@ -22,18 +22,34 @@ def kv_cache_dtype_error(name: object) -> str:
     return f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}{why}"
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+# vLLM's other proposers: named, so that asking for one says it is not here yet.
+_SPEC_METHODS_LATER = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "suffix")
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding (vLLM's `speculative_config`). Only the n-gram (prompt lookup)
-    proposer exists: each step proposes up to `num_speculative_tokens` tokens by finding the
-    most recent earlier occurrence of the request's last `prompt_lookup_max` ..
-    `prompt_lookup_min` tokens in its prompt and output, and the target model verifies them in
-    one forward (engine/ngram.py, docs/architecture.md)."""
+    """Speculative decoding (vLLM's `speculative_config`): each step a proposer drafts up to
+    `num_speculative_tokens` tokens per request and the target model verifies them in one
+    forward (docs/architecture.md, "Speculative decoding").
+
+    - `method="ngram"` (prompt lookup, engine/ngram.py): the drafts are what followed the most
+      recent earlier occurrence of the request's last `prompt_lookup_max` ..
+      `prompt_lookup_min` tokens in its prompt and output.
+    - `method="draft_model"` (runner/draft_model.py): a smaller model with the target's
+      vocabulary, at `model` (an HF directory or a .gguf file, loaded like the target), drafts
+      them autoregressively. `num_layers` (graphwise's own field) keeps only its first N
+      decoder layers (with its final norm and LM head): with the target's own checkpoint that
+      is an early-exit self-draft (LayerSkip-style, untrained for it).
+    As in vLLM, a config with a `model` and no `method` means "draft_model" ("ngram" when the
+    model is "ngram" or "[ngram]")."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    model: str | None = None
+    num_layers: int | None = None
 
     @classmethod
     def parse(cls, value: Any) -> SpeculativeConfig | None:
@@ -54,11 +70,27 @@ class SpeculativeConfig:
                 f"speculative_config: unknown field(s) {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(names))})"
             )
-        if "method" not in value:
-            raise ValueError("speculative_config.method is required (only 'ngram' exists)")
-        if "num_speculative_tokens" not in value:
-            raise ValueError("speculative_config.num_speculative_tokens is required")
         fields = dict(value)
+        if fields.get("method") is None:
+            model = fields.get("model")
+            if model is None:
+                raise ValueError(
+                    "speculative_config.method is required ('ngram' or 'draft_model'; "
+                    "a config with a model and no method means 'draft_model')"
+                )
+            # vLLM's inference: "[ngram]" (its older spelling) is prompt lookup, any other
+            # model a draft model.
+            fields["method"] = "ngram" if model in ("ngram", "[ngram]") else "draft_model"
+            if fields["method"] == "ngram":
+                del fields["model"]
+        if "num_speculative_tokens" not in fields:
+            raise ValueError("speculative_config.num_speculative_tokens is required")
+        lookup = sorted({"prompt_lookup_max", "prompt_lookup_min"} & set(fields))
+        if fields["method"] != "ngram" and lookup:
+            raise ValueError(
+                f"speculative_config.{lookup[0]} applies to method 'ngram' only "
+                f"(method is {fields['method']!r})"
+            )
         # vLLM: prompt_lookup_min defaults to prompt_lookup_max when only that is given.
         if "prompt_lookup_max" in fields and "prompt_lookup_min" not in fields:
             fields["prompt_lookup_min"] = fields["prompt_lookup_max"]
@@ -67,9 +99,14 @@ class SpeculativeConfig:
         return cls(**fields)
 
     def __post_init__(self) -> None:
-        if self.method != "ngram":
+        if self.method in _SPEC_METHODS_LATER:
             raise ValueError(
-                f"speculative_config.method must be 'ngram' (the only proposer so far), "
+                f"speculative_config.method {self.method!r} is not supported yet "
+                f"(methods: {', '.join(SPEC_METHODS)})"
+            )
+        if self.method not in SPEC_METHODS:
+            raise ValueError(
+                f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, "
                 f"got {self.method!r}"
             )
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
@@ -83,6 +120,26 @@ class SpeculativeConfig:
                 f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must not "
                 f"exceed prompt_lookup_max ({self.prompt_lookup_max})"
             )
+        if self.method == "ngram":
+            for name in ("model", "num_layers"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"speculative_config.{name} applies to method 'draft_model' only "
+                        "(the n-gram proposer runs no model)"
+                    )
+            return
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(
+                "speculative_config.model is required with method 'draft_model': the draft "
+                f"model's HF directory or .gguf file, got {self.model!r}"
+            )
+        n = self.num_layers
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"speculative_config.num_layers must be a positive integer, got {n!r}")
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.method == "draft_model"
 
 
 @dataclass
@@ -130,8 +187,9 @@ class EngineConfig:
     pipeline_micro_batches: int | None = None
     data_parallel_size: int = 1
     # Speculative decoding, vLLM's shape: {"method": "ngram", "num_speculative_tokens": k,
-    # "prompt_lookup_max": n, "prompt_lookup_min": m} (a dict, its JSON text or a
-    # SpeculativeConfig); None (the default) runs plain decoding and pays nothing for it.
+    # "prompt_lookup_max": n, "prompt_lookup_min": m} or {"method": "draft_model", "model":
+    # PATH, "num_speculative_tokens": k} (a dict, its JSON text or a SpeculativeConfig); None
+    # (the default) runs plain decoding and pays nothing for it.
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
     # Threads that fill a step's structured-output token masks on the host (the engine's own
     # thread among them); None: half the CPUs this process may use, at most 8
@@ -315,7 +373,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--speculative-config",
         default=None,
         help='speculative decoding as JSON (vLLM\'s flag), e.g. \'{"method": "ngram", '
-        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'',
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or '
+        '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\' '
+        '("num_layers": N keeps the draft\'s first N layers)',
     )
     g.add_argument(
         "--structured-outputs-fill-threads",

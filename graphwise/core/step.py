@@ -62,10 +62,17 @@ class ScheduledRow:
     # A forked sample (num_new_tokens 0): the request whose row, just before, computes the
     # prompt's last position; this row samples from that position's logits too.
     fork_of: str | None = None
-    # Speculative decoding: the last `num_draft_tokens` of `token_ids` are proposed tokens the
+    # Speculative decoding: the row's last `num_draft_tokens` positions hold proposed tokens the
     # step verifies (num_new_tokens = 1 + drafts). The runner computes logits at every position
-    # of the row and answers with the accepted drafts and one token after them.
+    # of the row and answers with the accepted drafts and one token after them. N-gram drafts
+    # are the last `num_draft_tokens` of `token_ids`; with `propose` the runner's draft model
+    # proposes them in the step (token_ids then holds only the row's first token).
     num_draft_tokens: int = 0
+    propose: bool = False
+    # Draft model only: the request's tokens just before this row whose KV the draft model
+    # lacks (it computes them first; after a verify step that accepted every draft, the last
+    # draft). Empty almost always: the draft computes every row the target computes.
+    draft_catch_up: list[int] = field(default_factory=list)
 
     @property
     def num_tokens_after(self) -> int:

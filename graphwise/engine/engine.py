@@ -34,7 +34,14 @@ from graphwise.engine.sequence import Sequence
 from graphwise.engine.structured import RequestGrammar, StructuredOutputs
 from graphwise.engine.validation import InvalidRequest, RequestLimits, normalize_request
 from graphwise.executor import create_executor
-from graphwise.models.loader import ModelSource, load_tokenizer, model_config_of, resolve_source
+from graphwise.models.loader import (
+    ModelSource,
+    check_draft_model,
+    draft_source,
+    load_tokenizer,
+    model_config_of,
+    resolve_source,
+)
 from graphwise.outputs import RequestOutput
 from graphwise.runner.step_handle import StepHandle
 from graphwise.sampling_params import SamplingParams
@@ -74,6 +81,9 @@ class LLMEngine:
                 f"max_position_embeddings ({mc.max_position_embeddings})"
             )
         self.eos_token_ids = self._eos_ids(source)
+        spec = config.speculative
+        if spec is not None and spec.uses_draft_model:
+            self._check_draft_model(source)  # before anything is loaded
         budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
@@ -171,6 +181,35 @@ class LLMEngine:
                 "cuda_graph=%s: %s, decode runs eagerly",
                 self.config.use_cuda_graph,
                 _why_no_graphs(driver),
+            )
+
+    def _check_draft_model(self, source: ModelSource) -> None:
+        """The draft model must speak the target's token ids (same vocabulary, and the same
+        tokenizer when both have one) and reach every position the engine serves."""
+        draft, draft_cfg = draft_source(self.config)
+        mc = model_config_of(draft, draft_cfg)
+        check_draft_model(mc, self.model_config, draft)
+        if mc.max_position_embeddings < self.max_model_len:
+            if self.config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len ({self.max_model_len}) exceeds the draft model's "
+                    f"max_position_embeddings ({mc.max_position_embeddings})"
+                )
+            self.max_model_len = mc.max_position_embeddings  # the default: what both reach
+            logger.info("max_model_len %d: the draft model's reach", self.max_model_len)
+        same_file = (
+            draft.path is not None
+            and source.path is not None
+            and (draft.path.resolve() == source.path.resolve())
+        )
+        if self.tokenizer is None or same_file:
+            return
+        tokenizer = load_tokenizer(draft, draft_cfg)
+        if tokenizer is not None and tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(
+                f"speculative_config.model {draft.name!r} has another tokenizer than the target "
+                f"model ({len(tokenizer)} and {len(self.tokenizer)} tokens): a draft model must "
+                "share the target's tokenizer"
             )
 
     def _eos_ids(self, source: ModelSource) -> frozenset[int]:

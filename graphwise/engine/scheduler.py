@@ -129,6 +129,8 @@ class Scheduler:
         self._in_flight: dict[int, tuple[list[Sequence], list[Sequence]]] = {}
         self._reserved_seats = 0  # held for the forks of running sequences (n > 1)
         self.speculative = speculative
+        # The runner's draft model proposes (runner/draft_model.py): rows carry what its KV lacks.
+        self.draft_model = speculative is not None and speculative.uses_draft_model
         self.spec_stats = SpecDecodeStats(
             speculative.num_speculative_tokens if speculative is not None else 0
         )
@@ -314,6 +316,7 @@ class Scheduler:
             seq.num_reserved_seats = seats
             self._reserved_seats += seats
             bm.admit(seq, cached)
+            seq.num_draft_computed = num_cached  # a cached block holds the draft's KV too
             ok = bm.allocate_slots(seq, num_cached + n)
             assert ok, "can_admit promised room"
             if seq.first_scheduled_time is None:
@@ -339,6 +342,11 @@ class Scheduler:
         k = min(spec.num_speculative_tokens, budget - 1, seq.max_total_tokens - known - 1)
         if k <= 0:
             return 0
+        if self.draft_model:  # the runner's draft model proposes k tokens in the step
+            if not self.block_manager.allocate_slots(seq, known + k):
+                return 0
+            seq.num_model_drafts = k
+            return 1 + k
         if seq.token_array is None:
             seq.token_array = TokenArray()
         tokens = seq.token_array.sync(seq.token_ids)
@@ -372,9 +380,8 @@ class Scheduler:
         grammar_rows: list[int] = []
         for seq, n in picked:
             c, known = seq.num_computed_tokens, len(seq.token_ids)
-            if seq.draft_token_ids:  # [last token, drafts]: verified by this step
-                drafts, seq.draft_token_ids = seq.draft_token_ids, []
-                self._verify_row(out, seq, drafts)
+            if seq.draft_token_ids or seq.num_model_drafts:  # [last token, drafts]: verified
+                self._verify_row(out, seq)
                 sampled.append(seq)
                 continue
             if c + n <= known:
@@ -401,6 +408,7 @@ class Scheduler:
                     ban_stop_tokens=sample
                     and seq.num_output_tokens < p.min_tokens
                     and seq.grammar is None,
+                    draft_catch_up=self._draft_catch_up(seq),
                 )
             )
             seq.num_blocks_sent = len(seq.block_table)
@@ -421,6 +429,8 @@ class Scheduler:
         for seq, n in picked:
             seq.num_computed_tokens += n
             out.num_context_tokens += seq.num_computed_tokens
+            if self.draft_model:  # it computes the row too, but not a verify row's last draft
+                seq.num_draft_computed = seq.num_computed_tokens - bool(seq.num_drafts_in_flight)
         for row, seq in enumerate(sampled):
             seq.num_placeholders += 1
             seq.pending_row = row
@@ -430,27 +440,39 @@ class Scheduler:
         self._in_flight[out.step_id] = (seqs, sampled)
         return out
 
-    def _verify_row(self, out: SchedulerOutput, seq: Sequence, drafts: list[int]) -> None:
-        """The row of a decoding sequence with drafts: its last token and the drafts, all
-        computed; the runner answers with the accepted drafts and the token after them."""
+    def _verify_row(self, out: SchedulerOutput, seq: Sequence) -> None:
+        """The row of a decoding sequence with drafts: its last token and the drafts (n-gram:
+        known here; draft model: proposed by the runner in the step), all computed; the
+        runner answers with the accepted drafts and the token after them."""
         c = seq.num_computed_tokens
+        drafts, seq.draft_token_ids = seq.draft_token_ids, []
+        k, seq.num_model_drafts = len(drafts) or seq.num_model_drafts, 0
         if seq.request_id not in self._known_to_runner or seq.request_id in self._resend:
             self._send_state(out, seq)
         out.rows.append(
             ScheduledRow(
                 request_id=seq.request_id,
                 num_computed_tokens=c,
-                num_new_tokens=1 + len(drafts),
+                num_new_tokens=1 + k,
                 token_ids=[seq.token_ids[c], *drafts],
                 new_block_ids=seq.block_table[seq.num_blocks_sent :],
                 reset_block_table=seq.num_blocks_sent == 0,
                 sample=True,
-                num_draft_tokens=len(drafts),
+                num_draft_tokens=k,
+                propose=not drafts,
+                draft_catch_up=self._draft_catch_up(seq),
             )
         )
         seq.num_blocks_sent = len(seq.block_table)
-        seq.num_drafts_in_flight = len(drafts)
-        out.num_draft_tokens += len(drafts)
+        seq.num_drafts_in_flight = k
+        out.num_draft_tokens += k
+
+    def _draft_catch_up(self, seq: Sequence) -> list[int]:
+        """The tokens before the row's first whose KV the draft model lacks (none without a
+        draft model, and almost always none with one: see runner/draft_model.py)."""
+        if not self.draft_model or seq.num_draft_computed >= seq.num_computed_tokens:
+            return []
+        return seq.token_ids[seq.num_draft_computed : seq.num_computed_tokens]
 
     def _fork_rows(self, out: SchedulerOutput, seq: Sequence, num_computed: int) -> list[Sequence]:
         """Fork `seq`'s samples (its prompt is computed by this step) and add their rows, right
@@ -507,7 +529,7 @@ class Scheduler:
             if child.grammar is not None and not child.grammar.ready:
                 raise RuntimeError(f"{child!r}: its grammar is not compiled at the fork")
             self.block_manager.fork(seq, child)
-            child.num_computed_tokens = num_computed
+            child.num_computed_tokens = child.num_draft_computed = num_computed
             child.status = SequenceStatus.RUNNING
             child.first_scheduled_time = seq.first_scheduled_time
             child.num_cached_tokens = seq.num_cached_tokens
@@ -609,6 +631,8 @@ class Scheduler:
             # real. The token after them is new: the next step computes it.
             seq.num_computed_tokens -= num_drafts - accepted
             self.block_manager.trim(seq, seq.num_computed_tokens + 1)
+            # The draft model's KV past the accepted tokens is a rejected draft's (if any).
+            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
         kept: list[int] = []
         for token in tokens:
             seq.token_ids.append(token)

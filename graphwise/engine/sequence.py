@@ -78,13 +78,18 @@ class Sequence:
             PromptLogprobs(0) if sampling_params.prompt_logprobs is not None else None
         )
         self.prompt_logprobs_sent = False
-        # Speculative decoding (engine/ngram.py): whether this request may get drafts, the
-        # drafts chosen for the step being described, and how many a step in flight verifies
-        # (until it resolves the request is not scheduled: its length is unknown).
+        # Speculative decoding (engine/ngram.py, runner/draft_model.py): whether this request
+        # may get drafts, the drafts chosen for the step being described (n-gram: their ids;
+        # draft model: how many the runner is to propose), and how many a step in flight
+        # verifies (until it resolves the request is not scheduled: its length is unknown).
         self.speculate = False
         self.draft_token_ids: list[int] = []
+        self.num_model_drafts = 0
         self.num_drafts_in_flight = 0
         self.token_array: Any = None  # engine/ngram.py TokenArray, made on the first proposal
+        # Draft model: leading positions whose KV the draft model's cache holds (it computes
+        # what the target computes, except the last draft of a verify step that accepted all).
+        self.num_draft_computed = 0
 
     @property
     def num_tokens(self) -> int:

@@ -81,6 +81,14 @@ def create_executor(
     from graphwise.models.loader import build_model
 
     model, model_config = build_model(source, config, device, dtype)
+    drafter = None
+    spec = config.speculative
+    if spec is not None and spec.uses_draft_model:  # (TP and PP refuse speculation)
+        from graphwise.runner.draft_model import load_draft_model
+
+        drafter = load_draft_model(config, source, model, model_config, device, dtype)
     return UniProcExecutor(
-        ModelRunner(config, model, model_config, device, dtype, vocab_limit=vocab_limit)
+        ModelRunner(
+            config, model, model_config, device, dtype, vocab_limit=vocab_limit, drafter=drafter
+        )
     )

@@ -78,6 +78,14 @@ def sample(
     if t.all_greedy:
         return greedy_tokens
     probs, random_rows = target_probs(clean, t)
+    return torch.where(random_rows, _race(probs, t, default_generator), greedy_tokens)
+
+
+def _race(
+    probs: torch.Tensor, t: SamplingTensors, default_generator: torch.Generator | None
+) -> torch.Tensor:
+    """One draw per row from `probs` [N, V] (the exponential race), each seeded row's noise
+    from its own generator."""
     noise = torch.empty_like(probs)
     noise.exponential_(generator=default_generator)
     for row, gen in enumerate(t.generators):
@@ -85,8 +93,7 @@ def sample(
             noise[row].exponential_(generator=gen)
     # Exp(1) noise of exactly 0 would make p / E inf or NaN (0 / 0); p / tiny stays finite.
     noise.clamp_(min=_F32.tiny)
-    random_tokens = (probs / noise).argmax(dim=-1)
-    return torch.where(random_rows, random_tokens, greedy_tokens)
+    return (probs / noise).argmax(dim=-1)
 
 
 def target_probs(clean: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +125,10 @@ def verify_drafts(
     bonus: torch.Tensor,
     t: SamplingTensors | None,
     default_generator: torch.Generator | None,
+    draft_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative verification of S rows' drafts (deterministic drafts: the n-gram proposer).
+    """Speculative verification of S rows' drafts: deterministic ones (the n-gram proposer,
+    `draft_probs` None) or drawn from a draft model's distributions `draft_probs` [D, V].
 
     `draft_logits` [D, V] are the target's logits at the positions that predict the D drafts
     `draft_ids` [D] (row by row, `num_drafts` per row, `num_drafts_t` on the device);
@@ -140,6 +149,19 @@ def verify_drafts(
     all before it were accepted, i.e. conditioned on the same prefix the target would have
     seen, so the whole output is distributed as plain sampling. After k accepted drafts the
     bonus token (sampled from p at the last position) follows.
+
+    A draft model's draft d is drawn from its distribution q (`draft_probs`, the draft's
+    logits under the request's own temperature, top-k, top-p, min-p). The general rule then
+    applies as stated: with u ~ U[0, 1), accept when u q(d) < p(d) (probability
+    min(1, p(d) / q(d))), else sample from max(0, p - q), renormalized. The token at that
+    position is x with probability
+        q(x) min(1, p(x) / q(x)) + (1 - sum_y min(q(y), p(y))) max(0, p(x) - q(x)) / Z
+    where Z = sum_y max(0, p(y) - q(y)) = 1 - sum_y min(p(y), q(y)): that is
+    min(p(x), q(x)) + max(0, p(x) - q(x)) = p(x). (Z = 0 means p = q, and then every draft is
+    accepted; if rounding still rejects one, the token is drawn from p.) Greedy rows ignore q.
+    The one-hot rule above is exact given any draft, however it was drawn, but it accepts d
+    with probability p(d), on average sum_x q(x) p(x); the rule with q accepts on average
+    sum_x min(p(x), q(x)), which is 1 when the draft model matches the target.
 
     Returns the [S, K + 1] tokens each row emits (accepted drafts, then the target's token;
     -1 after) and the [S] last token of each row."""
@@ -171,12 +193,19 @@ def verify_drafts(
                 noise[at : at + k].exponential_(generator=gen)
             at += k
         noise.clamp_(min=_F32.tiny)
-        # p with the draft removed; its exponential race samples the renormalized residual
-        # (the race ignores the scale). When p(d) = 1 the residual is all zero, but then the
-        # draft is always accepted (uniform < 1) and the residual sample is never used.
-        residual = probs.scatter(1, draft_ids.unsqueeze(1), 0.0)
+        if draft_probs is None:
+            # p with the draft removed; its exponential race samples the renormalized residual
+            # (the race ignores the scale). When p(d) = 1 the residual is all zero, but then
+            # the draft is always accepted (uniform < 1) and the residual sample is never used.
+            residual = probs.scatter(1, draft_ids.unsqueeze(1), 0.0)
+            accept_random = uniform < p_draft
+        else:
+            q_draft = draft_probs.gather(1, draft_ids.unsqueeze(1)).squeeze(1)
+            residual = (probs - draft_probs).clamp_(min=0.0)
+            residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, probs)
+            accept_random = uniform * q_draft < p_draft
         resampled = (residual / noise).argmax(dim=-1)
-        accept = torch.where(random, uniform < p_draft, accept)
+        accept = torch.where(random, accept_random, accept)
         resample = torch.where(random, resampled, resample)
     grid_accept = torch.zeros(num_rows * width, dtype=torch.int64, device=bonus.device)
     grid_accept[slots] = accept.long()
@@ -196,6 +225,24 @@ def verify_drafts(
     n = num_accepted.unsqueeze(1)
     out = torch.where(index < n, drafts, torch.where(index == n, last.unsqueeze(1), -1))
     return out, last
+
+
+def draft_sample(
+    logits: torch.Tensor, t: SamplingTensors | None, default_generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A draft model's next tokens [N] for N rows, and the distribution each was drawn from
+    ([N, V] float32, what verify_drafts calls q; None when every row is greedy). Greedy rows
+    take the argmax (their q is one-hot: verification ignores it); random rows draw from their
+    request's own distribution (temperature, min_p, top-k, top-p on the draft's logits), each
+    seeded request from its own generator."""
+    clean = sanitize_logits(logits)
+    greedy_tokens = clean.argmax(dim=-1)
+    if t is None or t.all_greedy:
+        return greedy_tokens, None
+    probs, random_rows = target_probs(clean, t)
+    tokens = torch.where(random_rows, _race(probs, t, default_generator), greedy_tokens)
+    one_hot = torch.zeros_like(probs).scatter_(1, greedy_tokens.unsqueeze(1), 1.0)
+    return tokens, torch.where(random_rows.unsqueeze(1), probs, one_hot)
 
 
 def _per_draft(x: torch.Tensor, num_drafts: list[int], num_drafts_t: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import time
 import zlib
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ from graphwise.models.registry import resolve_model_class
 logger = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).parent / "presets"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -126,12 +129,68 @@ def _dummy_init(model: nn.Module, seed: int) -> None:
             p.data.uniform_(-0.02, 0.02, generator=gen)
 
 
+def draft_engine_config(cfg: EngineConfig) -> EngineConfig:
+    """The options the draft model of `speculative_config` (method "draft_model") is built
+    with: its own path and layer cut; the target's dtype, device, load format and seed. Its KV
+    cache is in the model's dtype (no FP8 scales to carry) and its weights as its checkpoint
+    has them."""
+    spec = cfg.speculative
+    assert spec is not None and spec.uses_draft_model
+    return dataclasses.replace(
+        cfg,
+        model=spec.model,
+        preset=None,
+        tokenizer=None,
+        quantization=None,
+        kv_cache_dtype="auto",
+        num_layers=spec.num_layers,
+        speculative_config=None,
+    )
+
+
+def draft_source(cfg: EngineConfig) -> tuple[ModelSource, EngineConfig]:
+    """Where the draft model of `cfg.speculative_config` comes from, and its build options;
+    a wrong path is an error naming speculative_config.model."""
+    draft_cfg = draft_engine_config(cfg)
+    try:
+        return resolve_source(draft_cfg), draft_cfg
+    except ValueError as exc:
+        raise ValueError(f"speculative_config.model: {exc}") from exc
+
+
+def check_draft_model(draft: ModelConfig, target: ModelConfig, source: ModelSource) -> None:
+    """A draft proposes token ids the target verifies: both must mean the same ids."""
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"speculative_config.model {source.name!r} has a vocabulary of {draft.vocab_size} "
+            f"tokens, the target model {target.vocab_size}: a draft model must share the "
+            "target's tokenizer and vocabulary"
+        )
+    have = source.config.get("num_hidden_layers")
+    if isinstance(have, int) and draft.num_hidden_layers > have:
+        raise ValueError(
+            f"speculative_config.num_layers ({draft.num_hidden_layers}) exceeds the draft "
+            f"model's {have} layers"
+        )
+
+
 def model_config_of(source: ModelSource, cfg: EngineConfig) -> ModelConfig:
     """The model's config as the engine runs it (`num_layers` cuts a large model down)."""
     config_dict = dict(source.config)
     if cfg.num_layers is not None:
         config_dict["num_hidden_layers"] = cfg.num_layers
     return ModelConfig.from_dict(config_dict)
+
+
+def _first_layers(
+    weights: Iterator[tuple[str, torch.Tensor]], num_layers: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's tensors without those of decoder layers past the first `num_layers`
+    (a model cut by `num_layers`: the early-exit draft, or a large model cut to fit)."""
+    for name, tensor in weights:
+        m = _LAYER_INDEX.match(name)
+        if m is None or int(m.group(1)) < num_layers:
+            yield name, tensor
 
 
 def keep_gguf_packed(asked: bool) -> bool:
@@ -200,6 +259,8 @@ def build_model(
             weights = gguf_weights(source.path, config_dict, packed)
         else:
             weights = _safetensors_weights(_safetensors_files(source.path))
+        if cfg.num_layers is not None:
+            weights = _first_layers(weights, model_config.num_hidden_layers)
         loaded = model.load_weights(  # type: ignore[operator]
             w for w in tqdm(weights, desc=f"Loading {source.name}", unit="tensor")
         )

@@ -36,9 +36,14 @@ class SpecInputs:
     num_drafts: list[int]  # per such row
     num_drafts_t: torch.Tensor  # [S] the same, on the device
     logits_indices: torch.Tensor  # [D] hidden-state rows predicting each draft, row by row
-    draft_ids: torch.Tensor  # [D]
+    draft_ids: torch.Tensor  # [D] (zeros for drafts the draft model has yet to propose)
     slots: torch.Tensor  # [D] row * max(num_drafts) + index: the drafts' [S, K] grid
     logits: torch.Tensor | None = None  # [D, V] once the runner computed them
+    # Draft model: the rows' drafts come from the runner (ScheduledRow.propose), which puts
+    # them in `draft_ids` and the step's input ids; `draft_probs` [D, V] is the distribution
+    # each was drawn from (None: every row greedy, or deterministic n-gram drafts).
+    proposed: bool = False
+    draft_probs: torch.Tensor | None = None
 
 
 class RunnerRequest:
@@ -251,7 +256,9 @@ def build_step_inputs(
             fill_dst.append(len(ids))
             fill_src.append(row.pending_row)
             ids.append(0)
-        if len(row.token_ids) + (row.pending_row >= 0) != n:
+        if row.propose:  # the draft model's drafts go here once proposed (runner/draft_model.py)
+            ids.extend([0] * row.num_draft_tokens)
+        if _num_ids(row) != n:
             raise ValueError(f"row {row.request_id!r}: {n} new tokens but {len(row.token_ids)} ids")
         positions.extend(range(c, c + n))
         state = states[row.request_id]
@@ -302,11 +309,29 @@ def _spec_inputs(spec_rows: list[tuple[int, int, ScheduledRow]], upload: Uploade
     for s, (_, start, row) in enumerate(spec_rows):
         k = row.num_draft_tokens
         indices.extend(range(start, start + k))
-        drafts.extend(row.token_ids[len(row.token_ids) - k :])
+        drafts.extend([0] * k if row.propose else row.token_ids[len(row.token_ids) - k :])
         slots.extend(range(s * width, s * width + k))
     num_drafts = [row.num_draft_tokens for _, _, row in spec_rows]
     indices_t, drafts_t, slots_t, num_t = upload(torch.int64, indices, drafts, slots, num_drafts)
-    return SpecInputs([i for i, _, _ in spec_rows], num_drafts, num_t, indices_t, drafts_t, slots_t)
+    proposed = spec_rows[0][2].propose
+    if any(row.propose != proposed for _, _, row in spec_rows):
+        raise ValueError("a step mixes n-gram drafts with draft-model ones")
+    return SpecInputs(
+        [i for i, _, _ in spec_rows],
+        num_drafts,
+        num_t,
+        indices_t,
+        drafts_t,
+        slots_t,
+        proposed=proposed,
+    )
+
+
+def _num_ids(row: ScheduledRow) -> int:
+    """The input ids a row supplies: its known ids, a pending one, the drafts to propose."""
+    return (
+        len(row.token_ids) + (row.pending_row >= 0) + (row.num_draft_tokens if row.propose else 0)
+    )
 
 
 def find_bad_rows(
@@ -326,7 +351,11 @@ def find_bad_rows(
         if rid not in banned:
             bad[rid] = "the runner holds no state for this request"
             continue
-        ids = [*row.token_ids, *(banned[rid] if row.ban_stop_tokens else ())]
+        ids = [
+            *row.draft_catch_up,
+            *row.token_ids,
+            *(banned[rid] if row.ban_stop_tokens else ()),
+        ]
         wrong = next((t for t in ids if not 0 <= t < vocab_size), None)
         if wrong is not None:
             bad[rid] = f"token id {wrong} is outside the vocabulary [0, {vocab_size})"
@@ -334,6 +363,6 @@ def find_bad_rows(
             bad[rid] = f"a KV block id outside [0, {num_blocks})"
         elif row.num_tokens_after > max_positions:
             bad[rid] = f"position {row.num_tokens_after - 1} is past the model's {max_positions}"
-        elif len(row.token_ids) + (row.pending_row >= 0) != row.num_new_tokens:
+        elif _num_ids(row) != row.num_new_tokens:
             bad[rid] = "the row's token ids do not match its token count"
     return bad

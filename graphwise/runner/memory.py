@@ -55,6 +55,10 @@ class MemoryPlan:
     # what sized the KV pool: "utilization", "kv_cache_memory", "num_gpu_blocks_override" or
     # "cpu_default"
     kv_source: str = ""
+    # A draft model (speculative_config "draft_model"): its weights (in weights_bytes too) and
+    # its share of block_bytes (a block id holds the target's KV and the draft's).
+    draft_weights_bytes: int = 0
+    draft_block_bytes: int = 0
 
     def as_dict(self) -> dict[str, int | float | str | None]:
         return asdict(self)
@@ -65,6 +69,11 @@ class MemoryPlan:
             f"KV cache {self.kv_bytes / gib:.2f} GiB = {self.kv_tokens:,} tokens "
             f"({self.num_blocks:,} blocks of {self.block_size})"
         )
+        if self.draft_block_bytes:
+            kv += (
+                f", the draft model's KV {self.draft_block_bytes / self.block_bytes:.0%} of it "
+                f"(draft weights {self.draft_weights_bytes / gib:.2f} GiB)"
+            )
         if self.kv_source != "utilization":
             return (
                 f"Memory: weights {self.weights_bytes / gib:.2f} GiB; {kv}, set by {self.kv_source}"
@@ -152,15 +161,21 @@ def plan_kv_blocks(
     measured pool of capturing everything); without one, graphs get a fixed reserve."""
     cfg = runner.config
     # Per device: under tensor/pipeline parallelism a rank holds only its KV heads and layers.
+    # A draft model's KV is part of every block (runner/draft_model.py): kv_bytes_per_token
+    # counts both, and its weights count with the target's.
     per_token = runner.kv_bytes_per_token()
     block_bytes = per_token * cfg.block_size
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    drafter = runner.drafter
+    draft_weights = drafter.weights_bytes if drafter is not None else 0
     plan = MemoryPlan(
         num_blocks=0,
         block_bytes=block_bytes,
         kv_bytes=0,
-        weights_bytes=weights,
+        weights_bytes=weights + draft_weights,
         block_size=cfg.block_size,
+        draft_weights_bytes=draft_weights,
+        draft_block_bytes=drafter.kv_bytes_per_token() * cfg.block_size if drafter else 0,
     )
     cuda = runner.device.type == "cuda"
     if cfg.num_gpu_blocks_override is not None:
@@ -195,7 +210,7 @@ def plan_kv_blocks(
         used = total - free  # weights + CUDA context + anything else on the card
         plan.total_bytes = total
         plan.budget_bytes = int(total * cfg.gpu_memory_utilization)
-        plan.other_bytes = max(0, used - weights)
+        plan.other_bytes = max(0, used - plan.weights_bytes)
         budget = kv_budget_bytes(
             total,
             cfg.gpu_memory_utilization,

@@ -21,7 +21,7 @@ import logging
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -63,6 +63,9 @@ from graphwise.runner.logprobs import (
 )
 from graphwise.runner.pipeline import PendingRows, PendingSends, launch_stage
 from graphwise.runner.step_handle import PromptParts, StepHandle, to_pinned
+
+if TYPE_CHECKING:
+    from graphwise.runner.draft_model import DraftModel
 
 logger = logging.getLogger(__name__)
 # CUDA graphs on pipeline stages (each stage replays its own layers; the sends stay outside):
@@ -123,6 +126,7 @@ class ModelRunner:
         dtype: torch.dtype,
         parallel: ParallelContext = SINGLE,
         vocab_limit: int | None = None,
+        drafter: DraftModel | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -143,6 +147,9 @@ class ModelRunner:
         )
         self.block_size = config.block_size
         self.vocab_limit = vocab_limit  # the tokenizer knows fewer ids than the model
+        # speculative_config method "draft_model" (runner/draft_model.py): its KV cache is
+        # addressed by the same block ids as the target's.
+        self.drafter = drafter
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.backend: AttentionBackend = TorchAttentionBackend(scratch_slot=0)
@@ -178,11 +185,13 @@ class ModelRunner:
         )
 
     def kv_bytes_per_token(self) -> int:
-        """KV bytes one token takes on this rank: its KV heads, its stage's layers."""
+        """KV bytes one token takes on this rank: its KV heads, its stage's layers (and the
+        draft model's layers: one block id holds both)."""
         mc = self.model_config
         start, end = self.layer_range
         elem = torch.empty(0, dtype=self.kv_cache_dtype).element_size()  # fp8: 1 byte
-        return 2 * (end - start) * mc.num_key_value_heads * mc.head_dim * elem
+        draft = self.drafter.kv_bytes_per_token() if self.drafter is not None else 0
+        return 2 * (end - start) * mc.num_key_value_heads * mc.head_dim * elem + draft
 
     def plan_graphs(self, limits: RunnerLimits):  # -> GraphPlan | None
         """The measured decision of which batch sizes replay a graph (runner/graph_policy.py);
@@ -222,11 +231,18 @@ class ModelRunner:
             self.config, self.device, scratch_slot=num_blocks * self.block_size
         )
         self.use_triton_ops = self.backend.name == "triton"
+        if self.drafter is not None:
+            backend = select_attention_backend(
+                self.config, self.device, scratch_slot=num_blocks * self.block_size
+            )
+            self.drafter.allocate_kv_cache(num_blocks, backend, self.use_triton_ops)
 
     def release_kv_cache(self) -> None:
         self.kv_caches = []
         self.num_blocks = 0
         self.backend = TorchAttentionBackend(scratch_slot=0)  # drops graph buffers, workspace
+        if self.drafter is not None:
+            self.drafter.release_kv_cache()
 
     def capture_graphs(self, limits: RunnerLimits):  # -> CaptureStats | None
         """Capture the planned buckets on the real KV cache; what the capture took (None when
@@ -282,7 +298,8 @@ class ModelRunner:
         blocks are copied as raw bytes, whatever the cache's dtype (index_copy_ has no fp8
         kernel on the CPU; an fp8 block's scales are per layer, so its bytes are all of it)."""
         src, dst = self.upload(torch.int64, [s for s, _ in copies], [d for _, d in copies])
-        for k, v in self.kv_caches:
+        draft = self.drafter.kv_caches if self.drafter is not None else []
+        for k, v in [*self.kv_caches, *draft]:
             if k.numel():  # a pipeline stage holds only its own layers
                 for cache in (k.view(torch.uint8), v.view(torch.uint8)):
                     cache.index_copy_(0, dst, cache.index_select(0, src))
@@ -353,6 +370,12 @@ class ModelRunner:
             trace.pop()
         if self.num_micro_batches > 1:
             return self._launch_micro_batch(step, inputs)
+        if self.drafter is not None:
+            trace.push("draft")
+            try:
+                self._propose(step, inputs)
+            finally:
+                trace.pop()
         trace.push("forward")
         try:
             hidden, used_graph = self.forward(inputs)
@@ -433,6 +456,27 @@ class ModelRunner:
                 self.tracer.pop()
         finally:
             self.tracer.pop()
+
+    def _propose(self, step: SchedulerOutput, inputs: StepInputs) -> None:
+        """The draft model's part of the step (runner/draft_model.py): it computes the rows the
+        target computes and drafts the tokens of the rows that verify drafts, into `inputs`."""
+        assert self.drafter is not None
+        spec = inputs.spec
+        params = None
+        if spec is not None:
+            params = self._sampling_tensors(
+                [self.requests[inputs.sampled[i].request_id] for i in spec.rows]
+            )
+        self.drafter.propose(
+            step,
+            inputs,
+            self.requests,
+            self.upload,
+            self._last_tokens,
+            params,
+            self.default_generator,
+            self.vocab_limit,
+        )
 
     def _prompt_logprobs(self, step: SchedulerOutput, hidden: torch.Tensor) -> PromptParts | None:
         """The prompt logprobs this step's rows ask for (runner/logprobs.py), on the driver."""
@@ -518,8 +562,8 @@ class ModelRunner:
         emitted tokens (-1 padded) and the step's last token per sampled row."""
         spec = inputs.spec
         assert spec is not None and spec.logits is not None
-        draft_logits = spec.logits
-        spec.logits = None
+        draft_logits, draft_probs = spec.logits, spec.draft_probs
+        spec.logits = spec.draft_probs = None
         if self.vocab_limit is not None:
             draft_logits[:, self.vocab_limit :] = float("-inf")
         rows_t = self.upload(torch.int64, spec.rows)[0]
@@ -534,6 +578,7 @@ class ModelRunner:
             tokens.index_select(0, rows_t),
             params,
             self.default_generator,
+            draft_probs,
         )
         tokens = tokens.index_copy(0, rows_t, last)
         return spec.rows, emitted, tokens

@@ -74,6 +74,7 @@ def _runner(device="cpu", **cfg):
         model=nn.Linear(16, 16, bias=False),
         kv_bytes_per_token=lambda: _MC().kv_bytes_per_token(torch.float32),
         graphs_possible=device == "cuda" and config.use_cuda_graph != "off",
+        drafter=None,
     )
 
 
