@@ -39,8 +39,10 @@
 #   pp-micro (two GPUs, nvidia-h200-x2): issue 19 items 4-5. tests/gpu/test_pp_microbatch_gpu.py
 #   (PP=2 micro-batches vs one GPU under NCCL, eager and with stage graphs, `auto` under PP;
 #   PP_TESTS=0 skips), then scripts/pp_microbatch_bench.py: PP=2 decode throughput at batch
-#   PP_BATCH (64) on PP_PRESET (llama3-8b, dummy bf16), one batch in flight against two
-#   micro-batches (target >= 1.6x), for each PP_GRAPHS value (default "0 1": eager stages, then
+#   PP_BATCH (64) on PP_PRESET (llama3-8b, dummy bf16), one batch of PP_BATCH in flight against
+#   PP_MICRO (2) micro-batches of PP_BATCH (target >= 1.6x; also against one batch of
+#   PP_MICRO x PP_BATCH, the same sequences in flight; PP_MICRO=3 tries hiding the host's work
+#   between batches behind a third), for each PP_GRAPHS value (default "0 1": eager stages, then
 #   each stage replaying its CUDA graphs, GRAPHWISE_PP_CUDA_GRAPHS=1 with cuda_graph=auto) into
 #   pp-microbatch-graphs<0|1>-${GPU_TAG:-h200}x2.json. If it does not fit one 10-minute call,
 #   split: PP_GRAPHS=0, then PP_TESTS=0 PP_GRAPHS=1.
@@ -231,6 +233,7 @@ for step in "${steps[@]}"; do
       for graphs in ${PP_GRAPHS:-0 1}; do
         GRAPHWISE_PP_CUDA_GRAPHS=$graphs timeout 420 python3 scripts/pp_microbatch_bench.py \
           --preset "${PP_PRESET:-llama3-8b}" --pp 2 --batch-size "${PP_BATCH:-64}" --dtype bfloat16 \
+          --micro-batches "${PP_MICRO:-2}" --same-total --sequential \
           --device cuda --output-len "${PP_OUT:-64}" --repeats "${PP_REPEATS:-3}" \
           --label "${TAG}x2, PP=2, stage graphs=$graphs" \
           --output "$OUT/pp-microbatch-graphs$graphs-${TAG}x2.json" \

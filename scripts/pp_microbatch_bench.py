@@ -317,7 +317,14 @@ def main() -> None:
     modes = [mode("one-batch", 1, bs), mode("micro", m, m * bs)]
     if args.same_total:
         modes.append(mode("one-batch-same-total", 1, m * bs))
-    (_paired if paired else _sequential)(modes, args)
+    if paired:
+        _paired(modes, args)
+    else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        _sequential(modes, args)
 
     rows = []
     for md in modes:

@@ -114,13 +114,16 @@ def test_aborts_n_samples_penalties_and_logprobs_under_micro_batches(tiny_model_
     assert got == single
 
 
-def test_micro_batches_keep_greedy_tokens_of_hf(tiny_model_dir, make_llm):
-    """Many sequences, two batches of them in flight: HF's greedy tokens."""
+@pytest.mark.parametrize("micro", [None, 3])
+def test_micro_batches_keep_greedy_tokens_of_hf(tiny_model_dir, make_llm, micro):
+    """Many sequences, two (or three: more batches than stages) of them in flight: HF's greedy
+    tokens."""
     from tests.conftest import hf_greedy
 
     path = tiny_model_dir("qwen2")
     ps = prompts() + prompts(3)
-    llm = make_llm(path, pipeline_parallel_size=2, max_num_seqs=6)
+    llm = make_llm(path, pipeline_parallel_size=2, max_num_seqs=6, pipeline_micro_batches=micro)
+    assert llm.llm_engine.num_micro_batches == (micro or 2)
     assert generate(llm, ps) == hf_greedy(path, ps, GREEDY.max_tokens)
 
 
