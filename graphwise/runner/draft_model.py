@@ -57,7 +57,6 @@ class DraftModel:
         device: torch.device,
         dtype: torch.dtype,
         block_size: int,
-        num_speculative_tokens: int,
         shares_target_weights: bool = False,
     ) -> None:
         self.model = model
@@ -65,7 +64,6 @@ class DraftModel:
         self.device = device
         self.dtype = dtype  # its KV cache's too: no FP8 scales to carry for a draft
         self.block_size = block_size
-        self.num_speculative_tokens = num_speculative_tokens
         # The target drafting for itself: one set of weights, two KV caches (counted once).
         self.shares_target_weights = shares_target_weights
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -236,7 +234,6 @@ def load_draft_model(
         device,
         dtype,
         config.block_size,
-        spec.num_speculative_tokens,
         shares_target_weights=same,
     )
 
