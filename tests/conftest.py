@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -232,7 +233,7 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
     return outs
 
 
-def build_tiny_chat(path: Path) -> Path:
+def build_tiny_chat(path: Path, tok: Any = None) -> Path:
     """A tiny random Llama that speaks through the embedded default's real tokenizer and chat
     template (SmolLM2's, 49,152 ids): text prompts, chat, stop strings and the server work as
     with a real model, at a fraction of its load time. Behaviour tests use it; only a few smoke
@@ -242,8 +243,9 @@ def build_tiny_chat(path: Path) -> Path:
 
     from graphwise.models.default import default_model_path
 
-    gguf = default_model_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tok is None:  # else a tokenizer of the caller's (e.g. with tokens added)
+        gguf = default_model_path()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok.save_pretrained(path)
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(

@@ -20,20 +20,10 @@ from graphwise.engine.mask_fill import MIN_ROWS_PER_THREAD, MaskFiller, default_
 from graphwise.engine.structured import RequestGrammar, StructuredOutputs
 from graphwise.runner.inputs import Uploader
 from graphwise.runner.logits_processors import apply_grammar_bitmask
+from tests.engine.test_structured_output import SCHEMA as RECORD
 
 xgr = pytest.importorskip("xgrammar")
 
-RECORD = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "size": {"enum": ["small", "large"]},
-        "ok": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
-    },
-    "required": ["name", "size", "ok"],
-    "additionalProperties": False,
-}
 ARTICLE = {  # benchmarks/structured_bench.py's: long strings with length bounds
     "type": "object",
     "properties": {

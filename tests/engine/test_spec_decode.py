@@ -390,11 +390,16 @@ def test_a_failed_verify_step_rolls_back_and_the_others_recompute(tiny_model_dir
     """A verify step that fails to launch: the request blamed for it fails alone, the others
     (drafts never verified) go back to waiting, recompute and finish with the tokens they
     would have had; no block leaks."""
-    model_dir = tiny_model_dir("llama")
+    check_failed_verify_step(tiny_model_dir("llama"), SPEC, monkeypatch)
+
+
+def check_failed_verify_step(model_dir, spec, monkeypatch):
+    """Fail the first step that verifies drafts (shared with the draft-model tests); returns
+    the engine after every request ended."""
     prompts = _prompts(4)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    _, clean = _generate(model_dir, SPEC, params, prompts)
-    llm = LLM(model=str(model_dir), speculative_config=SPEC)
+    _, clean = _generate(model_dir, spec, params, prompts)
+    llm = LLM(model=str(model_dir), speculative_config=spec)
     engine = llm.llm_engine
     rids = [engine.add_request(None, params, prompt_token_ids=p) for p in prompts]
     real = engine.executor.execute_model
@@ -422,6 +427,7 @@ def test_a_failed_verify_step_rolls_back_and_the_others_recompute(tiny_model_dir
         else:
             assert done[rid].outputs[0].token_ids == tokens
     assert engine.block_manager.num_used_blocks == 0
+    return engine
 
 
 def test_stop_string_inside_a_multi_token_update_drops_what_follows(tiny_chat_dir):

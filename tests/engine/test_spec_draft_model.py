@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from graphwise import LLM, SamplingParams
 from graphwise.config import EngineConfig, SpeculativeConfig, add_engine_args
 from graphwise.layers.sampler import SamplingTensors, verify_drafts
 from tests.conftest import TINY_COMMON, build_tiny, hf_greedy, hf_reference
+from tests.engine.test_spec_decode import _generate, _prompts, check_failed_verify_step
 
 
 def _save_llama(path: Path, seed: int, **overrides) -> Path:
@@ -59,25 +59,6 @@ def _spec(models, kind: str, k: int = 3) -> dict:
     if kind == "early-exit":  # vLLM's older shape (no method), graphwise's layer cut
         return {"model": str(models["target"]), "num_speculative_tokens": k, "num_layers": 1}
     return {"method": "draft_model", "model": str(models[kind]), "num_speculative_tokens": k}
-
-
-def _prompts(seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    base = [rng.randrange(512) for _ in range(12)]
-    return [
-        base * 4,
-        [rng.randrange(512) for _ in range(30)],
-        base * 2 + [rng.randrange(512) for _ in range(5)],
-        [7, 8, 9] * 9,
-    ]
-
-
-def _generate(model_dir, spec, params, prompts, **kw):
-    llm = LLM(model=str(model_dir), speculative_config=spec, **kw)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    engine = llm.llm_engine
-    assert not engine.has_unfinished_requests()
-    return engine, [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
 
 
 def _check_stats(engine) -> None:
@@ -391,38 +372,7 @@ def test_abort_mid_speculation_frees_every_block(models):
 def test_a_failed_verify_step_rolls_back_and_the_others_recompute(models, monkeypatch):
     """A draft-model verify step that fails to launch: the request blamed fails alone, the
     others recompute (their draft KV with them) and finish with the tokens they would have had."""
-    prompts = _prompts(4)
-    spec = _spec(models, "self")
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    _, clean = _generate(models["target"], spec, params, prompts)
-    llm = LLM(model=str(models["target"]), speculative_config=spec)
-    engine = llm.llm_engine
-    rids = [engine.add_request(None, params, prompt_token_ids=p) for p in prompts]
-    real = engine.executor.execute_model
-    failed: list[str] = []
-
-    def execute(step):
-        if not failed and step.num_draft_tokens:
-            failed.append(step.rows[0].request_id)
-            raise RuntimeError("injected launch failure")
-        return real(step)
-
-    monkeypatch.setattr(engine.executor, "execute_model", execute)
-    monkeypatch.setattr(
-        engine.executor.driver, "find_bad_rows", lambda step: {failed[0]: "injected"}
-    )
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    assert failed
-    for rid, (tokens, _) in zip(rids, clean, strict=True):
-        if rid == failed[0]:
-            assert done[rid].outputs[0].finish_reason == "error"
-        else:
-            assert done[rid].outputs[0].token_ids == tokens
-    assert engine.block_manager.num_used_blocks == 0
+    engine = check_failed_verify_step(models["target"], _spec(models, "self"), monkeypatch)
     assert engine.get_stats().spec_decode_acceptance_rate == 1.0
 
 

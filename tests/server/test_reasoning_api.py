@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-import torch
 from fake_engine import FakeEngine, run_app
 
 from graphwise import LLM
@@ -35,7 +34,7 @@ from graphwise.server.reasoning import (
     make_reasoning_parser,
     reasoning_tag_ids,
 )
-from tests.conftest import TINY_COMMON, _save
+from tests.conftest import build_tiny_chat
 
 DEEPSEEK, QWEN3 = make_reasoning_parser("deepseek_r1"), make_reasoning_parser("qwen3")
 
@@ -325,26 +324,13 @@ def think_dir(tiny_chat_dir, tmp_path_factory):
     """The tiny chat model with `<think>` and `</think>` as tokens of its own (the last two
     ids, as in Qwen3's and DeepSeek-R1's tokenizers, where they are not special), and a
     template whose generation prompt opens (`think: "open"`) or closes the reasoning."""
-    import transformers as tf
     from transformers import AutoTokenizer
 
     path = tmp_path_factory.mktemp("think_chat") / "model"
     tok = AutoTokenizer.from_pretrained(tiny_chat_dir)
     tok.add_tokens(["<think>", "</think>"])
     tok.chat_template = TEMPLATE
-    tok.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        **{
-            **TINY_COMMON,
-            "vocab_size": len(tok),
-            "max_position_embeddings": 2048,
-            "tie_word_embeddings": True,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-        }  # fmt: skip
-    )
-    _save(tf.LlamaForCausalLM(cfg).eval(), path)
+    build_tiny_chat(path, tok)
     shutil.rmtree(path / "__pycache__", ignore_errors=True)
     return path
 
