@@ -35,6 +35,7 @@ from graphwise.core.device import resolve_device
 from graphwise.distributed.launcher import watch_parent
 from graphwise.engine.client import EngineStats
 from graphwise.engine.engine import LLMEngine
+from graphwise.engine.mask_fill import default_fill_threads
 from graphwise.engine.validation import InvalidRequest, RequestLimits, normalize_request
 from graphwise.outputs import CompletionOutput, RequestOutput
 from graphwise.sampling_params import SamplingParams
@@ -186,6 +187,18 @@ class _Replicas:
             r.conn.close()
 
 
+def replica_config_of(config: EngineConfig) -> EngineConfig:
+    """What each replica's engine runs with: one replica, the front's device resolved, and the
+    host's default mask-fill threads shared out among the replicas (each fills its own)."""
+    out = dataclasses.replace(config, data_parallel_size=1)
+    if resolve_device(config.device).type == "cuda":
+        out = dataclasses.replace(out, device="cuda")
+    if config.structured_outputs_fill_threads is None:
+        share = max(1, default_fill_threads() // config.data_parallel_size)
+        out = dataclasses.replace(out, structured_outputs_fill_threads=share)
+    return out
+
+
 def _replica_envs(config: EngineConfig) -> list[dict[str, str]]:
     """Per replica: the CUDA devices it may see (its slice of this process's)."""
     n = config.data_parallel_size
@@ -226,9 +239,7 @@ class DataParallelEngine:
         )
         self.tokenizer = load_tokenizer(source, config)
         n = config.data_parallel_size
-        replica_config = dataclasses.replace(config, data_parallel_size=1)
-        if resolve_device(config.device).type == "cuda":
-            replica_config = dataclasses.replace(replica_config, device="cuda")
+        replica_config = replica_config_of(config)
         envs = _replica_envs(config)
         threads = (
             max(1, (os.cpu_count() or 1) // (n * config.tensor_parallel_size))

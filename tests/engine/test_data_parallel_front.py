@@ -2,8 +2,15 @@
 
 import multiprocessing
 
+from graphwise.config import EngineConfig
 from graphwise.engine.client import EngineStats
-from graphwise.engine.data_parallel import DataParallelEngine, DPRequest, _Replica, _Replicas
+from graphwise.engine.data_parallel import (
+    DataParallelEngine,
+    DPRequest,
+    _Replica,
+    _Replicas,
+    replica_config_of,
+)
 
 
 class _GoneProcess:
@@ -64,3 +71,14 @@ def test_one_dead_replica_leaves_the_other_serving():
     children[0].send(("rejected", "b", "the tensor/pipeline-parallel workers are gone"))
     assert [o.request_id for o in front.step()] == ["b"]
     assert front.alive and set(front.requests) == {"c"}
+
+
+def test_replicas_share_the_hosts_fill_threads(monkeypatch):
+    monkeypatch.setattr("graphwise.engine.mask_fill.available_cpus", lambda: 16)
+    one = replica_config_of(EngineConfig(data_parallel_size=2, device="cpu"))
+    assert one.data_parallel_size == 1 and one.structured_outputs_fill_threads == 4
+    assert (
+        replica_config_of(EngineConfig(data_parallel_size=4)).structured_outputs_fill_threads == 2
+    )
+    asked = EngineConfig(data_parallel_size=2, structured_outputs_fill_threads=3)
+    assert replica_config_of(asked).structured_outputs_fill_threads == 3
