@@ -182,3 +182,7 @@ class ModelRunnerOutput:
     # drafts, then the target's token after them); sampled_token_ids then holds each row's
     # last. None in plain steps.
     spec_token_ids: list[list[int]] | None = field(default=None, kw_only=True)
+    # Verify steps, by sampled row like spec_token_ids: the logprobs of each of the row's
+    # tokens (each at the position that produced it) for verify rows that asked; None for the
+    # rest (their `logprobs` entry, if any, is their one token's).
+    spec_logprobs: list[list[SampleLogprobs] | None] | None = field(default=None, kw_only=True)

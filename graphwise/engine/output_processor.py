@@ -311,7 +311,8 @@ class OutputProcessor:
     @classmethod
     def _push_until_stop(cls, state: RequestState, update: RequestUpdate) -> str | None:
         """Append the update's tokens one at a time until the text holds a stop string; the
-        tokens after it are cut from the update. Returns the stop string found, if any."""
+        tokens after it (and their logprobs) are cut from the update. Returns the stop string
+        found, if any."""
         tokens = update.new_token_ids
         for i, token in enumerate(tokens):
             before = len(state.text)
@@ -321,6 +322,7 @@ class OutputProcessor:
                 found = cls._find_stop_string(state, before)
                 if found is not None:
                     del tokens[i + 1 :]
+                    del update.logprobs[i + 1 :]  # (empty unless the request asked)
                     return found
         return None
 

@@ -84,13 +84,13 @@ class SpecDecodeStats:
 
 def can_speculate(seq: Sequence) -> bool:
     """Whether a request may get drafts. The ones asking for what verify steps do not compute
-    yet decode plainly: logprobs, prompt logprobs, structured outputs, penalties, logit bias,
-    allowed token ids and bad words (their processors see the last position only), and n > 1
-    (decided in `Scheduler.add`)."""
+    yet decode plainly: prompt logprobs, structured outputs, penalties, logit bias, allowed
+    token ids and bad words (their processors see the last position only), and n > 1 (decided
+    in `Scheduler.add`). Sampled-token logprobs do speculate: the runner gives each emitted
+    token the entry of the position that produced it (runner/logprobs.py plan_verify_rows)."""
     p = seq.sampling_params
     return not (
-        p.logprobs is not None
-        or p.prompt_logprobs is not None
+        p.prompt_logprobs is not None
         or seq.grammar is not None
         or p.penalized
         or p.logit_bias
@@ -563,9 +563,10 @@ class Scheduler:
                 # A prompt recomputed after a preemption is not reported twice.
                 if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
                     seq.prompt_logprobs.extend(part)
-        got: list[tuple[Sequence, list[int], SampleLogprobs | None, tuple | None]] = []
+        got: list[tuple[Sequence, list[int], list[SampleLogprobs], tuple | None]] = []
         logprobs = output.logprobs or [None] * len(sampled)
         spec = output.spec_token_ids
+        spec_lps = output.spec_logprobs
         for i, (seq, token, lp) in enumerate(
             zip(sampled, output.sampled_token_ids, logprobs, strict=True)
         ):
@@ -575,10 +576,11 @@ class Scheduler:
             if seq.num_drafts_in_flight:
                 assert spec is not None, "a verify step came back without its tokens"
                 kept, stop = self._take_verified(seq, spec[i])
-                got.append((seq, kept, None, stop))
+                lps = spec_lps[i] if spec_lps is not None else None
+                got.append((seq, kept, [] if lps is None else lps[: len(kept)], stop))
                 continue
             seq.token_ids.append(token)
-            got.append((seq, [token], lp, None))
+            got.append((seq, [token], [] if lp is None else [lp], None))
         for seq in seqs:  # their KV is written now: the prefix cache may hand it out
             if not seq.is_finished:
                 self.block_manager.cache_full_blocks(seq)
@@ -607,7 +609,7 @@ class Scheduler:
                 stop,
                 seq.num_cached_tokens,
                 seq.first_scheduled_time,
-                logprobs=[lp] if lp is not None else [],
+                logprobs=lp,
             )
             if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
                 update.prompt_logprobs = seq.prompt_logprobs

@@ -132,3 +132,72 @@ def prompt_logprobs(
     if not keep:
         return None
     return torch.cat(values), torch.cat(ids)
+
+
+@dataclass
+class VerifyRows:
+    """The verify rows (speculative decoding) whose requests ask for logprobs. A row
+    [t, d1 .. dk] emits up to k + 1 tokens, its j-th from its position j: the j-th draft
+    position's logits for j < k (the target's, that verified the draft), its last position's
+    (the ordinary sampled row's) for j = k. Each emitted token gets the entry plain decoding
+    would have given it there: the same log-softmax of the raw logits."""
+
+    rows: list[tuple[int, int, int]]  # (sampled row, positions k + 1, top k asked for)
+    draft_logprobs: torch.Tensor  # [D', V] log-softmax at the asking rows' draft positions
+    order: torch.Tensor  # [P] per position: its row of cat([draft_logprobs, raw])
+    grid: torch.Tensor  # [P] per position: its place in the verify's [S, K + 1] tokens
+    top_k: list[int]  # [P] per position: its row's k
+
+
+def plan_verify_rows(
+    draft_logits: torch.Tensor,
+    rows: list[int],
+    num_drafts: list[int],
+    wanted: list[tuple[int, int]],
+    upload: Upload,
+) -> VerifyRows | None:
+    """The log-softmax of the asking verify rows' draft-position logits (`draft_logits` [D, V],
+    verify rows `rows` (sampled indices) with `num_drafts` each) and where each of their
+    positions finds its numbers; None when no verify row asks. Called before verification,
+    which masks the logits of ids past the tokenizer's vocabulary (the raw logprobs of plain
+    decoding are taken before that mask too). `wanted` are the (sampled row, k) pairs of the
+    step's asking rows, in the order of `log_softmax_rows`' output."""
+    asked = {row: (j, k) for j, (row, k) in enumerate(wanted)}
+    width = max(num_drafts) + 1
+    picked: list[tuple[int, int, int]] = []
+    index: list[int] = []  # rows of draft_logits
+    order: list[int] = []  # >= 0: a row of draft_logprobs; < 0: -1 - its row of raw
+    grid: list[int] = []
+    top_k: list[int] = []
+    offset = 0
+    for s, (row, k) in enumerate(zip(rows, num_drafts, strict=True)):
+        if row in asked:
+            j, top = asked[row]
+            order.extend(range(len(index), len(index) + k))
+            order.append(-1 - j)
+            index.extend(range(offset, offset + k))
+            grid.extend(range(s * width, s * width + k + 1))
+            top_k.extend([top] * (k + 1))
+            picked.append((row, k + 1, top))
+        offset += k
+    if not picked:
+        return None
+    num = len(index)
+    order = [o if o >= 0 else num - 1 - o for o in order]
+    index_t, order_t, grid_t = upload(torch.int64, index, order, grid)
+    draft_lp = torch.log_softmax(draft_logits.index_select(0, index_t).float(), dim=-1)
+    return VerifyRows(picked, draft_lp, order_t, grid_t, top_k)
+
+
+def verify_logprobs(
+    plan: VerifyRows, raw: torch.Tensor, emitted: torch.Tensor, upload: Upload
+) -> tuple[list[tuple[int, int, int]], torch.Tensor, torch.Tensor]:
+    """Per planned position: [its emitted token's logprob, top-K logprobs] and [its rank, top-K
+    ids], as `sampled_logprobs` computes them for a plain row. `raw` is the step's
+    `log_softmax_rows` output, `emitted` the verify's [S, K + 1] tokens (-1 past a row's last:
+    those positions are computed on token 0 and dropped on the host)."""
+    logprobs = torch.cat([plan.draft_logprobs, raw]).index_select(0, plan.order)
+    tokens = emitted.reshape(-1).index_select(0, plan.grid).clamp(min=0)
+    wanted = list(enumerate(plan.top_k))
+    _, values, ids = sampled_logprobs(logprobs, tokens, wanted, upload)
+    return plan.rows, values, ids

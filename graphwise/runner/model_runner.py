@@ -58,11 +58,13 @@ from graphwise.runner.logits_processors import (
 from graphwise.runner.logprobs import (
     log_softmax_rows,
     plan_prompt_rows,
+    plan_verify_rows,
     prompt_logprobs,
     sampled_logprobs,
+    verify_logprobs,
 )
 from graphwise.runner.pipeline import PendingRows, PendingSends, launch_stage
-from graphwise.runner.step_handle import PromptParts, StepHandle, to_pinned
+from graphwise.runner.step_handle import PromptParts, SpecLogprobParts, StepHandle, to_pinned
 
 if TYPE_CHECKING:
     from graphwise.runner.draft_model import DraftModel
@@ -520,6 +522,7 @@ class ModelRunner:
     ) -> StepHandle:
         logprobs = None
         spec = None
+        spec_logprobs = None
         if self.is_driver:
             assert logits is not None
             wanted = (
@@ -533,6 +536,14 @@ class ModelRunner:
             )
             # Of the raw logits, before any masking (vLLM's default "raw_logprobs").
             raw = log_softmax_rows(logits, wanted, self.upload)
+            verify_rows = None
+            if raw is not None and inputs.spec is not None:
+                # Verify rows' draft positions too (before _verify masks their logits).
+                assert inputs.spec.logits is not None
+                verify_rows = plan_verify_rows(
+                    inputs.spec.logits, inputs.spec.rows, inputs.spec.num_drafts, wanted,
+                    self.upload,
+                )  # fmt: skip
             if grammar is not None:
                 apply_grammar_bitmask(logits, grammar.rows, grammar.bitmask, self.upload)
             tokens = self._sample(logits, inputs)
@@ -541,6 +552,9 @@ class ModelRunner:
             if inputs.spec is not None:
                 spec = self._verify(inputs, tokens)
                 tokens = spec[2]
+                if verify_rows is not None:
+                    assert raw is not None
+                    spec_logprobs = verify_logprobs(verify_rows, raw, spec[1], self.upload)
         else:
             tokens = torch.empty(len(req_ids), dtype=torch.int64, device=self.device)
         if self.parallel.world_size > 1 and self.num_micro_batches == 1:
@@ -551,7 +565,7 @@ class ModelRunner:
         self._last_tokens = tokens
         if not self.is_driver:
             return StepHandle([], None, used_graph)
-        return self._handle(req_ids, tokens, used_graph, logprobs, prompt, spec)
+        return self._handle(req_ids, tokens, used_graph, logprobs, prompt, spec, spec_logprobs)
 
     def _verify(
         self, inputs: StepInputs, tokens: torch.Tensor
@@ -591,11 +605,18 @@ class ModelRunner:
         logprobs: tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor] | None,
         prompt: PromptParts | None,
         spec: tuple[list[int], torch.Tensor, torch.Tensor] | None = None,
+        spec_logprobs: SpecLogprobParts | None = None,
     ) -> StepHandle:
         emitted = None if spec is None else (spec[0], spec[1])
         if self.device.type != "cuda" or (tokens is None and prompt is None):
             return StepHandle(
-                req_ids, tokens, used_graph, logprobs=logprobs, prompt=prompt, spec=emitted
+                req_ids,
+                tokens,
+                used_graph,
+                logprobs=logprobs,
+                prompt=prompt,
+                spec=emitted,
+                spec_logprobs=spec_logprobs,
             )
         # Copy to pinned memory behind the step and mark it: result() waits for this step only.
         # The caching host allocator does not hand the buffers out again before the copies ran.
@@ -606,9 +627,17 @@ class ModelRunner:
             prompt = (prompt[0], to_pinned(prompt[1]), to_pinned(prompt[2]))
         if emitted is not None:
             emitted = (emitted[0], to_pinned(emitted[1]))
+        if spec_logprobs is not None:
+            spec_logprobs = (
+                spec_logprobs[0],
+                to_pinned(spec_logprobs[1]),
+                to_pinned(spec_logprobs[2]),
+            )
         event = torch.cuda.Event()
         event.record()
-        return StepHandle(req_ids, host, used_graph, event, logprobs, prompt, emitted)
+        return StepHandle(
+            req_ids, host, used_graph, event, logprobs, prompt, emitted, spec_logprobs
+        )
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         apply_logits_processors(

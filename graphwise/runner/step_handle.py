@@ -12,6 +12,9 @@ from graphwise.core.step import ModelRunnerOutput, PromptLogprobs, SampleLogprob
 # Prompt logprobs of a step: (request id, first position, positions, k) per asking row, and the
 # [M, 1 + K] values and ids of all their positions in that order (runner/logprobs.py).
 PromptParts = tuple[list[tuple[str, int, int, int]], torch.Tensor, torch.Tensor]
+# Logprobs of a verify step's asking rows: (sampled row, positions, k) per row, and the
+# [P, 1 + K] values and ids of all their positions (each row's k + 1), row by row.
+SpecLogprobParts = tuple[list[tuple[int, int, int]], torch.Tensor, torch.Tensor]
 
 
 def to_pinned(x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +36,7 @@ class StepHandle:
         logprobs: tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor] | None = None,
         prompt: PromptParts | None = None,
         spec: tuple[list[int], torch.Tensor] | None = None,
+        spec_logprobs: SpecLogprobParts | None = None,
     ) -> None:
         self._req_ids = req_ids
         self._tokens = tokens
@@ -43,6 +47,7 @@ class StepHandle:
         self._prompt = prompt
         # A verify step's rows with drafts and their [S, K + 1] emitted tokens (-1 padded).
         self._spec = spec
+        self._spec_logprobs = spec_logprobs
 
     def result(self) -> ModelRunnerOutput:
         tokens: list[int] = []
@@ -65,6 +70,8 @@ class StepHandle:
             out.spec_token_ids = [[t] for t in tokens]
             for row, values in zip(rows, emitted.tolist(), strict=True):
                 out.spec_token_ids[row] = [t for t in values if t >= 0]
+            if self._spec_logprobs is not None:
+                out.spec_logprobs = _spec_entries(out.spec_token_ids, *self._spec_logprobs)
         return out
 
 
@@ -77,6 +84,27 @@ class FinishOnResult(StepHandle):
 
     def result(self) -> ModelRunnerOutput:
         return self._finish().result()
+
+
+def _spec_entries(
+    token_ids: list[list[int]],
+    rows: list[tuple[int, int, int]],
+    values: torch.Tensor,
+    ids: torch.Tensor,
+) -> list[list[SampleLogprobs] | None]:
+    """Per sampled row, the entries of the tokens it emitted (a verify row computed one per
+    position; those past its first rejected draft's have no token and are dropped)."""
+    vals, idl = values.tolist(), ids.tolist()
+    out: list[list[SampleLogprobs] | None] = [None] * len(token_ids)
+    at = 0
+    for row, count, k in rows:
+        emitted = len(token_ids[row])
+        out[row] = [
+            SampleLogprobs(v[0], int(t[0]), t[1 : k + 1], v[1 : k + 1])
+            for v, t in zip(vals[at : at + emitted], idl[at : at + emitted], strict=True)
+        ]
+        at += count
+    return out
 
 
 def _prompt_entries(

@@ -240,11 +240,11 @@ def test_stop_strings_with_ngram(tiny_chat_dir):
 
 
 def test_requests_that_cannot_speculate_decode_plainly(tiny_model_dir):
-    """logprobs, penalties, n > 1 get no drafts, and equal the plain engine's outputs."""
+    """prompt logprobs, penalties, n > 1 get no drafts, and equal the plain engine's outputs."""
     model_dir = tiny_model_dir("llama")
     prompts = _prompts()[:2]
     params = [
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=2),
         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3),
     ]
     engine, spec = _generate(model_dir, SPEC, params, prompts)

@@ -300,11 +300,11 @@ def test_prefix_cached_blocks_carry_the_drafts_kv(models):
 
 
 def test_requests_that_cannot_speculate_run_beside_a_draft_model(models):
-    """logprobs, penalties and n > 1 decode plainly in the same batches as verify rows (the
+    """prompt logprobs, penalties and n > 1 decode plainly in the same batches as verify rows (the
     draft mirrors their rows too) and equal the plain engine's outputs."""
     prompts = _prompts()
     params = [
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=2),
         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3),
         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
         SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True),
