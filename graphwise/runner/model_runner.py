@@ -540,10 +540,10 @@ class ModelRunner:
             if raw is not None and inputs.spec is not None:
                 # Verify rows' draft positions too (before _verify masks their logits).
                 assert inputs.spec.logits is not None
+                drafts = inputs.spec
                 verify_rows = plan_verify_rows(
-                    inputs.spec.logits, inputs.spec.rows, inputs.spec.num_drafts, wanted,
-                    self.upload,
-                )  # fmt: skip
+                    drafts.logits, drafts.rows, drafts.num_drafts, wanted, self.upload
+                )
             if grammar is not None:
                 apply_grammar_bitmask(logits, grammar.rows, grammar.bitmask, self.upload)
             tokens = self._sample(logits, inputs)
