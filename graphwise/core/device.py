@@ -44,3 +44,18 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     if name in ("fp8", "fp8_e4m3"):
         return torch.float8_e4m3fn
     raise ValueError(f"kv_cache_dtype must be 'auto', 'fp8' or 'fp8_e4m3', got {name!r}")
+
+
+def require_fp8_gpu(device: torch.device, what: str, instead: str) -> None:
+    """FP8 conversions and GEMMs need compute capability 8.9 (Ada, Hopper and later); other
+    devices than CUDA are not checked (their paths work anywhere). `what` needs it; `instead`
+    is the advice."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"{what} needs a GPU with FP8 support (compute capability >= 8.9); "
+            f"{name} has {major}.{minor}: {instead}"
+        )

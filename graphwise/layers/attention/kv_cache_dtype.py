@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from graphwise.config import KV_CACHE_DTYPES, kv_cache_dtype_error
-from graphwise.core.device import resolve_kv_cache_dtype
+from graphwise.core.device import require_fp8_gpu, resolve_kv_cache_dtype
 from graphwise.kernels.reference import FP8_KV_DTYPE
 
 
@@ -29,15 +29,8 @@ def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 def check_kv_cache_device(kv_dtype: torch.dtype, device: torch.device) -> None:
     """An FP8 cache needs a GPU with fp8 conversions (compute capability 8.9: Ada, Hopper and
     later); the CPU path works anywhere."""
-    if kv_dtype != FP8_KV_DTYPE or device.type != "cuda":
-        return
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(
-            f"kv_cache_dtype='fp8' needs a GPU with FP8 support (compute capability >= 8.9); "
-            f"{name} has {major}.{minor}: use kv_cache_dtype='auto'"
-        )
+    if kv_dtype == FP8_KV_DTYPE:
+        require_fp8_gpu(device, "kv_cache_dtype='fp8'", "use kv_cache_dtype='auto'")
 
 
 def check_kv_cache_scheme(quantization_config: dict[str, Any] | None) -> None:

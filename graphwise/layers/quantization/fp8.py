@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphwise.core.device import require_fp8_gpu
 from graphwise.kernels.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -56,15 +57,7 @@ ACTIVATION_SCHEMES = ("token", "tensor", "group", None)
 
 def check_fp8_device(device: torch.device) -> None:
     """FP8 GEMMs need Ada/Hopper or newer (compute capability 8.9)."""
-    if device.type != "cuda":
-        return
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(
-            f"FP8 weights need a GPU with FP8 support (compute capability >= 8.9); "
-            f"{name} has {major}.{minor}: use an unquantized checkpoint"
-        )
+    require_fp8_gpu(device, "FP8 weights", "use an unquantized checkpoint")
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
