@@ -186,8 +186,8 @@ for step in "${steps[@]}"; do
         --out "$OUT/moe-kernels-$TAG.json" $([ "${MOE_SWEEP:-1}" = 0 ] && echo --no-sweep) \
         2>&1 | tee "$OUT/moe-kernels.log" | tail -40 || status=1
       for preset in ${MOE_PRESETS-mixtral-8x7b qwen3-30b-a3b}; do
-        # the GEMV path is off by default until this run measures it: switch it on here
-        GRAPHWISE_MOE_SMALL_M_MAX_REREAD=${GRAPHWISE_MOE_SMALL_M_MAX_REREAD:-1.5} \
+        # the GEMV path is on by default (threshold measured on the H200); the override stays a knob
+        GRAPHWISE_MOE_SMALL_M_MAX_REREAD=${GRAPHWISE_MOE_SMALL_M_MAX_REREAD:-1.3} \
           timeout 420 python3 -m graphwise.cli bench latency --preset "$preset" \
           --batch-sizes "${MOE_BATCH:-1,8,64}" --input-len 32 --output-len 128 --compare graph \
           --output "$OUT/latency-$preset-smallm-$TAG.json" \

@@ -36,14 +36,16 @@ import triton.language as tl
 # Expected weight re-reads (pairs / distinct experts hit, uniform routing) up to which the GEMV
 # path is used. Each pair streams its expert's rows, so at factor f the kernels move f x the
 # bytes of the grouped GEMM through L2 (repeats run as concurrent programs: expected L2 hits) and do
-# f x the CUDA-core FMAs; past ~1.5 the grouped GEMM, which reads each expert once per block of
-# tokens with tensor cores, is the better bet. Uniform routing: Mixtral (E=8, k=2) t<=4 (1.46;
-# t=8 is 2.2), Qwen3-30B-A3B (E=128, k=8) t<=8 (1.24; t=16 is 1.56).
+# f x the CUDA-core FMAs; past that the grouped GEMM, which reads each expert once per block of
+# tokens with tensor cores, is the better bet.
 #
-# Off (0) by default until an H200 run measures it against the grouped path: the kernels were
-# written and checked (interpreter, sm_90 SASS) without a GPU. GRAPHWISE_MOE_SMALL_M_MAX_REREAD
-# =1.5 switches them on (scripts/gpu_run.sh moe-small does, for its latency runs).
-SMALL_M_MAX_REREAD = float(os.environ.get("GRAPHWISE_MOE_SMALL_M_MAX_REREAD", "0") or 0)
+# Measured on the H200 (benchmarks/results/moe-kernels-h200.json, 777b8ad, expert shapes of the
+# presets, t tokens): Mixtral (E=8, k=2) GEMV wins at t=1 (0.21 vs 0.30 ms) and t=2 (re-read
+# 1.14), loses from t=4 (1.46: 0.60 vs 0.51 ms); Qwen3-30B-A3B (E=128, k=8) wins up to t=16
+# (re-read 1.55, by 4%) and loses at t=32 (0.42 vs 0.34 ms). 1.3 takes every clear win and
+# leaves only Qwen3's t=16 near-tie to the grouped GEMM. GRAPHWISE_MOE_SMALL_M_MAX_REREAD
+# overrides it (0 switches the GEMV path off).
+SMALL_M_MAX_REREAD = float(os.environ.get("GRAPHWISE_MOE_SMALL_M_MAX_REREAD", "1.3") or 0)
 # Launch at least this many programs per SM (when the shape has enough columns) so that
 # enough loads are in flight to cover HBM latency: Little's law at ~4.8 TB/s and ~1 us needs
 # ~36 KB per SM in flight, i.e. several programs with several KB each.
