@@ -450,6 +450,21 @@ def test_choose_num_splits(kern) -> None:
     assert kern.choose_num_splits(8, 8, 4096) == 8
 
 
+def test_decode_tiles_by_shared_memory() -> None:
+    from graphwise.kernels.decode_attention import decode_tiles
+
+    hopper, ampere = 232448, 166912  # per-block opt-in shared memory (H100/H200, A100)
+    # 128-token tiles where three staged K and V tiles fit: bf16 on Hopper, an FP8 cache on both
+    assert decode_tiles(128, 2, 2, hopper) == (128, 3)
+    assert decode_tiles(128, 2, 2, ampere) == (64, 3)
+    assert decode_tiles(128, 2, 1, ampere) == (128, 3)
+    # fp32 models, unknown devices (the interpreter) and wide heads keep the smaller tiles
+    assert decode_tiles(128, 4, 4, hopper) == (64, 3)
+    assert decode_tiles(128, 2, 2, None) == (64, 3)
+    assert decode_tiles(256, 2, 2, hopper) == (32, 3)
+    assert decode_tiles(256, 4, 4, hopper) == (32, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU (bf16 and fp32, realistic sizes)
 # ---------------------------------------------------------------------------------------------
