@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from graphwise.engine.reasoning import ReasoningPhase
 from graphwise.engine.validation import (
     InvalidRequest,
     RequestLimits,
@@ -155,6 +156,22 @@ class ServerState:
             self.max_body_bytes,
             why if bound is not None else "configured",
         )
+
+    def reasoning_counter(self, start: str) -> Callable[[list[int]], int] | None:
+        """How many of an output's tokens are its reasoning (markers included), for usage's
+        reasoning_tokens: the engine's own phase tracker run over the ids (None: no parser,
+        or no tokenizer to know the markers' ids)."""
+        if self.reasoning is None or self.reasoning_tags is None:
+            return None
+        spec = self.reasoning_spec(start)
+        if spec is None:  # the output begins as content
+            return lambda ids: 0
+
+        def count(ids: list[int]) -> int:
+            phase = ReasoningPhase(spec)
+            return sum(1 for t in ids if phase.take(t))
+
+        return count
 
     def reasoning_spec(self, start: str) -> ReasoningSpec | None:
         """What tells the engine where a reply's reasoning ends (None: it begins as content)."""
@@ -465,6 +482,7 @@ async def events(
     first: list[BaseModel],
     chunk: Callable[[int, RequestOutput], list[BaseModel]],
     usage_chunk: Callable[[UsageInfo], BaseModel] | None,
+    reasoning_tokens: Callable[[list[int]], int] | None = None,
 ) -> AsyncIterator[str]:
     """A request's SSE: the opening chunks, then the chunks of each output of any of its prompts
     as it comes (one per choice it advances), usage (summed) once all are done, then [DONE]. An
@@ -484,16 +502,23 @@ async def events(
         yield sse(stream_error(exc).body())
     else:
         if usage_chunk is not None:
-            yield sse(usage_chunk(usage_of(finals)))
+            yield sse(usage_chunk(usage_of(finals, reasoning_tokens)))
     yield "data: [DONE]\n\n"
 
 
-def usage_of(outs: list[RequestOutput]) -> UsageInfo:
+def usage_of(
+    outs: list[RequestOutput], reasoning_tokens: Callable[[list[int]], int] | None = None
+) -> UsageInfo:
     """Usage summed over the prompts of a request: each prompt once, every sample's output
-    (n > 1), as vLLM counts."""
+    (n > 1), as vLLM counts; with `reasoning_tokens` (a sample's token ids -> how many of them
+    are its reasoning's), OpenAI's completion_tokens_details.reasoning_tokens too."""
+    reasoning = None
+    if reasoning_tokens is not None:
+        reasoning = sum(reasoning_tokens(list(c.token_ids)) for o in outs for c in o.outputs)
     return UsageInfo.of(
         sum(len(o.prompt_token_ids) for o in outs),
         sum(len(c.token_ids) for o in outs for c in o.outputs),
+        reasoning,
     )
 
 
@@ -787,6 +812,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if params.structured_outputs is not None:  # the constraint starts after the reasoning
             params.reasoning = state.reasoning_spec(start)
         state.check_request(ids, params, "messages")
+        count_reasoning = state.reasoning_counter(start)
         rid, engine_id = response_id("chatcmpl", req.request_id)
         created = int(time.time())
         streams = state.submit([(engine_id, ids, params)])
@@ -847,7 +873,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 for k in range(n)
             ]
             usage_chunk = (lambda u: make([], u)) if req.include_usage else None
-            return EventStream(events(streams, first, chunk, usage_chunk), streams, rid)
+            body = events(streams, first, chunk, usage_chunk, count_reasoning)
+            return EventStream(body, streams, rid)
         outs = await collect(request, streams)
 
         def finish(o: CompletionOutput) -> tuple[str | None, str | None, list, str | None]:
@@ -885,7 +912,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 )
                 for o, thought, content, tool_calls, finish_reason in finished
             ],
-            usage=usage_of(outs),
+            usage=usage_of(outs, count_reasoning),
             prompt_logprobs=prompt_logprobs_json(outs[0].prompt_logprobs),
         )
         return JSONResponse(resp.model_dump())

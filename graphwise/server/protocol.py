@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     ValidationError,
     model_serializer,
 )
@@ -597,17 +598,38 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 # --------------------------------------------------------------------------------- responses
+class CompletionTokensDetails(BaseModel):
+    """OpenAI's breakdown of the completion tokens: how many were the reasoning's."""
+
+    reasoning_tokens: int
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Only with a --reasoning-parser on the chat route; left out of the body otherwise.
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        if body.get("completion_tokens_details") is None:
+            body.pop("completion_tokens_details", None)
+        return body
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    def of(
+        cls, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None
+    ) -> UsageInfo:
+        details = None
+        if reasoning_tokens is not None:
+            details = CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            completion_tokens_details=details,
         )
 
 

@@ -212,6 +212,69 @@ def test_chat_reply_split_streamed_and_not(default_tokenizer) -> None:
     run_app(ScriptedEngine(default_tokenizer, REPLY), test, reasoning_parser="deepseek_r1")
 
 
+class TokenizedEngine(ScriptedEngine):
+    """ScriptedEngine whose reply carries each piece's real token ids (usage counts them)."""
+
+    def step(self) -> list[RequestOutput]:
+        self.gate.wait(10)
+        outs = []
+        for rid, (prompt, _params, tokens) in list(self.requests.items()):
+            k = len(tokens)  # pieces sent so far (one marker each)
+            piece = self.pieces[k]
+            ids = self.tokenizer.encode(piece, add_special_tokens=False)
+            tokens.append(-1)
+            done = k + 1 == len(self.pieces)
+            if done:
+                del self.requests[rid]
+            sent = [
+                i
+                for q in self.pieces[: k + 1]
+                for i in self.tokenizer.encode(q, add_special_tokens=False)
+            ]
+            text = "".join(self.pieces[: k + 1])
+            c = CompletionOutput(0, text, sent, "stop" if done else None)
+            out = RequestOutput(rid, None, prompt, [c], done)
+            out.delta_text, out.delta_token_ids = piece, ids
+            outs.append(out)
+        return outs
+
+
+@pytest.mark.parametrize(
+    "parser,pieces,reasoning",
+    [
+        ("deepseek_r1", ["Let me", " think", "</think>", "The", " answer."], 3),
+        ("deepseek_r1", ["Still", " thinking"], 2),  # cut short: all of it is reasoning
+        ("qwen3", ["<think>", "hm", "</think>", "OK"], 3),
+        ("qwen3", ["OK", " <think>x</think>"], 0),  # no leading <think>: all content
+    ],
+)
+def test_usage_counts_reasoning_tokens(default_tokenizer, parser, pieces, reasoning) -> None:
+    """usage.completion_tokens_details.reasoning_tokens (OpenAI's field): the reasoning's
+    tokens, its markers included, streamed and not; absent without a parser."""
+    tok = default_tokenizer
+    ids = [len(tok.encode(p, add_special_tokens=False)) for p in pieces]
+    want = sum(ids[:reasoning])
+    total = sum(ids)
+
+    async def test(client: httpx.AsyncClient, app: Any, eng: AsyncEngine) -> None:
+        usage = (await client.post("/v1/chat/completions", json=CHAT)).json()["usage"]
+        assert usage["completion_tokens"] == total
+        assert usage["completion_tokens_details"] == {"reasoning_tokens": want}
+        body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        chunks = _sse((await client.post("/v1/chat/completions", json=body)).text)
+        usage = chunks[-1]["usage"]
+        assert usage["completion_tokens_details"] == {"reasoning_tokens": want}
+        assert usage["completion_tokens"] == total
+
+    run_app(TokenizedEngine(tok, pieces), test, reasoning_parser=parser)
+
+    async def plain(client: httpx.AsyncClient, app: Any, eng: AsyncEngine) -> None:
+        usage = (await client.post("/v1/chat/completions", json=CHAT)).json()["usage"]
+        assert "completion_tokens_details" not in usage and usage["completion_tokens"] == total
+
+    run_app(TokenizedEngine(tok, pieces), plain)
+
+
 def test_without_a_parser_the_reply_is_content(default_tokenizer) -> None:
     """include_reasoning: false is accepted and changes nothing (vLLM's behaviour)."""
 
