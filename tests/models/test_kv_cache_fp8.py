@@ -62,18 +62,27 @@ def hf_fp8_kv_greedy(
     scales: dict[int, tuple[float, float]] | None = None,
 ) -> list[list[int]]:
     """HF's greedy tokens with every layer's K/V passed through an e4m3 cache (per layer
-    scales, default 1.0), SDPA otherwise as usual."""
-    from transformers import AttentionInterface, AutoModelForCausalLM
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    scales, default 1.0), the model's own eager attention otherwise.
+
+    The custom attention name gets eager's mask function too: without one, transformers builds
+    no mask at all for an unknown implementation (plain causal attention), silently dropping
+    sliding windows (Gemma 2, the tiny Phi-3). Eager rather than SDPA: SDPA drops (5.17) or
+    refuses (newer) Gemma 2's attention soft-capping."""
+    import sys
+
+    from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
+    from transformers.masking_utils import eager_mask
 
     scales = scales or {}
 
     def fp8_kv_attention(module, query, key, value, attention_mask, **kwargs):
         ks, vs = scales.get(module.layer_idx, (1.0, 1.0))
         key, value = _fake_fp8(key, ks), _fake_fp8(value, vs)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("graphwise_fp8_kv", fp8_kv_attention)
+    AttentionMaskInterface.register("graphwise_fp8_kv", eager_mask)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="graphwise_fp8_kv"
     ).eval()
