@@ -169,7 +169,7 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     cuda_graph: CudaGraphMode = "auto"
     enforce_eager: bool = False
-    cuda_graph_max_bs: int | None = None  # largest captured batch; default max_num_seqs
+    cuda_graph_max_bs: int | None = None  # largest captured batch (see cuda_graph_max_rows)
     cuda_graph_min_speedup: float = 1.05
     cuda_graph_max_context: int | None = None  # longer contexts decode eagerly
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
@@ -294,6 +294,18 @@ class EngineConfig:
         if self.pipeline_parallel_size == 1 or not self.async_scheduling:
             return 1
         return self.pipeline_micro_batches or self.pipeline_parallel_size
+
+    @property
+    def cuda_graph_max_rows(self) -> int:
+        """The largest decode-graph bucket, in attention rows (one per new token). A verify step
+        runs its k + 1 tokens per row as decode rows (runner/inputs.py as_decode_rows), so with
+        speculation the buckets reach max_num_seqs x (k + 1), capped at 512 rows by default (as
+        many graphs again as plain decoding's 256 seqs need; bigger steps decode eagerly);
+        `cuda_graph_max_bs` caps them instead when set."""
+        spec = self.speculative
+        rows = self.max_num_seqs * (1 + (spec.num_speculative_tokens if spec else 0))
+        default = self.max_num_seqs if spec is None else max(self.max_num_seqs, 512)
+        return min(self.cuda_graph_max_bs or default, rows)
 
     @property
     def use_cuda_graph(self) -> CudaGraphMode:

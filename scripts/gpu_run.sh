@@ -33,8 +33,9 @@
 #   (default mixtral-8x7b qwen3-30b-a3b; empty skips) at batch 1/8/64 into
 #   latency-<preset>-smallm-${GPU_TAG:-h200}.json. All of it may not fit one 10-minute call:
 #   split as MOE_PRESETS="" (tests + bench), then MOE_TESTS=0 MOE_BENCH=0 (latency only).
-#   spec: tests/gpu/test_spec_decode_gpu.py, then scripts/spec_bench.py (plain vs n-gram
-#   speculation, k = SPEC_K, batch SPEC_BATCH, on SPEC_MODEL or the dummy SPEC_PRESET) into
+#   spec: tests/gpu/test_spec_decode_gpu.py and tests/kernels/test_verify_as_decode.py, then
+#   scripts/spec_bench.py (plain vs n-gram speculation, k = SPEC_K, batch SPEC_BATCH, on
+#   SPEC_MODEL or the dummy SPEC_PRESET) into
 #   spec-decode-${GPU_TAG:-h200}.json: ms per output token, acceptance, verify vs decode step.
 #   pp-micro (two GPUs, nvidia-h200-x2): issue 19 items 4-5. tests/gpu/test_pp_microbatch_gpu.py
 #   (PP=2 micro-batches vs one GPU under NCCL, eager and with stage graphs, `auto` under PP;
@@ -198,7 +199,8 @@ for step in "${steps[@]}"; do
       # workload (scripts/spec_bench.py): ms per output token, acceptance, verify vs decode
       # step. SPEC_MODEL=path uses real weights (real acceptance); the preset's dummy weights
       # measure the verify cost only.
-      timeout 200 python3 -m pytest tests/gpu/test_spec_decode_gpu.py -m gpu -q -p no:cacheprovider \
+      timeout 200 python3 -m pytest tests/gpu/test_spec_decode_gpu.py \
+        tests/kernels/test_verify_as_decode.py -m gpu -q -p no:cacheprovider \
         2>&1 | tee "$OUT/spec-tests.log" | tail -8 || status=1
       if [ -n "${SPEC_MODEL:-}" ]; then spec_src=(--model "$SPEC_MODEL"); else spec_src=(--preset "${SPEC_PRESET:-qwen2.5-7b}"); fi
       timeout 400 python3 scripts/spec_bench.py "${spec_src[@]}" --batch-sizes "${SPEC_BATCH:-1,8}" \

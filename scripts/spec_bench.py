@@ -15,7 +15,7 @@ Workload (repetitive, "the prompt holds most of the answer"): each prompt is a b
 repeated `--repeats` times — the repo's own README tokenized when the model has a tokenizer,
 random ids otherwise — and every request decodes greedily for `--output-len` tokens (ignore_eos).
 Rows: {method, batch_size, ms_per_output_token, acceptance_rate, mean_accepted_tokens, weights,
-verify_step_ms, decode_step_ms}. `weights` says "dummy" for presets: dummy weights do not copy
+verify_step_ms, decode_step_ms, steps_graph, steps_eager}. `weights` says "dummy" for presets: dummy weights do not copy
 text, so their acceptance (and hence the end-to-end speed-up) says nothing about a real model;
 the verify cost (a step of k + 1 tokens per row against a plain decode step) does.
 """
@@ -132,6 +132,10 @@ def _run(engine: LLMEngine, batch: int, args: argparse.Namespace) -> dict:
         # a verify step's draft-model part: mirror + catch-up + k draft decode steps
         "draft_ms_per_step": 1000 * statistics.median(draft) if draft else None,
         "num_verify_steps_full": len(verify),
+        # steps whose forward replayed a CUDA graph / ran eagerly (verify steps replay the
+        # decode graph of their token count when one fits: runner/inputs.py as_decode_rows)
+        "steps_graph": after.steps_graph - before.steps_graph,
+        "steps_eager": after.steps_eager - before.steps_eager,
     }
 
 

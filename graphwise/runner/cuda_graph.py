@@ -69,7 +69,7 @@ class CudaGraphRunner:
     ) -> None:
         self.runner = runner
         self.eager_buckets = sorted(set(eager_buckets or ()))
-        self.max_bs = min(config.cuda_graph_max_bs or config.max_num_seqs, config.max_num_seqs)
+        self.max_bs = config.cuda_graph_max_rows
         self.buckets = sorted(buckets) if buckets else capture_sizes(self.max_bs)
         self.max_bs = self.buckets[-1]
         # Contexts longer than this replay eagerly (the block table width is baked into the graph).

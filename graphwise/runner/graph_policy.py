@@ -105,7 +105,7 @@ class GraphPlan:
 def candidate_buckets(config: EngineConfig) -> list[int]:
     from graphwise.runner.cuda_graph import capture_sizes
 
-    max_bs = min(config.cuda_graph_max_bs or config.max_num_seqs, config.max_num_seqs)
+    max_bs = config.cuda_graph_max_rows
     return capture_sizes(max_bs)
 
 

@@ -221,9 +221,11 @@ def build_step_inputs(
     upload: Uploader,
     block_size: int,
     last_tokens: torch.Tensor | None,
+    max_decode_rows: int | None = None,
 ) -> StepInputs:
     """The step's tensors. `last_tokens` are the previous launched step's sampled tokens, on the
-    device: the inputs of rows whose newest token the host does not know yet."""
+    device: the inputs of rows whose newest token the host does not know yet. A verify step of
+    at most `max_decode_rows` tokens (None: any) attends as decode rows (`as_decode_rows`)."""
     bs = block_size
     ids: list[int] = []
     positions: list[int] = []
@@ -275,6 +277,10 @@ def build_step_inputs(
     attn_rows = [r for r in step.rows if r.num_new_tokens] if num_forks else step.rows
     tables = states.block_tables(attn_rows)
     width = tables.shape[1]
+    if verifies_as_decode(attn_rows, len(ids), max_decode_rows):
+        tables, seq_lens = as_decode_rows(tables, q_lens, seq_lens)
+        q_lens = [1] * len(ids)
+        cu = list(range(len(ids) + 1))
     ids_t, pos_t, slots_t, logits_t, dst_t, src_t = upload(
         torch.int64, ids, positions, slots, logits_indices, fill_dst, fill_src
     )
@@ -286,7 +292,7 @@ def build_step_inputs(
     meta = AttentionMetadata(
         slot_mapping=slots_t,
         seq_lens=seq_lens_t,
-        block_tables=tables_t.view(len(attn_rows), width),
+        block_tables=tables_t.view(len(q_lens), width),
         cu_seqlens_q=cu_t,
         is_decode=all(n == 1 for n in q_lens),
         max_q_len=max(q_lens),
@@ -296,6 +302,45 @@ def build_step_inputs(
     )
     spec = _spec_inputs(spec_rows, upload) if spec_rows else None
     return StepInputs(ids_t, pos_t, meta, logits_t, sampled, spec)
+
+
+# A verify row longer than this stays one extend row: the decode kernel reads a row's KV once per
+# query token, which pays only while the tokens are few (speculation's k is a handful).
+MAX_DECODE_ROW_TOKENS = 16
+
+
+def verifies_as_decode(rows: list[ScheduledRow], num_tokens: int, max_rows: int | None) -> bool:
+    """The step verifies drafts and every row is a decode row (one token) or a short verify row
+    (its token and its drafts), at most `max_rows` tokens in all: no prompt rows."""
+    if max_rows is not None and num_tokens > max_rows:
+        return False
+    verifies = False
+    for row in rows:
+        n, k = row.num_new_tokens, row.num_draft_tokens
+        if n == 1:
+            continue
+        if not k or n != 1 + k or n > MAX_DECODE_ROW_TOKENS:
+            return False
+        verifies = True
+    return verifies
+
+
+def as_decode_rows(
+    tables: np.ndarray, q_lens: list[int], seq_lens: list[int]
+) -> tuple[np.ndarray, list[int]]:
+    """Block tables [T, W] and KV lengths [T] that make each new token an attention row of its
+    own: token i of a row of q new tokens and KV length s sees the row's first s - q + i + 1
+    positions through the row's block table.
+
+    Why: a verify step (each row's last token and its k drafts) then is a decode step of T
+    rows, which replays the decode CUDA graph of bucket T instead of running the extend path
+    eagerly (issue 21: an eager verify step cost ~3 graph decode steps). Causality is exact:
+    every backend stores the step's K/V for all T tokens before any attention (layers/attention
+    `forward`), and a row's length ends at its own token, so each token sees the same keys as
+    in the extend path (sliding windows count back from the same last position). The ids,
+    positions, slots and logits rows need no change: they are per token already."""
+    per_token = [s - q + i + 1 for q, s in zip(q_lens, seq_lens, strict=True) for i in range(q)]
+    return np.repeat(tables, q_lens, axis=0), per_token
 
 
 def _spec_inputs(spec_rows: list[tuple[int, int, ScheduledRow]], upload: Uploader) -> SpecInputs:

@@ -364,7 +364,14 @@ class ModelRunner:
             if step.block_copies:
                 self.copy_blocks(step.block_copies)
             inputs = build_step_inputs(
-                step, self.requests, self.upload, self.block_size, self._last_tokens
+                step,
+                self.requests,
+                self.upload,
+                self.block_size,
+                self._last_tokens,
+                # verify steps that fit a decode graph attend as decode rows (a larger one
+                # keeps the extend path, which reads each row's KV once)
+                max_decode_rows=self.config.cuda_graph_max_rows,
             )
             if self.is_driver and self.requests.num_special:  # only rank 0 samples
                 self.history.record(step.rows, inputs.input_ids, self.requests, self.upload)

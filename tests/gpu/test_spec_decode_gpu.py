@@ -1,7 +1,8 @@
-"""On a GPU: n-gram speculation gives plain decoding's greedy tokens (fp32, Triton attention's
-extend path for the verify rows, graphs for the plain decode steps), the rejection sampler keeps
-the target distribution with CUDA generators, and a verify step of k + 1 tokens per row costs
-about one decode step (measured, loosely bounded here; scripts/spec_bench.py records it)."""
+"""On a GPU: n-gram speculation gives plain decoding's greedy tokens (fp32; verify steps run
+as decode rows, one per token, and replay the decode graphs like plain steps), the rejection
+sampler keeps the target distribution with CUDA generators, and a verify step of k + 1 tokens
+per row costs about one decode step (measured, loosely bounded here; scripts/spec_bench.py
+records it)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def test_greedy_ngram_equals_plain_on_gpu(async_scheduling):
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
     assert stats[True].spec_decode_num_draft_tokens > 0
+    # verify steps (up to 8 x 5 rows) replay graphs: only steps with a prompt run eagerly
+    assert stats[True].steps_eager <= len(prompts), stats[True]
 
 
 def test_rejection_sampler_distribution_on_gpu():
@@ -109,14 +112,15 @@ def test_rejection_sampler_distribution_on_gpu():
 
 def test_verify_step_costs_about_one_decode_step():
     """bs 1, k = 4 on a 7B-shaped stack cut to 4 layers (dummy weights): a verify step (5
-    tokens, eager extend path) against a plain decode step (graph). Issue 21 asks for <= 1.15x
-    with graphs for verify steps too; verify steps run eagerly for now, so this bound is loose
-    (3x) and the measured ratio is printed for the record."""
+    tokens as 5 decode rows, the graph of bucket 5) against a plain decode step (the graph of
+    bucket 1). Issue 21 asks for <= 1.15x; the bound here stays loose (3x) and the measured
+    ratio is printed for the record."""
     llm = LLM(
         preset="qwen2.5-7b",
         num_layers=4,
         max_model_len=1024,
         max_num_seqs=1,
+        cuda_graph="on",  # both kinds of step replay graphs (the measured `auto` might not)
         dtype="bfloat16",
         kv_cache_memory=1 << 30,
         async_scheduling=False,
@@ -134,6 +138,9 @@ def test_verify_step_costs_about_one_decode_step():
 
     engine.step_log = Log()
     llm.generate({"prompt_token_ids": block * 8}, params, use_tqdm=False)
+    stats = engine.get_stats()
+    assert engine.executor.driver.graph_buckets() == [1, 2, 4, 5]  # 1 seq x (1 + k) rows
+    assert stats.steps_eager <= 2, stats  # the prompt's step; every verify step a graph
     records = records[5:]
     verify = [r.total_s for r in records if r.seqs == 1 and r.tokens == 5]
     decode = [r.total_s for r in records if r.seqs == 1 and r.tokens == 1]
