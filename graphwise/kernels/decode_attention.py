@@ -287,6 +287,13 @@ def decode_tiles(
     return 64, 3
 
 
+# Tokens a split must span for 128-token tiles: at 4096 (batch 64, one split) they won by 10%
+# (decode-tiles-h200.json); at ~300 tokens of context (bench latency's batch 1) the step was
+# ~1.8% slower with them (0.08 ms over 28 layers: one resident program per SM and a longer
+# prologue for one or two tiles). 1024 keeps short splits on 64.
+LONG_TILE_MIN_TOKENS = 1024
+
+
 @functools.lru_cache(maxsize=16)
 def _smem_optin(device_index: int) -> int | None:
     props = torch.cuda.get_device_properties(device_index)
@@ -402,9 +409,10 @@ def decode_attention(
             max_context = min(max_context, sliding_window)
         num_splits = choose_num_splits(b, hkv, max_context, _device_sms(q.device))
     if block_n is None or num_stages is None:
-        tile_n, stages = decode_tiles(
-            d, q.element_size(), k_cache.element_size(), _device_smem(q.device)
-        )
+        # Long tiles pay off only where a split streams many of them (see decode_tiles).
+        per_split = block_tables.shape[1] * page_size // num_splits
+        smem = _device_smem(q.device) if per_split >= LONG_TILE_MIN_TOKENS else None
+        tile_n, stages = decode_tiles(d, q.element_size(), k_cache.element_size(), smem)
         block_n = tile_n if block_n is None else block_n
         num_stages = stages if num_stages is None else num_stages
     direct = num_splits == 1
