@@ -158,6 +158,7 @@ def count(model: Path, batch: int, vocab: int, use_triton: bool) -> dict:
         "vocab_sized": len(big),
         "vocab_sized_MB": round(sum(m for _, m in big) / 1e6, 1),
         "vocab_sized_op_names": [n for n, _ in big],
+        "op_names": [n for n, _ in ops],
     }
 
 
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=152064)
     ap.add_argument("--paths", default="torch,triton", help="which of torch,triton to count")
+    ap.add_argument("--list", action="store_true", help="print every torch op")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = _tiny_model(args.vocab, Path(tmp))
@@ -180,6 +182,8 @@ def main() -> None:
                 f"[{args.batch}, {args.vocab}] tensor, {r['vocab_sized_MB']} MB in+out"
             )
             print("        vocab-sized:", " ".join(r["vocab_sized_op_names"]))
+            if args.list:
+                print("        all torch ops:", " ".join(r["op_names"]))
 
 
 if __name__ == "__main__":
