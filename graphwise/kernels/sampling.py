@@ -122,7 +122,7 @@ def _rank_topk_kernel(
         best = tl.max(keys, axis=0)
         at = tl.min(tl.where(keys == best, offs, 2147483647), axis=0)
         tl.store(cand_key_ptr + out * K + j, best)
-        tl.store(cand_id_ptr + out * K + j, at)
+        tl.store(cand_id_ptr + out * K + j, at.to(tl.int64))
         keys = tl.where(offs == at, lowest, keys)
 
 
@@ -140,7 +140,7 @@ def rank_and_topk(
     dev = logprobs.device
     above = torch.empty((num, num_blocks), dtype=torch.int32, device=dev)
     cand_key = torch.empty((num, num_blocks * k), dtype=torch.int32, device=dev)
-    cand_id = torch.empty((num, num_blocks * k), dtype=torch.int32, device=dev)
+    cand_id = torch.empty((num, num_blocks * k), dtype=torch.int64, device=dev)
     token = token_lp.reshape(num).contiguous()
     _rank_topk_kernel[(num, num_blocks)](
         logprobs,
@@ -156,5 +156,5 @@ def rank_and_topk(
     )
     rank = above.sum(dim=1, keepdim=True, dtype=torch.int64) + 1
     pick = cand_key.topk(k, dim=1).indices
-    ids = cand_id.gather(1, pick).long()
+    ids = cand_id.gather(1, pick)
     return rank, logprobs.gather(1, ids), ids
