@@ -130,7 +130,10 @@ for step in "${steps[@]}"; do
       timeout 420 python3 -m graphwise.cli bench latency --preset qwen2.5-7b \
         --batch-sizes "${SAMPLING_BATCH:-1,64}" --input-len 32 --output-len "${SAMPLING_OUT:-256}" \
         --compare graph,graph-sampling --output "$OUT/sampling-$TAG.json" \
-        2>&1 | tee "$OUT/sampling.log" | grep -v "it/s\]" | tail -12 || status=1 ;;
+        2>&1 | tee "$OUT/sampling.log" | grep -v "it/s\]" | tail -12 || status=1
+      # the sampling side alone (device time), torch path vs kernels/sampling.py
+      timeout 120 python3 scripts/sampling_kernel_bench.py --batch-sizes "${SAMPLING_BATCH:-1,64}" \
+        --output "$OUT/sampling-kernels-$TAG.json" 2>&1 | tee -a "$OUT/sampling.log" | tail -4 || status=1 ;;
     models-tests)
       timeout 540 python3 -m pytest tests/gpu/test_new_models_gpu.py tests/kernels/test_window_softcap.py \
         -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/models-gpu-tests.log" | tail -15 || status=1 ;;

@@ -105,28 +105,30 @@ class TokenHistory:
         prompt_lengths: list[int],
         vocab: int,
         upload: Upload,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[R, vocab] int32 counts of each request's tokens so far: all of them, and the
-        generated ones (positions from its prompt length on)."""
+    ) -> torch.Tensor:
+        """[R, > vocab] int32 counts of each request's tokens so far, packed in one tensor
+        (the kernels read one value per token, not two): bit 0 set where the token occurs at
+        all, the other bits twice how often it was generated (positions from its prompt
+        length on). Columns from `vocab` on are spare (column `vocab` takes the padding)."""
         assert self.buffer is not None
         width = max(lengths)
         slot_t, len_t, prompt_t = upload(
             torch.int64, [self.slots[r] for r in request_ids], lengths, prompt_lengths
         )
-        tokens = self.buffer.index_select(0, slot_t)[:, :width].long()
+        # Only the first `width` positions of each slot's row (not max_model_len of them).
+        tokens = self.buffer[:, :width].index_select(0, slot_t).long()
         pos = torch.arange(width, device=self.device)
         seen = pos[None, :] < len_t[:, None]
         generated = seen & (pos[None, :] >= prompt_t[:, None])
-        every = torch.zeros((len(request_ids), vocab + 1), dtype=torch.int32, device=self.device)
-        outs = torch.zeros_like(every)
+        # Rows padded to 16 ints (64 bytes): aligned rows let the kernel use wide loads.
+        columns = (vocab + 1 + 15) // 16 * 16
+        counts = torch.zeros((len(request_ids), columns), dtype=torch.int32, device=self.device)
         pad = torch.full_like(tokens, vocab)  # the spare column takes what is not counted
-        every.scatter_add_(
-            1, torch.where(seen, tokens, pad), torch.ones_like(tokens, dtype=torch.int32)
-        )
-        outs.scatter_add_(
-            1, torch.where(generated, tokens, pad), torch.ones_like(tokens, dtype=torch.int32)
-        )
-        return every[:, :vocab], outs[:, :vocab]
+        # Every occurrence sets bit 0 (a set, not an add: a prompt's repeats do not carry into
+        # the generated count), then each generated one adds 2.
+        counts.scatter_(1, torch.where(seen, tokens, pad), 1)
+        counts.scatter_add_(1, torch.where(generated, tokens, pad), generated.int() * 2)
+        return counts
 
 
 def apply_grammar_bitmask(
@@ -166,8 +168,10 @@ def apply_logits_processors(
     history: TokenHistory,
     upload: Upload,
     vocab_limit: int | None,
+    use_triton: bool = False,
 ) -> None:
-    """In place on [N, V] float32 logits of the step's sampled rows."""
+    """In place on [N, V] float32 logits of the step's sampled rows (`use_triton`: the
+    penalties in one Triton pass, kernels/sampling.py, instead of torch's many)."""
     vocab = logits.shape[-1]
     if vocab_limit is not None:  # ids past the tokenizer's vocabulary cannot be decoded
         logits[:, vocab_limit:] = float("-inf")
@@ -188,7 +192,7 @@ def apply_logits_processors(
     _add_bias(logits, [(i, s.params.logit_bias) for i, s, _ in rows], upload)
     penalized = [(i, s, row) for i, s, row in rows if s.params.penalized]
     if penalized:
-        _penalize(logits, penalized, history, upload, vocab)
+        _penalize(logits, penalized, history, upload, vocab, use_triton)
 
 
 def _mask_to_allowed(
@@ -267,26 +271,51 @@ def _add_bias(
 
 
 def _penalize(
-    logits: torch.Tensor, penalized: list, history: TokenHistory, upload: Upload, vocab: int
+    logits: torch.Tensor,
+    penalized: list,
+    history: TokenHistory,
+    upload: Upload,
+    vocab: int,
+    use_triton: bool,
 ) -> None:
-    idx = [i for i, _, _ in penalized]
-    every, generated = history.counts(
+    counts = history.counts(
         [row.request_id for _, _, row in penalized],
         [row.num_tokens_after for _, _, row in penalized],
         [s.num_prompt_tokens for _, s, _ in penalized],
         vocab,
         upload,
     )
-    (idx_t,) = upload(torch.int64, idx)
+    (idx_t,) = upload(torch.int64, [i for i, _, _ in penalized])
     rep, pres, freq = upload(
         torch.float32,
         [s.params.repetition_penalty for _, s, _ in penalized],
         [s.params.presence_penalty for _, s, _ in penalized],
         [s.params.frequency_penalty for _, s, _ in penalized],
     )
-    sub = logits.index_select(0, idx_t)
-    rep = rep[:, None]
+    if use_triton:  # one pass over the rows, in place (kernels/sampling.py)
+        from graphwise.kernels.sampling import apply_penalties_
+
+        apply_penalties_(logits, idx_t, counts, rep, pres, freq)
+    else:
+        penalize_reference(logits, idx_t, counts, rep, pres, freq)
+
+
+def penalize_reference(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    counts: torch.Tensor,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+) -> None:
+    """The penalties in torch (the CPU path, and what the Triton kernel must equal), in place
+    on `logits` [N, V]: rows `rows` [R], packed `counts` [R, >= V] (TokenHistory.counts)."""
+    vocab = logits.shape[1]
+    counts = counts[:, :vocab]
+    generated = counts >> 1
+    sub = logits.index_select(0, rows)
+    rep = repetition[:, None]
     repeated = torch.where(sub > 0, sub / rep, sub * rep)
-    sub = torch.where(every > 0, repeated, sub)
-    sub = sub - freq[:, None] * generated - pres[:, None] * (generated > 0)
-    logits.index_copy_(0, idx_t, sub)
+    sub = torch.where(counts > 0, repeated, sub)
+    sub = sub - frequency[:, None] * generated - presence[:, None] * (generated > 0)
+    logits.index_copy_(0, rows, sub)

@@ -22,6 +22,7 @@ from graphwise.core.step import ScheduledRow
 from graphwise.runner.inputs import RequestStates
 
 Upload = Callable[..., list[torch.Tensor]]
+MAX_KERNEL_TOPK = 32  # kernels/sampling.py's limit (that module imports Triton: not here)
 
 
 def log_softmax_rows(
@@ -37,17 +38,28 @@ def log_softmax_rows(
 
 
 def sampled_logprobs(
-    logprobs: torch.Tensor, tokens: torch.Tensor, wanted: list[tuple[int, int]], upload: Upload
+    logprobs: torch.Tensor,
+    tokens: torch.Tensor,
+    wanted: list[tuple[int, int]],
+    upload: Upload,
+    use_triton: bool = False,
 ) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
-    """Per asking row: [sampled token's logprob, top-K logprobs] and [its rank, top-K ids]."""
+    """Per asking row: [sampled token's logprob, top-K logprobs] and [its rank, top-K ids].
+    `use_triton`: rank and top-K in one Triton pass over the rows (kernels/sampling.py) when
+    K is small, instead of a compare, a sum and torch's radix top-k over the vocabulary."""
     if len(wanted) == tokens.shape[0]:
         picked = tokens
     else:
         (rows,) = upload(torch.int64, [r for r, _ in wanted])
         picked = tokens.index_select(0, rows)
     token_lp = logprobs.gather(1, picked[:, None])
-    rank = (logprobs > token_lp).sum(dim=-1, keepdim=True) + 1
     k = min(max(k for _, k in wanted), logprobs.shape[-1])
+    if use_triton and 0 < k <= MAX_KERNEL_TOPK:
+        from graphwise.kernels.sampling import rank_and_topk
+
+        rank, top_lp, top_ids = rank_and_topk(logprobs, token_lp, k)
+        return wanted, torch.cat([token_lp, top_lp], 1), torch.cat([rank, top_ids], 1)
+    rank = (logprobs > token_lp).sum(dim=-1, keepdim=True) + 1
     if k == 0:
         return wanted, token_lp, rank
     top_lp, top_ids = logprobs.topk(k, dim=-1)

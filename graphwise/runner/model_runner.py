@@ -156,6 +156,9 @@ class ModelRunner:
         self.num_blocks = 0
         self.backend: AttentionBackend = TorchAttentionBackend(scratch_slot=0)
         self.use_triton_ops = False
+        # Penalties and logprobs' rank/top-k through kernels/sampling.py (with the Triton
+        # backend: one pass each over the [N, vocab] logits instead of torch's many).
+        self.triton_sampling = False
         self.graph_runner = None  # a CudaGraphRunner once graphs are captured
         self.graphs_enabled = True  # benchmarks compare eager and graph in one engine
         self.graph_plan = None  # this rank's GraphPlan, once planned
@@ -233,6 +236,7 @@ class ModelRunner:
             self.config, self.device, scratch_slot=num_blocks * self.block_size
         )
         self.use_triton_ops = self.backend.name == "triton"
+        self.triton_sampling = self.use_triton_ops
         if self.drafter is not None:
             backend = select_attention_backend(
                 self.config, self.device, scratch_slot=num_blocks * self.block_size
@@ -555,7 +559,9 @@ class ModelRunner:
                 apply_grammar_bitmask(logits, grammar.rows, grammar.bitmask, self.upload)
             tokens = self._sample(logits, inputs)
             if raw is not None:
-                logprobs = sampled_logprobs(raw, tokens, wanted, self.upload)
+                logprobs = sampled_logprobs(
+                    raw, tokens, wanted, self.upload, use_triton=self.triton_sampling
+                )
             if inputs.spec is not None:
                 spec = self._verify(inputs, tokens)
                 tokens = spec[2]
@@ -648,7 +654,13 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         apply_logits_processors(
-            logits, inputs, self.requests, self.history, self.upload, self.vocab_limit
+            logits,
+            inputs,
+            self.requests,
+            self.history,
+            self.upload,
+            self.vocab_limit,
+            use_triton=self.triton_sampling,
         )
         params = self.sampling_tensors(inputs)
         if params is None:
